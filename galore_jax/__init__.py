@@ -1,0 +1,39 @@
+"""galore-jax: GaLore (gradient low-rank projection) as optax transformations."""
+
+from galore_jax.adam import scale_by_adam_hf
+from galore_jax.projection import (
+    Basis,
+    Sides,
+    choose_sides,
+    exact_refresh,
+    project,
+    project_back,
+    subspace_overlap,
+    svd_basis,
+)
+from galore_jax.transform import (
+    GaLoreDimensionNumbers,
+    GaLoreState,
+    galore,
+    galore_adamw,
+    plan_leaves,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis",
+    "GaLoreDimensionNumbers",
+    "GaLoreState",
+    "Sides",
+    "choose_sides",
+    "exact_refresh",
+    "galore",
+    "galore_adamw",
+    "plan_leaves",
+    "project",
+    "project_back",
+    "scale_by_adam_hf",
+    "subspace_overlap",
+    "svd_basis",
+]

@@ -1,0 +1,67 @@
+"""Adam as galore-torch (and transformers' old ``AdamW``) computes it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def scale_by_adam_hf(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    *,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+  r"""Adam with ``eps`` added to :math:`\sqrt{v}` *before* bias correction.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t} + \epsilon}
+
+  This is ``GaLoreAdamW``'s step. :func:`optax.scale_by_adam` adds ``eps`` to
+  :math:`\sqrt{\hat v_t}` instead, i.e. an effective ``eps·sqrt(1-β₂ᵗ)``; the two
+  differ only where :math:`\sqrt{v}` is comparable to ``eps``.
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to :math:`\sqrt{v_t}`; the reference's default is 1e-6.
+    moment_dtype: storage dtype of both moments (``None``: the parameter's
+      dtype). Arithmetic is always fp32; ``jnp.bfloat16`` reproduces the
+      reference's pure-bf16 runs.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is
+    :class:`optax.ScaleByAdamState`, so optax's state utilities apply.
+  """
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros(jnp.shape(p), moment_dtype or jnp.asarray(p).dtype)
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(zeros, params),
+        nu=jax.tree.map(zeros, params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    step_scale = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+
+    def leaf(g, m, v):
+      g32 = g.astype(jnp.float32)
+      m32 = b1 * m.astype(jnp.float32) + (1.0 - b1) * g32
+      v32 = b2 * v.astype(jnp.float32) + (1.0 - b2) * g32 * g32
+      u = step_scale * m32 / (jnp.sqrt(v32) + eps)
+      return u.astype(g.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
+
+    flat_g, treedef = jax.tree.flatten(updates)
+    flat = [leaf(g, m, v) for g, m, v in zip(flat_g, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu))]
+    u, mu, nu = (treedef.unflatten(column) for column in zip(*flat)) if flat else (updates, state.mu, state.nu)
+    return u, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,466 @@
+"""GaLore as an optax gradient transformation.
+
+``galore(inner)`` projects the gradient of every targeted weight matrix onto a
+rank-``r`` subspace, runs ``inner`` (Adam by default) on the projected tree and
+projects the result back. Everything else goes through ``inner`` at full rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import projection
+from galore_jax.adam import scale_by_adam_hf
+from galore_jax.projection import Basis, RefreshFn, Sides
+
+DEFAULT_TARGET = r"attn|mlp"
+ON_REFRESH = ("keep", "reset", "project")
+_SECOND_MOMENT_NAMES = frozenset({"nu", "v", "exp_avg_sq", "second_moment"})
+
+
+class GaLoreDimensionNumbers(NamedTuple):
+  """Which axes of a kernel form the matrix; every other axis is a batch axis.
+
+  The default, ``(-2, -1)``, is a Flax ``Linear`` kernel ``[..., in, out]`` with
+  any leading axes (stacked or scanned layers) as batch axes. A Flax
+  ``Einsum``/``LinearGeneral`` kernel ``[embed, heads, head_dim]`` of a query
+  projection is ``GaLoreDimensionNumbers(reduction_axis=0, output_axis=(1, 2))``.
+  """
+
+  reduction_axis: Sequence[int] | int = -2
+  output_axis: Sequence[int] | int = -1
+
+
+class GaLoreState(NamedTuple):
+  """State of :func:`galore`.
+
+  Attributes:
+    count: completed steps (int32); a step refreshes the bases when
+      ``count % update_proj_gap == 0``.
+    bases: a tree like the parameters with a :class:`~galore_jax.projection.Basis`
+      per targeted leaf and ``None`` elsewhere (no zero-size placeholder arrays,
+      so orbax can save it).
+    inner_state: the state of the inner transformation, whose targeted leaves
+      have their low-rank shapes.
+  """
+
+  count: jax.Array
+  bases: Any
+  inner_state: optax.OptState
+
+
+# ----------------------------------------------------------------------------- which leaves, how
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """How one targeted leaf is reshaped to ``[*batch, m, n]`` and projected. Static (shapes only)."""
+
+  path: str
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]
+  batch_shape: tuple[int, ...]
+  reduction_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  rank: int
+  sides: Sides
+
+  @property
+  def m(self) -> int:
+    return math.prod(self.reduction_shape)
+
+  @property
+  def n(self) -> int:
+    return math.prod(self.output_shape)
+
+  @property
+  def matrix_shape(self) -> tuple[int, ...]:
+    return (*self.batch_shape, self.m, self.n)
+
+  @property
+  def low_rank_shape(self) -> tuple[int, ...]:
+    return (*self.batch_shape, self.rank if self.sides.input else self.m, self.rank if self.sides.output else self.n)
+
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, self.perm).reshape(self.matrix_shape)
+
+  def from_matrix(self, x: jax.Array) -> jax.Array:
+    inverse = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
+    return x.reshape(*self.batch_shape, *self.reduction_shape, *self.output_shape).transpose(inverse)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A key path as ``'/'``-joined names, e.g. ``layers/0/attn/q_proj/kernel``."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _default_target(path: str, leaf) -> bool:
+  return jnp.ndim(leaf) >= 2 and re.search(DEFAULT_TARGET, path) is not None
+
+
+def _target_flags(target, paths: list[str], leaves: list, treedef) -> list[bool]:
+  if target is None:
+    return [_default_target(p, x) for p, x in zip(paths, leaves)]
+  if isinstance(target, str):
+    target = [target]
+  if isinstance(target, (list, tuple)) and all(isinstance(t, str) for t in target):
+    patterns = [re.compile(t) for t in target]
+    return [any(p.search(path) for p in patterns) for path in paths]
+  if callable(target):
+    return [bool(target(p, x)) for p, x in zip(paths, leaves)]
+  try:
+    flags = treedef.flatten_up_to(target)
+  except (ValueError, TypeError) as e:
+    raise TypeError(f"target: a tree of bools must have the parameters' structure ({e})") from None
+  return [bool(f) for f in flags]
+
+
+def _normalize_axes(axes, ndim: int, path: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  for ax in axes:
+    if not -ndim <= ax < ndim:
+      raise ValueError(f"dimension_numbers: axis {ax} out of range for leaf {path!r} with ndim {ndim}")
+  return tuple(ax % ndim for ax in axes)
+
+
+def _plan_leaf(path: str, shape: tuple[int, ...], dims: GaLoreDimensionNumbers, rank, proj_type: str) -> LeafPlan:
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(f"target selects leaf {path!r} of shape {shape}: GaLore needs ndim >= 2")
+  if not isinstance(dims, GaLoreDimensionNumbers):
+    raise TypeError(f"dimension_numbers for leaf {path!r} must be GaLoreDimensionNumbers, got {dims!r}")
+  reduction = _normalize_axes(dims.reduction_axis, ndim, path)
+  output = _normalize_axes(dims.output_axis, ndim, path)
+  if not reduction or not output or set(reduction) & set(output) or len(set(reduction)) < len(reduction) or len(
+      set(output)) < len(output):
+    raise ValueError(f"dimension_numbers {dims} for leaf {path!r}: reduction and output axes must be non-empty and disjoint")
+  batch = tuple(ax for ax in range(ndim) if ax not in reduction and ax not in output)
+  r = rank(path, shape) if callable(rank) else rank
+  if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+    raise ValueError(f"rank for leaf {path!r} must be a positive int, got {r!r}")
+  m = math.prod(shape[a] for a in reduction)
+  n = math.prod(shape[a] for a in output)
+  return LeafPlan(
+      path=path,
+      shape=tuple(shape),
+      perm=batch + reduction + output,
+      batch_shape=tuple(shape[a] for a in batch),
+      reduction_shape=tuple(shape[a] for a in reduction),
+      output_shape=tuple(shape[a] for a in output),
+      rank=projection.clipped_rank(int(r), m, n),
+      sides=projection.choose_sides(proj_type, m, n),
+  )
+
+
+def plan_leaves(tree, *, target=None, rank=128, dimension_numbers=None, proj_type="std"):
+  """Decide, per leaf of ``tree``, whether and how it is projected.
+
+  Returns ``(treedef, plans)`` with a :class:`LeafPlan` for each targeted leaf
+  and ``None`` for the others, in ``jax.tree.flatten`` order.
+  """
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [path_str(k) for k, _ in keyed]
+  leaves = [x for _, x in keyed]
+  flags = _target_flags(target, paths, leaves, treedef)
+  if dimension_numbers is None:
+    dims = [GaLoreDimensionNumbers()] * len(leaves)
+  elif isinstance(dimension_numbers, GaLoreDimensionNumbers):
+    dims = [dimension_numbers] * len(leaves)
+  elif callable(dimension_numbers):
+    dims = [dimension_numbers(p, x) for p, x in zip(paths, leaves)]
+  else:
+    dims = treedef.flatten_up_to(dimension_numbers)
+  plans = [
+      _plan_leaf(p, tuple(jnp.shape(x)), d if d is not None else GaLoreDimensionNumbers(), rank, proj_type)
+      if flag else None
+      for p, x, d, flag in zip(paths, leaves, dims, flags)
+  ]
+  return treedef, plans, [k for k, _ in keyed]
+
+
+# ----------------------------------------------------------------------------- the transformation
+
+
+def _check_arguments(rank, update_proj_gap, proj_type, on_refresh):
+  if isinstance(rank, jax.Array):
+    raise TypeError("rank must be a static int; with optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap')")
+  if not callable(rank) and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0):
+    raise ValueError(f"rank must be a positive int or a callable (path, shape) -> int, got {rank!r}")
+  if isinstance(update_proj_gap, jax.Array):
+    raise TypeError("update_proj_gap must be a static int; with optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap')")
+  if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, numbers.Integral) or update_proj_gap <= 0:
+    raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
+  if proj_type not in projection.PROJ_TYPES:
+    raise ValueError(f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}")
+  if on_refresh not in ON_REFRESH:
+    raise ValueError(f"on_refresh={on_refresh!r} is not one of {ON_REFRESH}")
+
+
+def _moment_slots(inner_state, keypaths, plans):
+  """Find the inner state's leaves that are moments of targeted leaves: ``{state leaf index: (plan index, squared)}``.
+
+  A moment is a leaf whose key path ends with the parameter's key path and whose
+  shape is the low-rank one; it is a second moment when a field on its path is
+  named like one (``nu``, ``v``, ``exp_avg_sq``, ``second_moment``).
+  """
+  slots = {}
+  state_keyed = jax.tree_util.tree_flatten_with_path(inner_state)[0]
+  for i, (state_path, leaf) in enumerate(state_keyed):
+    for j, plan in enumerate(plans):
+      suffix = keypaths[j]
+      if plan is None or len(state_path) < len(suffix) or tuple(state_path[len(state_path) - len(suffix):]) != tuple(suffix):
+        continue
+      if tuple(jnp.shape(leaf)) != plan.low_rank_shape:
+        continue
+      prefix = path_str(state_path[:len(state_path) - len(suffix)]).split("/")
+      slots[i] = (j, any(name in _SECOND_MOMENT_NAMES for name in prefix))
+      break
+  return slots
+
+
+def galore(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    rank: int | Callable[[str, tuple[int, ...]], int] = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    target: Any = None,
+    dimension_numbers: Any = None,
+    on_refresh: str = "keep",
+    basis_dtype: jax.typing.DTypeLike = jnp.float32,
+    refresh: RefreshFn = projection.exact_refresh,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Gradient low-rank projection (GaLore) around an inner transformation.
+
+  For each targeted leaf with gradient :math:`G_t \in \mathbb{R}^{m\times n}`
+  (Flax layout: input dimension ``m``, output dimension ``n``)
+
+  .. math::
+    Q_t &= \mathrm{topr\text{-}SVD}(G_t) \text{ if } t \bmod T = 0 \text{ else } Q_{t-1} \\
+    R_t &= Q_t^\top G_t \quad (\text{or } G_t Q_t \text{, or both sides}) \\
+    U_t &= \alpha \, Q_t \, \mathrm{inner}(R_t)
+
+  where ``t`` counts completed steps (so the first update computes the bases),
+  the SVD runs in fp32 inside ``jax.lax.cond`` (a step that does not refresh
+  does no SVD work), and the inner transformation's moments live in the
+  ``r``-dimensional space. Non-targeted leaves go through ``inner`` at full rank
+  and are not scaled by ``α``. Composing with a learning rate gives the
+  reference's step ``W ← W − η U_t``.
+
+  Args:
+    inner: the transformation run in the subspace; default
+      :func:`optax.scale_by_adam`. It receives no ``params`` (their shapes differ
+      from the low-rank updates): put weight decay after ``galore`` in the chain.
+    rank: ``r``, or a callable ``(path, shape) -> int`` for per-leaf ranks;
+      clipped to ``min(m, n)`` as in the reference. Static.
+    update_proj_gap: ``T``, steps between refreshes. Static.
+    scale: ``α``, multiplies the projected-back update (reference default 0.25).
+      May be injected with :func:`optax.inject_hyperparams`.
+    proj_type: which side is projected, with the reference's meaning on the torch
+      weight ``W = Kᵀ``: ``std`` the smaller of in/out (input when square),
+      ``reverse_std`` the larger, ``left`` the output dimension, ``right`` the
+      input dimension, ``full`` both.
+    target: which leaves are projected: ``None`` (leaves with ``ndim >= 2`` whose
+      ``'/'``-joined key path contains ``attn`` or ``mlp``, as the reference's
+      script), a regex or list of regexes searched in the path, a callable
+      ``(path, leaf) -> bool``, or a tree of bools like the parameters.
+    dimension_numbers: :class:`GaLoreDimensionNumbers`, a tree of them (``None``
+      entries = default), or a callable ``(path, leaf) -> GaLoreDimensionNumbers``.
+      Default: the last two axes are ``(in, out)``, leading axes are batch axes
+      with one basis each.
+    on_refresh: what happens to the inner state's moments when a basis changes:
+      ``keep`` (reference: moments stay as they are, in the old coordinates),
+      ``reset`` (zeroed; the inner step counter keeps running), ``project``
+      (first moment carried into the new basis by :math:`C = Q_{new}^\top Q_{old}`;
+      the second moment, which no linear map carries exactly, is mapped by the
+      elementwise square :math:`C\circ C`, exact for permutations and sign
+      flips and non-negative always).
+    basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
+      ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
+    refresh: ``(grad_fp32, previous_basis, rank) -> Basis`` computing new bases
+      from a gradient ``[..., m, n]``; default the exact SVD of the reference.
+
+  A refresh on a non-finite gradient keeps the previous basis of that matrix
+  (batch element by batch element) instead of failing in the SVD; the bases
+  start as leading unit vectors, so they are always orthonormal. Wrap the chain
+  in :func:`optax.apply_if_finite` to protect the moments as well.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` with :class:`GaLoreState`.
+
+  Example:
+    >>> import optax, jax.numpy as jnp
+    >>> from galore_jax import galore
+    >>> tx = optax.chain(galore(rank=2, update_proj_gap=10), optax.scale(-1e-2))
+    >>> params = {'mlp': {'kernel': jnp.ones((4, 3))}, 'norm': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state)
+
+  References:
+    Zhao et al., *GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection*, ICML 2024 (arXiv:2403.03507).
+  """
+  _check_arguments(rank, update_proj_gap, proj_type, on_refresh)
+  inner = optax.with_extra_args_support(inner if inner is not None else optax.scale_by_adam())
+  plan = lambda tree: plan_leaves(tree, target=target, rank=rank, dimension_numbers=dimension_numbers, proj_type=proj_type)
+
+  def init_fn(params):
+    treedef, plans, _ = plan(params)
+    leaves = treedef.flatten_up_to(params)
+    bases = [
+        projection.identity_basis(p.matrix_shape, p.rank, p.sides, basis_dtype) if p else None for p in plans
+    ]
+    low = [
+        jnp.zeros(p.low_rank_shape, jnp.result_type(x.dtype, basis_dtype)) if p else x
+        for p, x in zip(plans, leaves)
+    ]
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        bases=treedef.unflatten(bases),
+        inner_state=inner.init(treedef.unflatten(low)),
+    )
+
+  def refresh_fn(grads, bases, inner_state, plans, keypaths):
+    new_bases, changed = [], []
+    for g, old, p in zip(grads, bases, plans):
+      if p is None:
+        new_bases.append(None)
+        changed.append(None)
+        continue
+      finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+      g32 = jnp.where(finite[..., None, None], g.astype(jnp.float32), 0.0)
+      fresh = refresh(g32, old, p.rank)
+      keep_old = lambda q_new, q_old: None if q_old is None else jnp.where(
+          finite[..., None, None], q_new.astype(q_old.dtype), q_old)
+      new_bases.append(Basis(*(keep_old(q_new, q_old) for q_new, q_old in zip(fresh, old))))
+      changed.append(finite)
+    if on_refresh != "keep":
+      inner_state = _carry_moments(inner_state, bases, new_bases, changed, plans, keypaths)
+    return new_bases, inner_state
+
+  def _carry_moments(inner_state, old_bases, new_bases, changed, plans, keypaths):
+    slots = _moment_slots(inner_state, keypaths, plans)
+    leaves, state_def = jax.tree.flatten(inner_state)
+    for i, (j, squared) in slots.items():
+      moment, mask = leaves[i], changed[j][..., None, None]
+      if on_refresh == "reset":
+        carried = jnp.zeros_like(moment)
+      else:
+        rotation = projection.change_of_basis(new_bases[j], old_bases[j])
+        carried = projection.rotate(moment, rotation, squared=squared)
+      leaves[i] = jnp.where(mask, carried, moment)
+    return state_def.unflatten(leaves)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    treedef, plans, keypaths = plan(updates)
+    grads = treedef.flatten_up_to(updates)
+    matrices = [p.to_matrix(g) if p else g for p, g in zip(plans, grads)]
+    bases = treedef.flatten_up_to(state.bases)
+
+    bases, inner_state = jax.lax.cond(
+        state.count % update_proj_gap == 0,
+        lambda ops: refresh_fn(*ops, plans, keypaths),
+        lambda ops: (ops[1], ops[2]),
+        (matrices, bases, state.inner_state),
+    )
+    low = [projection.project(g, b) if p else g for p, g, b in zip(plans, matrices, bases)]
+    low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
+
+    def back(p, u, b, g):
+      if p is None:
+        return u
+      full = projection.project_back(u, b)
+      return p.from_matrix((scale * full.astype(jnp.float32)).astype(g.dtype))
+
+    out = [back(p, u, b, g) for p, u, b, g in zip(plans, treedef.flatten_up_to(low_updates), bases, grads)]
+    return treedef.unflatten(out), GaLoreState(
+        count=optax.safe_increment(state.count),
+        bases=treedef.unflatten(bases),
+        inner_state=inner_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int | Callable[[str, tuple[int, ...]], int] = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    target: Any = None,
+    dimension_numbers: Any = None,
+    on_refresh: str = "keep",
+    basis_dtype: jax.typing.DTypeLike = jnp.float32,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    refresh: RefreshFn = projection.exact_refresh,
+) -> optax.GradientTransformationExtraArgs:
+  r"""galore-torch's ``GaLoreAdamW`` as an optax optimizer.
+
+  ``chain(galore(scale_by_adam_hf(b1, b2, eps)), add_decayed_weights(weight_decay),
+  scale_by_learning_rate(learning_rate))``: Adam in the subspace with the
+  reference's epsilon placement (:func:`galore_jax.scale_by_adam_hf`), plain
+  AdamW for non-targeted leaves, decoupled weight decay on every parameter
+  (or ``weight_decay_mask``).
+
+  The reference decays the already-updated weight, :math:`W \leftarrow (W - \eta U)(1 - \eta\lambda)`;
+  this chain decays the current one, :math:`W \leftarrow W - \eta (U + \lambda W)`.
+  They differ by :math:`\eta^2\lambda U`, second order in the learning rate.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank, update_proj_gap, scale, proj_type, target, dimension_numbers,
+      on_refresh, basis_dtype, refresh: as in :func:`galore`.
+    b1, b2, eps: Adam's constants; ``eps`` defaults to the reference's 1e-6.
+    weight_decay: decoupled weight decay :math:`\lambda`.
+    weight_decay_mask: a tree of bools or callable, as in :func:`optax.adamw`.
+    moment_dtype: storage dtype of Adam's moments (``None``: the low-rank
+      gradient's dtype).
+
+  Example:
+    >>> import optax
+    >>> from galore_jax import galore_adamw
+    >>> tx = galore_adamw(optax.cosine_decay_schedule(0.01, 1000), rank=128)
+  """
+  parts = [
+      galore(
+          scale_by_adam_hf(b1, b2, eps, moment_dtype=moment_dtype),
+          rank=rank,
+          update_proj_gap=update_proj_gap,
+          scale=scale,
+          proj_type=proj_type,
+          target=target,
+          dimension_numbers=dimension_numbers,
+          on_refresh=on_refresh,
+          basis_dtype=basis_dtype,
+          refresh=refresh,
+      ),
+  ]
+  if not (isinstance(weight_decay, numbers.Number) and weight_decay == 0):
+    parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
