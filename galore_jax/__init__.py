@@ -1,6 +1,6 @@
 """galore-jax: GaLore (gradient low-rank projection) as optax transformations."""
 
-from galore_jax.adam import scale_by_adam_hf
+from galore_jax.adam import decay_updated_weights, scale_by_adam_hf
 from galore_jax.projection import (
     Basis,
     Sides,
@@ -33,6 +33,7 @@ __all__ = [
     "plan_leaves",
     "project",
     "project_back",
+    "decay_updated_weights",
     "scale_by_adam_hf",
     "subspace_overlap",
     "svd_basis",

@@ -65,3 +65,30 @@ def scale_by_adam_hf(
     return u, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decay_updated_weights(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+) -> optax.GradientTransformation:
+  r"""Decoupled weight decay applied to the *already updated* weight, as galore-torch does.
+
+  Placed after the learning-rate scaling, it turns an update :math:`u` into
+  :math:`u - \eta_t\lambda\,(W + u)`, so that :math:`W + u' = (W + u)(1 - \eta_t\lambda)`:
+  the reference's ``p.add_(update); p.add_(p, alpha=-lr * wd)``. (:func:`optax.add_decayed_weights`
+  before the learning rate decays the current weight instead, a difference of :math:`\eta^2\lambda u`.)
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("decay_updated_weights needs params: call update(updates, state, params)")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    factor = lr * weight_decay
+    decayed = jax.tree.map(lambda u, p: (u - factor * (p + u)).astype(u.dtype), updates, params)
+    return decayed, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

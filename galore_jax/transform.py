@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import projection
-from galore_jax.adam import scale_by_adam_hf
+from galore_jax.adam import decay_updated_weights, scale_by_adam_hf
 from galore_jax.projection import Basis, RefreshFn, Sides
 
 DEFAULT_TARGET = r"attn|mlp"
@@ -197,6 +197,10 @@ def plan_leaves(tree, *, target=None, rank=128, dimension_numbers=None, proj_typ
 # ----------------------------------------------------------------------------- the transformation
 
 
+class _NotParams:
+  """A leaf standing for state that is not shaped like the parameters (for optax.tree_map_params)."""
+
+
 def _check_arguments(rank, update_proj_gap, proj_type, on_refresh):
   if isinstance(rank, jax.Array):
     raise TypeError("rank must be a static int; with optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap')")
@@ -322,6 +326,9 @@ def galore(
   plan = lambda tree: plan_leaves(tree, target=target, rank=rank, dimension_numbers=dimension_numbers, proj_type=proj_type)
 
   def init_fn(params):
+    if not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in jax.tree.leaves(params)):
+      # optax.tree_map_params probes init with a placeholder: no leaf of this state is parameter-shaped.
+      return GaLoreState(count=jnp.zeros([], jnp.int32), bases=_NotParams(), inner_state=_NotParams())
     treedef, plans, _ = plan(params)
     leaves = treedef.flatten_up_to(params)
     bases = [
@@ -421,15 +428,12 @@ def galore_adamw(
 ) -> optax.GradientTransformationExtraArgs:
   r"""galore-torch's ``GaLoreAdamW`` as an optax optimizer.
 
-  ``chain(galore(scale_by_adam_hf(b1, b2, eps)), add_decayed_weights(weight_decay),
-  scale_by_learning_rate(learning_rate))``: Adam in the subspace with the
-  reference's epsilon placement (:func:`galore_jax.scale_by_adam_hf`), plain
-  AdamW for non-targeted leaves, decoupled weight decay on every parameter
-  (or ``weight_decay_mask``).
-
-  The reference decays the already-updated weight, :math:`W \leftarrow (W - \eta U)(1 - \eta\lambda)`;
-  this chain decays the current one, :math:`W \leftarrow W - \eta (U + \lambda W)`.
-  They differ by :math:`\eta^2\lambda U`, second order in the learning rate.
+  ``chain(galore(scale_by_adam_hf(b1, b2, eps)), scale_by_learning_rate(learning_rate),
+  decay_updated_weights(learning_rate, weight_decay))``: Adam in the subspace with
+  the reference's epsilon placement (:func:`galore_jax.scale_by_adam_hf`), plain
+  AdamW for non-targeted leaves, and decoupled weight decay on every parameter
+  (or ``weight_decay_mask``) applied, as in the reference, to the already
+  updated weight: :math:`W \leftarrow (W - \eta U)(1 - \eta\lambda)`.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -460,7 +464,8 @@ def galore_adamw(
           refresh=refresh,
       ),
   ]
-  if not (isinstance(weight_decay, numbers.Number) and weight_decay == 0):
-    parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
+  if not (isinstance(weight_decay, numbers.Number) and weight_decay == 0):
+    decay = decay_updated_weights(learning_rate, weight_decay)
+    parts.append(decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask))
   return optax.chain(*parts)
