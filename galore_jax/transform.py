@@ -45,9 +45,10 @@ class GaLoreState(NamedTuple):
   Attributes:
     count: completed steps (int32); a step refreshes the bases when
       ``count % update_proj_gap == 0``.
-    bases: a tree like the parameters with a :class:`~galore_jax.projection.Basis`
-      per targeted leaf and ``None`` elsewhere (no zero-size placeholder arrays,
-      so orbax can save it).
+    bases: ``{path: Basis}`` for the targeted leaves only, keyed by the
+      ``'/'``-joined key path (no placeholders for other leaves, so orbax can
+      save it; a plain dict, so parameter containers such as NNX variables do
+      not wrap it).
     inner_state: the state of the inner transformation, whose targeted leaves
       have their low-rank shapes.
   """
@@ -98,7 +99,13 @@ class LeafPlan:
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """A key path as ``'/'``-joined names, e.g. ``layers/0/attn/q_proj/kernel``."""
+  """A key path as ``'/'``-joined names, e.g. ``layers/0/attn/q_proj/kernel``.
+
+  The trailing ``value`` attribute that Flax NNX variables add is dropped.
+  """
+  path = tuple(path)
+  if path and getattr(path[-1], "name", None) == "value":
+    path = path[:-1]
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):
@@ -191,6 +198,9 @@ def plan_leaves(tree, *, target=None, rank=128, dimension_numbers=None, proj_typ
       if flag else None
       for p, x, d, flag in zip(paths, leaves, dims, flags)
   ]
+  targeted = [p.path for p in plans if p]
+  if len(set(targeted)) < len(targeted):
+    raise ValueError(f"targeted leaves must have distinct '/'-joined paths, got {targeted}")
   return treedef, plans, [k for k, _ in keyed]
 
 
@@ -199,6 +209,13 @@ def plan_leaves(tree, *, target=None, rank=128, dimension_numbers=None, proj_typ
 
 class _NotParams:
   """A leaf standing for state that is not shaped like the parameters (for optax.tree_map_params)."""
+
+
+def _is_params_placeholder(params) -> bool:
+  """optax.tree_map_params calls init on one opaque object: a pytree node without children."""
+  if params is None or isinstance(params, (dict, list, tuple)) or hasattr(params, "shape"):
+    return False
+  return jax.tree.structure(params).num_leaves == 0
 
 
 def _check_arguments(rank, update_proj_gap, proj_type, on_refresh):
@@ -214,6 +231,17 @@ def _check_arguments(rank, update_proj_gap, proj_type, on_refresh):
     raise ValueError(f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}")
   if on_refresh not in ON_REFRESH:
     raise ValueError(f"on_refresh={on_refresh!r} is not one of {ON_REFRESH}")
+
+
+REFRESH_METHODS = {"svd": projection.exact_refresh}
+
+
+def _refresh_fn(refresh) -> RefreshFn:
+  if callable(refresh):
+    return refresh
+  if refresh not in REFRESH_METHODS:
+    raise ValueError(f"refresh={refresh!r} is not one of {tuple(REFRESH_METHODS)} or a callable")
+  return REFRESH_METHODS[refresh]
 
 
 def _moment_slots(inner_state, keypaths, plans):
@@ -248,8 +276,8 @@ def galore(
     target: Any = None,
     dimension_numbers: Any = None,
     on_refresh: str = "keep",
-    basis_dtype: jax.typing.DTypeLike = jnp.float32,
-    refresh: RefreshFn = projection.exact_refresh,
+    basis_dtype: jax.typing.DTypeLike = "float32",
+    refresh: str | RefreshFn = "svd",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient low-rank projection (GaLore) around an inner transformation.
 
@@ -298,8 +326,9 @@ def galore(
       flips and non-negative always).
     basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
       ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
-    refresh: ``(grad_fp32, previous_basis, rank) -> Basis`` computing new bases
-      from a gradient ``[..., m, n]``; default the exact SVD of the reference.
+    refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
+      or a callable ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``
+      (list it in ``static_args`` of :func:`optax.inject_hyperparams`).
 
   A refresh on a non-finite gradient keeps the previous basis of that matrix
   (batch element by batch element) instead of failing in the SVD; the bases
@@ -322,25 +351,25 @@ def galore(
     Projection*, ICML 2024 (arXiv:2403.03507).
   """
   _check_arguments(rank, update_proj_gap, proj_type, on_refresh)
+  refresh = _refresh_fn(refresh)
+  basis_dtype = jnp.dtype(basis_dtype)
   inner = optax.with_extra_args_support(inner if inner is not None else optax.scale_by_adam())
   plan = lambda tree: plan_leaves(tree, target=target, rank=rank, dimension_numbers=dimension_numbers, proj_type=proj_type)
 
   def init_fn(params):
-    if not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in jax.tree.leaves(params)):
+    if _is_params_placeholder(params):
       # optax.tree_map_params probes init with a placeholder: no leaf of this state is parameter-shaped.
       return GaLoreState(count=jnp.zeros([], jnp.int32), bases=_NotParams(), inner_state=_NotParams())
     treedef, plans, _ = plan(params)
     leaves = treedef.flatten_up_to(params)
-    bases = [
-        projection.identity_basis(p.matrix_shape, p.rank, p.sides, basis_dtype) if p else None for p in plans
-    ]
+    bases = {p.path: projection.identity_basis(p.matrix_shape, p.rank, p.sides, basis_dtype) for p in plans if p}
     low = [
         jnp.zeros(p.low_rank_shape, jnp.result_type(x.dtype, basis_dtype)) if p else x
         for p, x in zip(plans, leaves)
     ]
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
-        bases=treedef.unflatten(bases),
+        bases=bases,
         inner_state=inner.init(treedef.unflatten(low)),
     )
 
@@ -380,7 +409,7 @@ def galore(
     treedef, plans, keypaths = plan(updates)
     grads = treedef.flatten_up_to(updates)
     matrices = [p.to_matrix(g) if p else g for p, g in zip(plans, grads)]
-    bases = treedef.flatten_up_to(state.bases)
+    bases = [state.bases[p.path] if p else None for p in plans]
 
     bases, inner_state = jax.lax.cond(
         state.count % update_proj_gap == 0,
@@ -400,7 +429,7 @@ def galore(
     out = [back(p, u, b, g) for p, u, b, g in zip(plans, treedef.flatten_up_to(low_updates), bases, grads)]
     return treedef.unflatten(out), GaLoreState(
         count=optax.safe_increment(state.count),
-        bases=treedef.unflatten(bases),
+        bases={p.path: b for p, b in zip(plans, bases) if p},
         inner_state=inner_state,
     )
 
@@ -422,9 +451,9 @@ def galore_adamw(
     target: Any = None,
     dimension_numbers: Any = None,
     on_refresh: str = "keep",
-    basis_dtype: jax.typing.DTypeLike = jnp.float32,
+    basis_dtype: jax.typing.DTypeLike = "float32",
     moment_dtype: jax.typing.DTypeLike | None = None,
-    refresh: RefreshFn = projection.exact_refresh,
+    refresh: str | RefreshFn = "svd",
 ) -> optax.GradientTransformationExtraArgs:
   r"""galore-torch's ``GaLoreAdamW`` as an optax optimizer.
 

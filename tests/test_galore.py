@@ -78,7 +78,7 @@ def test_bases_refresh_exactly_every_gap_steps():
   for t in range(7):
     g = {"mlp": {"kernel": low_rank_grad(jax.random.key(t), (6, 8))}}
     new_state = step(g, state)[1]
-    changed.append(not np.allclose(new_state.bases["mlp"]["kernel"].input, state.bases["mlp"]["kernel"].input))
+    changed.append(not np.allclose(new_state.bases["mlp/kernel"].input, state.bases["mlp/kernel"].input))
     state = new_state
   assert changed == [True, False, False, True, False, False, True]
   assert int(state.count) == 7
@@ -145,7 +145,7 @@ def test_stacked_layers_take_the_steps_each_layer_takes_alone():
     for i in range(layers):
       u_i, s_alone[i] = step({"attn": {"kernel": g[i]}}, s_alone[i], alone[i])
       np.testing.assert_allclose(u_stacked["attn"]["kernel"][i], u_i["attn"]["kernel"], rtol=1e-5, atol=1e-8)
-  assert galore_state(s_stacked).bases["attn"]["kernel"].input.shape == (layers, 6, 2)
+  assert galore_state(s_stacked).bases["attn/kernel"].input.shape == (layers, 6, 2)
 
 
 def test_dimension_numbers_for_multi_axis_kernels():
@@ -193,10 +193,10 @@ def test_refresh_on_non_finite_gradient_keeps_previous_basis():
   tx = galore(rank=2, update_proj_gap=1)
   state = tx.init(params)
   _, state = tx.update({"attn": {"kernel": low_rank_grad(jax.random.key(0), (2, 6, 8))}}, state)
-  before = state.bases["attn"]["kernel"].input
+  before = state.bases["attn/kernel"].input
   bad = low_rank_grad(jax.random.key(1), (2, 6, 8)).at[1, 0, 0].set(jnp.nan)
   _, state = jax.jit(tx.update)({"attn": {"kernel": bad}}, state)
-  after = state.bases["attn"]["kernel"].input
+  after = state.bases["attn/kernel"].input
   assert np.all(np.isfinite(after))
   np.testing.assert_array_equal(after[1], before[1])  # the layer with the NaN keeps its basis
   assert not np.allclose(after[0], before[0])  # the healthy layer refreshed
@@ -227,7 +227,7 @@ def test_apply_if_finite_skips_a_bad_refresh_step_cleanly():
 def test_first_basis_is_orthonormal_even_without_a_refresh():
   params = {"mlp": {"kernel": jnp.zeros((6, 8))}}
   state = galore(rank=3).init(params)
-  q = state.bases["mlp"]["kernel"].input
+  q = state.bases["mlp/kernel"].input
   np.testing.assert_array_equal(q.T @ q, np.eye(3))
 
 
@@ -247,14 +247,14 @@ def test_moments_at_refresh(on_refresh):
   g0 = low_rank_grad(jax.random.key(0), (m, n), rank=r)
   _, state = tx.update({"mlp": {"kernel": g0}}, state)
   _, state = tx.update({"mlp": {"kernel": 0.5 * g0}}, state)
-  old_q = state.bases["mlp"]["kernel"].input
+  old_q = state.bases["mlp/kernel"].input
   old_mu = _adam_state(state).mu["mlp"]["kernel"]
   old_nu = _adam_state(state).nu["mlp"]["kernel"]
   # Same subspace, singular values swapped: the new basis is a signed permutation of the old one.
   u, s, vh = jnp.linalg.svd(g0)
   g2 = (u[:, :r] * s[:r][::-1]) @ vh[:r]
   _, state = tx.update({"mlp": {"kernel": g2}}, state)
-  new_q = state.bases["mlp"]["kernel"].input
+  new_q = state.bases["mlp/kernel"].input
   mu = _adam_state(state).mu["mlp"]["kernel"]
   nu = _adam_state(state).nu["mlp"]["kernel"]
   fresh_mu, fresh_nu = 0.1 * (new_q.T @ g2), 0.01 * (new_q.T @ g2) ** 2
@@ -281,7 +281,7 @@ def test_updates_keep_the_gradient_dtype(dtype):
   g = {"mlp": {"kernel": low_rank_grad(jax.random.key(0), (6, 8)).astype(dtype)}, "norm": jnp.ones(6, dtype)}
   updates, state = jax.jit(tx.update)(g, state, params)
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
-  assert state[0].bases["mlp"]["kernel"].input.dtype == dtype
+  assert state[0].bases["mlp/kernel"].input.dtype == dtype
   assert state[0].inner_state.mu["mlp"]["kernel"].dtype == dtype
 
 
