@@ -1,0 +1,73 @@
+"""Defaults shared by every config; a config file starts from `base()` and changes what differs."""
+
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def base() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.workdir = "workdir/run"
+  c.seed = 0
+
+  c.model = config_dict.ConfigDict()
+  c.model.preset = "llama_60m"
+  c.model.hf_checkpoint = placeholder(str)  # a local HF Llama directory to start from
+  # Field overrides of the preset (None = the preset's value).
+  c.model.vocab_size = placeholder(int)
+  c.model.hidden_size = placeholder(int)
+  c.model.intermediate_size = placeholder(int)
+  c.model.num_hidden_layers = placeholder(int)
+  c.model.num_attention_heads = placeholder(int)
+  c.model.num_key_value_heads = placeholder(int)
+  c.model.max_position_embeddings = placeholder(int)
+  c.model.tie_word_embeddings = placeholder(bool)
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.model.remat_policy = "nothing_saveable"
+  c.model.scan_layers = False
+
+  c.data = config_dict.ConfigDict()
+  c.data.path = placeholder(str)  # None: the embedded corpus (the Python standard library's source)
+  c.data.tokenizer = placeholder(str)  # None: a byte-level BPE trained on the corpus, cached in the workdir
+  c.data.seq_len = 256
+  c.data.packing = True
+  c.data.validation_fraction = 0.05
+  c.data.max_bytes = 8_000_000
+  c.data.text_field = "text"
+
+  c.train = config_dict.ConfigDict()
+  c.train.batch_size = 512  # sequences per optimizer step
+  c.train.grad_accum = 1  # micro-batches per optimizer step
+  c.train.steps = 10_000
+  c.train.lr = 0.01
+  c.train.warmup_steps = 1_000
+  c.train.min_lr_ratio = 0.1
+  c.train.grad_clip = 0.0  # global-norm clipping; 0 = off (the reference's default)
+  c.train.log_every = 10
+
+  c.optimizer = config_dict.ConfigDict()
+  c.optimizer.name = "galore_adamw"  # or "adamw"
+  c.optimizer.rank = 128
+  c.optimizer.update_proj_gap = 200
+  c.optimizer.scale = 0.25
+  c.optimizer.proj_type = "std"
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-6
+  c.optimizer.on_refresh = "keep"
+  c.optimizer.basis_dtype = "float32"
+  c.optimizer.moment_dtype = placeholder(str)
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.every = 500
+  c.eval.batches = 8
+  c.eval.batch_size = placeholder(int)  # None: train.batch_size // train.grad_accum
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every = 1_000
+  c.checkpoint.keep = 2
+  c.checkpoint.async_save = True
+  return c

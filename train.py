@@ -1,0 +1,168 @@
+"""Train a Flax Llama with GaLore (or AdamW) on one device.
+
+  python train.py --config configs/tiny.py [--config.train.steps=1000 ...]
+
+A workdir that holds checkpoints resumes from the latest one and continues exactly where it
+stopped (same batches, same loss series). SIGTERM saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> None:
+  """Bad input: one line on stderr, exit code 2, nothing in the workdir touched."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def prepare_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    fail(f"workdir {workdir!r} is not writable: {e.strerror}")
+
+
+class Interrupted:
+  """Set by SIGTERM; the loop checkpoints and stops at the next step boundary."""
+
+  def __init__(self):
+    self.flag = False
+    signal.signal(signal.SIGTERM, self._set)
+
+  def _set(self, *_):
+    self.flag = True
+
+
+def run(cfg) -> None:
+  import jax
+  from flax import nnx
+  from tqdm import tqdm
+
+  from galore_jax import checkpoint, data, metrics, training
+
+  try:
+    training.validate(cfg)
+  except training.ConfigError as e:
+    fail(str(e))
+  prepare_workdir(cfg.workdir)
+  model_cfg = training.model_config(cfg)
+  try:
+    ckpts = checkpoint.Checkpoints(os.path.join(cfg.workdir, "checkpoints"), every=cfg.checkpoint.every,
+                                   keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    dataset = data.build_data(cfg.data, workdir=cfg.workdir, vocab_size=model_cfg.vocab_size,
+                              batch_size=cfg.train.batch_size,
+                              eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
+                              eval_batches=cfg.eval.batches, seed=cfg.seed)
+  except ValueError as e:
+    fail(str(e))
+
+  tx = training.build_optimizer(cfg)
+  start = ckpts.latest_step() or 0
+  if start:
+    abstract = training.abstract_model(cfg)
+    abstract_params = training.params_of(abstract)
+    abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+    try:
+      params, opt_state, meta = ckpts.restore(start, abstract_params, abstract_opt_state)
+    except checkpoint.CheckpointMismatch as e:
+      fail(f"{e} (workdir {cfg.workdir})")
+    dataset.train.restore(meta["data"])
+    graphdef = nnx.graphdef(abstract)
+  else:
+    model = training.build_model(cfg, cfg.seed)
+    graphdef, params = nnx.graphdef(model), training.params_of(model)
+    del model
+    opt_state = jax.jit(tx.init)(params)
+  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+
+  galore = cfg.optimizer.name.startswith("galore")
+  steps = training.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
+                              update_proj_gap=cfg.optimizer.update_proj_gap if galore else None)
+  schedule = training.learning_rate_schedule(cfg.train)
+  device = jax.devices()[0]
+  n_params = training.count_params(params)
+  flops_per_token = training.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
+  peak = metrics.peak_flops(device)
+  writer = metrics.MetricsWriter(cfg.workdir, resume_step=start)
+  interrupted = Interrupted()
+
+  def evaluate(step):
+    loss_sum = tokens = 0.0
+    for batch in dataset.eval_batches:
+      l, t = steps.eval(params, batch)
+      loss_sum, tokens = loss_sum + float(l), tokens + float(t)
+    eval_loss = loss_sum / max(tokens, 1.0)
+    writer.write(step, {"eval_loss": eval_loss, "eval_ppl": float(min(1e30, 2.718281828459045**eval_loss))})
+    return eval_loss
+
+  def save(step, force=False):
+    meta = {"step": step, "data": dataset.train.state(), "config": json.loads(cfg.to_json_best_effort())}
+    ckpts.save(step, params, opt_state, meta, force=force)
+
+  print(f"{n_params / 1e6:.1f}M parameters on {device.device_kind}; steps {start} -> {cfg.train.steps}; "
+        f"workdir {cfg.workdir}", flush=True)
+  bar = tqdm(total=cfg.train.steps, initial=start, dynamic_ncols=True, mininterval=1.0)
+  gap = cfg.optimizer.update_proj_gap if galore else None
+  window_tokens, window_start, logged_step = 0.0, time.perf_counter(), start
+  step = start
+  while step < cfg.train.steps and not interrupted.flag:
+    batch = next(dataset.train)
+    params, opt_state, m = steps.train(params, opt_state, batch)
+    window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
+    step += 1
+    refreshed = gap is not None and (step - 1) % gap == 0
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps or refreshed:
+      m, tokens = jax.device_get((m, window_tokens))
+      elapsed = time.perf_counter() - window_start
+      tokens_per_sec = float(tokens) / elapsed
+      line = {"loss": m["loss"], "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
+              "tokens_per_sec": tokens_per_sec, "step_time": elapsed / (step - logged_step)}
+      if refreshed:
+        line["subspace_overlap"] = m["subspace_overlap"]
+      if peak:
+        line["mfu"] = flops_per_token * tokens_per_sec / peak
+      line.update(metrics.memory_gb(device))
+      writer.write(step, line)
+      bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+      window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
+    bar.update(1)
+    if step % cfg.eval.every == 0 or step == cfg.train.steps:
+      evaluate(step)
+      window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
+    save(step)
+  bar.close()
+  if step > start:
+    save(step, force=step not in ckpts.all_steps())
+  ckpts.close()
+  writer.close()
+  print(f"{'stopped by SIGTERM' if interrupted.flag else 'done'} at step {step}; checkpoint in "
+        f"{ckpts.directory}", flush=True)
+
+
+def main() -> None:
+  try:
+    flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  main()
