@@ -331,10 +331,13 @@ def test_remat_gives_same_gradients(scan_layers, policy):
 
 
 def _greedy_by_full_forward(model, prompt, steps):
-  ids = np.asarray(prompt)
-  for _ in range(steps):
-    next_ids = np.asarray(jnp.argmax(model(ids)[:, -1], axis=-1))
-    ids = np.concatenate([ids, next_ids[:, None]], axis=1)
+  """Greedy decoding by re-running the whole (causal, so zero-padded) sequence each step."""
+  B, P = prompt.shape
+  ids = np.zeros((B, P + steps), np.int32)
+  ids[:, :P] = prompt
+  forward = nnx.jit(lambda model, ids: model(ids))
+  for t in range(P, P + steps):
+    ids[:, t] = np.asarray(jnp.argmax(forward(model, ids)[:, t - 1], axis=-1))
   return ids
 
 
