@@ -47,6 +47,8 @@ __all__ = [
     "to_hf",
 ]
 
+# flax < 0.12 has no nnx.List and takes plain lists of modules.
+_List = getattr(nnx, "List", list)
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn", None)
 
@@ -366,8 +368,20 @@ class Block(nnx.Module):
     return x_BSD, cache
 
 
-def _block_forward(block, x_BSD, cos_BSH, sin_BSH, mask_B1ST, cache, cache_index):
-  return block(x_BSD, cos_BSH, sin_BSH, mask_B1ST, cache, cache_index)
+def _remat_block_forward(block: Block, policy_name: str, *args):
+  """``block(*args)`` rematerialized in the backward pass with the named policy.
+
+  Splits the block and calls ``jax.checkpoint`` on a pure function rather than
+  using ``nnx.remat``, so that the model also works when closed over by an
+  outer JAX loop (e.g. the decode ``fori_loop``) at another trace level.
+  """
+  graphdef, state = nnx.split(block)
+
+  def forward(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  policy = getattr(jax.checkpoint_policies, policy_name)
+  return jax.checkpoint(forward, policy=policy)(state, *args)
 
 
 class Llama(nnx.Module):
@@ -386,7 +400,7 @@ class Llama(nnx.Module):
     if cfg.scan_layers:
       self.layers = _stacked_blocks(cfg, rngs)
     else:
-      self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+      self.layers = _List([Block(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
@@ -435,13 +449,14 @@ class Llama(nnx.Module):
 
   def _loop_layers(self, x_BSD, cos_BSH, sin_BSH, mask_B1ST, layer_caches, cache_index):
     cfg = self.config
-    forward = _block_forward
-    if cfg.remat:
-      forward = nnx.remat(forward, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     new_caches = []
     for i, block in enumerate(self.layers):
       layer_cache = None if layer_caches is None else layer_caches[i]
-      x_BSD, layer_cache = forward(block, x_BSD, cos_BSH, sin_BSH, mask_B1ST, layer_cache, cache_index)
+      args = (x_BSD, cos_BSH, sin_BSH, mask_B1ST, layer_cache, cache_index)
+      if cfg.remat:
+        x_BSD, layer_cache = _remat_block_forward(block, cfg.remat_policy, *args)
+      else:
+        x_BSD, layer_cache = block(*args)
       new_caches.append(layer_cache)
     return x_BSD, None if layer_caches is None else tuple(new_caches)
 
