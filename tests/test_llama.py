@@ -283,16 +283,16 @@ def test_segment_ids_match_separate_sequences(scan_layers):
   a, b = rs.randint(0, 97, (1, 5)), rs.randint(0, 97, (1, 7))
   packed = np.concatenate([a, b], axis=1)
   segments = np.array([[1] * 5 + [2] * 7])
-  logits = model(packed, segment_ids_BS=segments)
+  logits = model(packed, segment_ids=segments)
   np.testing.assert_allclose(logits[:, :5], model(a), atol=2e-5)
   np.testing.assert_allclose(logits[:, 5:], model(b), atol=2e-5)
   np.testing.assert_array_equal(llama.segment_positions(jnp.asarray(segments)), [list(range(5)) + list(range(7))])
   # Explicit positions are used as given (RoPE is relative: only their differences matter).
-  np.testing.assert_allclose(model(b, positions_BS=np.arange(3, 10)[None]), model(b), atol=2e-5)
-  stretched = model(b, positions_BS=2 * np.arange(7)[None])
+  np.testing.assert_allclose(model(b, positions=np.arange(3, 10)[None]), model(b), atol=2e-5)
+  stretched = model(b, positions=2 * np.arange(7)[None])
   assert not np.allclose(stretched[:, 1:], model(b)[:, 1:], atol=1e-4)
   np.testing.assert_allclose(
-      model(packed, segment_ids_BS=segments, positions_BS=np.concatenate([np.arange(5), 2 * np.arange(7)])[None])[:, 5:],
+      model(packed, segment_ids=segments, positions=np.concatenate([np.arange(5), 2 * np.arange(7)])[None])[:, 5:],
       stretched, atol=2e-5)
 
 

@@ -405,9 +405,19 @@ class Llama(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
 
-  def __call__(self, input_ids_BS, segment_ids_BS=None, positions_BS=None, cache: KVCache | None = None):
+  def __call__(self, input_ids, segment_ids=None, positions=None, cache: KVCache | None = None):
+    """Logits ``[B, S, V]`` (fp32) for ``input_ids[B, S]``.
+
+    Args:
+      input_ids: token ids ``[B, S]``.
+      segment_ids: optional ``[B, S]`` ids of packed sequences; tokens attend
+        only to earlier tokens of the same segment.
+      positions: optional ``[B, S]`` RoPE positions (default: ``0..S-1``,
+        restarting at each segment; after the cache's index with a cache).
+      cache: optional :class:`KVCache`; then returns ``(logits, new_cache)``.
+    """
     cfg = self.config
-    input_ids_BS = jnp.asarray(input_ids_BS)
+    input_ids_BS, segment_ids_BS, positions_BS = jnp.asarray(input_ids), segment_ids, positions
     B, S = input_ids_BS.shape
     mask_B1ST, cache_index = None, None
     if cache is not None:
