@@ -1,0 +1,633 @@
+"""The data pipeline of ``train.py``: corpus → documents → split → tokenizer → token cache → batches.
+
+Everything here runs on the host in numpy; a batch is a dict of numpy arrays::
+
+  inputs[B,S] int32, targets[B,S] int32, loss_mask[B,S] float32, segment_ids[B,S] int32, positions[B,S] int32
+
+Decisions (see also ``build_data``):
+
+* **Documents.** A ``.txt`` file is one document (code and prose keep their context); a ``.jsonl``/
+  ``.json``/``.parquet`` row or a ``save_to_disk`` row is one document (its ``text_field``). Empty or
+  whitespace-only documents are dropped. A folder is read recursively (hidden entries skipped), grouped
+  by kind (text, json, parquet) and sorted by relative path within a kind.
+* **Embedded corpus** (``path=None``): the Python standard library's own ``*.py`` sources, sorted by
+  relative path, without test directories, site-packages, ``encodings`` tables and the machine-specific
+  build files (``_sysconfigdata*``, ``config-*``), one document per file. Identical on every machine
+  with the same Python version.
+* **Caps.** ``max_documents`` then ``max_bytes`` (UTF-8) keep a prefix of the documents; the document
+  that crosses ``max_bytes`` is cut to fit.
+* **Split.** By document content: a document is in validation iff ``sha256(text) / 2**64 <
+  validation_fraction``. No random state; duplicates land on the same side. If that leaves validation
+  empty, the document with the smallest hash moves there (the largest moves to train if train is
+  empty); a corpus of one document is cut at the line nearest ``1 - validation_fraction`` of its length.
+* **Tokenizer.** ``tokenizer=None`` trains a byte-level BPE (``<pad>``=0, ``<bos>``=1, ``<eos>``=2) on the
+  training split with the model's ``vocab_size`` and caches it in ``workdir/tokenizer`` (a
+  ``save_pretrained`` directory, reloadable with ``AutoTokenizer``); later runs re-use it and refuse a
+  cache trained on a different corpus. Each document is encoded without special tokens and gets
+  ``eos`` appended; nothing is prepended.
+* **Token cache.** ``workdir/data_cache/<key>/{train,val}_{tokens,offsets}.npy`` where ``key`` hashes the
+  split documents' contents and the tokenizer.
+* **Rows.** ``packing=True``: the split's token stream is cut into rows of ``seq_len + 1`` tokens that
+  overlap by one (row ``r`` = ``tokens[r*S : r*S + S + 1]``) so every token but the first is a target
+  exactly once; the last, shorter row is padded. Segment ids number the documents inside a row from 1
+  (0 = padding); positions restart at 0 at each segment, as ``llama.segment_positions`` does. The target
+  after a document's ``eos`` is the next document's first token and is trained on (attention never
+  crosses the boundary). ``packing=False``: one row per document, truncated to ``seq_len + 1`` tokens
+  and padded with ``pad``; segment id 1 on real tokens. ``loss_mask`` is 1 exactly where the target
+  is a real token.
+* **Order.** Training rows are shuffled per epoch with ``np.random.default_rng((seed, epoch))``; epochs
+  wrap forever and a batch may straddle two epochs. ``Batches.state()`` is ``{epoch, index, rows}``.
+  Validation: the first ``eval_batches`` batches of the validation rows in order; a last partial batch
+  is filled with fully masked rows so every eval batch has the same shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_MAX_BYTES = 8_000_000  # the embedded corpus's cap when data.max_bytes is None
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 in a trained tokenizer
+FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+KIND_ORDER = ("text", "json", "parquet")
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                              "encodings"})
+CORPUS_RECORD = "galore_jax_corpus.json"  # next to a trained tokenizer: what it was trained on
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """The validated ``data`` section of a config."""
+
+  path: str | None
+  tokenizer: str | None
+  seq_len: int
+  packing: bool
+  validation_fraction: float
+  max_documents: int | None
+  max_bytes: int | None
+  text_field: str
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  """``config.key`` for a ConfigDict, a dict or any object; ``default`` when absent or None."""
+  if isinstance(config, dict):
+    value = config.get(key, default)
+  else:
+    try:
+      value = config[key] if key in config else default  # ConfigDict (also FrozenConfigDict)
+    except TypeError:
+      value = getattr(config, key, default)
+  return default if value is None else value
+
+
+def data_spec(data_config: Any) -> DataSpec:
+  """Read and check ``data_config``; a bad value raises ``ValueError`` naming it."""
+  seq_len = _get(data_config, "seq_len", 0)
+  if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= 0:
+    raise ValueError(f"data.seq_len must be a positive integer, got {seq_len!r}")
+  fraction = _get(data_config, "validation_fraction", 0.05)
+  if not 0.0 <= float(fraction) < 1.0:
+    raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
+  caps = {}
+  for name in ("max_documents", "max_bytes"):
+    value = _get(data_config, name, None)
+    if value is not None and (isinstance(value, bool) or int(value) <= 0):
+      raise ValueError(f"data.{name} must be a positive integer or None, got {value!r}")
+    caps[name] = None if value is None else int(value)
+  text_field = _get(data_config, "text_field", "text")
+  if not isinstance(text_field, str) or not text_field:
+    raise ValueError(f"data.text_field must be a non-empty string, got {text_field!r}")
+  path, tokenizer = _get(data_config, "path", None), _get(data_config, "tokenizer", None)
+  return DataSpec(path=None if path in (None, "") else str(path),
+                  tokenizer=None if tokenizer in (None, "") else str(tokenizer), seq_len=int(seq_len),
+                  packing=bool(_get(data_config, "packing", True)), validation_fraction=float(fraction),
+                  text_field=text_field, **caps)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def stdlib_documents(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
+  """The Python standard library's ``*.py`` sources, one document per file, sorted by relative path.
+
+  Test directories, site-packages, the ``encodings`` tables and machine-specific build files are
+  skipped; reading stops once ``max_bytes`` (UTF-8) are gathered (the caller cuts the last one).
+  """
+  root = sysconfig.get_paths()["stdlib"]
+  relpaths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    rel_dir = os.path.relpath(dirpath, root)
+    dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith((".", "config-"))]
+    for name in filenames:
+      if name.endswith(".py") and not name.startswith(("_sysconfigdata", "test_", ".")):
+        relpaths.append(os.path.normpath(os.path.join(rel_dir, name)))
+  documents, total = [], 0
+  for rel in sorted(relpaths, key=lambda p: p.replace(os.sep, "/")):
+    try:
+      with open(os.path.join(root, rel), encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError):
+      continue
+    if text.strip():
+      documents.append(text)
+      total += len(text.encode("utf-8"))
+      if max_bytes is not None and total >= max_bytes:
+        break
+  return documents
+
+
+def _corpus_files(path: str) -> dict[str, list[str]]:
+  """Readable corpus files under ``path`` grouped by kind, each list sorted by relative path."""
+  found: dict[str, list[str]] = {kind: [] for kind in KIND_ORDER}
+  if os.path.isfile(path):
+    kind = FILE_KINDS.get(os.path.splitext(path)[1].lower(), "text")  # an explicit file of any name: text
+    found[kind].append(path)
+    return found
+  for dirpath, dirnames, filenames in os.walk(path):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for name in filenames:
+      kind = FILE_KINDS.get(os.path.splitext(name)[1].lower())
+      if kind and not name.startswith("."):
+        found[kind].append(os.path.join(dirpath, name))
+  for files in found.values():
+    files.sort(key=lambda f: os.path.relpath(f, path).replace(os.sep, "/"))
+  return found
+
+
+@contextlib.contextmanager
+def _quiet_offline_datasets():
+  """HF ``datasets`` with the hub off (local files only) and without progress bars."""
+  os.environ["HF_DATASETS_OFFLINE"] = "1"
+  os.environ["HF_HUB_OFFLINE"] = "1"
+  import datasets
+
+  for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # read at import time: set them if already imported
+    if hasattr(datasets.config, name):
+      setattr(datasets.config, name, True)
+  was_disabled = datasets.are_progress_bars_disabled()
+  datasets.disable_progress_bars()
+  try:
+    yield datasets
+  finally:
+    if not was_disabled:
+      datasets.enable_progress_bars()
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _column(dataset: Any, text_field: str, where: str) -> list[str]:
+  if text_field not in dataset.column_names:
+    raise ValueError(f"data.text_field {text_field!r} is not a column of {where} (columns: {dataset.column_names})")
+  return [t for t in dataset[text_field] if isinstance(t, str)]
+
+
+def _is_saved_dataset(path: str) -> bool:
+  return os.path.isdir(path) and any(
+      os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
+
+
+def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> list[str]:
+  """Documents of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
+
+  Uses HF ``datasets`` offline (``cache_dir`` for its arrow files). Raises ``ValueError`` naming
+  ``path`` when it is missing, holds no readable files, or cannot be parsed.
+  """
+  if not os.path.exists(path):
+    raise ValueError(f"data.path {path!r} does not exist")
+  with _quiet_offline_datasets() as datasets:
+    if _is_saved_dataset(path):
+      try:
+        saved = datasets.load_from_disk(path)
+      except Exception as e:  # noqa: BLE001 - any failure is bad input here
+        raise ValueError(f"data.path {path!r} is not a readable saved dataset ({_one_line(e)})") from None
+      if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved and len(saved) != 1:
+          raise ValueError(f"data.path {path!r} is a DatasetDict without a 'train' split (splits: {list(saved)})")
+        saved = saved["train"] if "train" in saved else next(iter(saved.values()))
+      documents = _column(saved, text_field, repr(path))
+    else:
+      files = _corpus_files(path)
+      if not any(files.values()):
+        raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files")
+      documents = []
+      for kind in KIND_ORDER:
+        if not files[kind]:
+          continue
+        options = {"sample_by": "document"} if kind == "text" else {}
+        try:
+          loaded = datasets.load_dataset(kind, data_files=files[kind], split="train", cache_dir=cache_dir, **options)
+        except Exception as e:  # noqa: BLE001 - any failure is bad input here
+          raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({_one_line(e)})") from None
+        documents += _column(loaded, text_field if kind != "text" else "text", f"the {kind} files of {path!r}")
+  return [d for d in documents if d.strip()]
+
+
+def cap_documents(documents: Sequence[str], max_documents: int | None, max_bytes: int | None) -> list[str]:
+  """The first ``max_documents`` documents, then a prefix of at most ``max_bytes`` UTF-8 bytes."""
+  documents = list(documents[:max_documents] if max_documents else documents)
+  if max_bytes is None:
+    return documents
+  capped, total = [], 0
+  for doc in documents:
+    size = len(doc.encode("utf-8"))
+    if total + size > max_bytes:
+      head = doc.encode("utf-8")[:max_bytes - total].decode("utf-8", errors="ignore")
+      if head.strip():
+        capped.append(head)
+      break
+    capped.append(doc)
+    total += size
+  return capped
+
+
+def corpus_documents(spec: DataSpec, cache_dir: str | None = None) -> list[str]:
+  """The capped documents ``spec`` names (the embedded stdlib corpus when ``spec.path`` is None)."""
+  if spec.path is None:
+    max_bytes = spec.max_bytes or DEFAULT_MAX_BYTES
+    return cap_documents(stdlib_documents(max_bytes), spec.max_documents, max_bytes)
+  return cap_documents(load_documents(spec.path, spec.text_field, cache_dir), spec.max_documents, spec.max_bytes)
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def document_hash(document: str) -> float:
+  """A document's place in [0, 1): the first 8 bytes of ``sha256(text)`` over 2**64."""
+  return int.from_bytes(hashlib.sha256(document.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_documents(documents: Sequence[str], validation_fraction: float) -> tuple[list[str], list[str]]:
+  """``(train, validation)`` by content hash, order kept; see the module docstring for the fallbacks."""
+  if validation_fraction <= 0 or not documents:
+    return list(documents), []
+  if len(documents) == 1:
+    doc = documents[0]
+    cut = int(len(doc) * (1.0 - validation_fraction))
+    newline = doc.rfind("\n", 0, cut)
+    cut = newline + 1 if newline > 0 else cut
+    return [doc[:cut]], [doc[cut:]]
+  hashes = [document_hash(d) for d in documents]
+  in_val = [h < validation_fraction for h in hashes]
+  if not any(in_val):
+    in_val[int(np.argmin(hashes))] = True
+  if all(in_val):
+    in_val[int(np.argmax(hashes))] = False
+  train = [d for d, v in zip(documents, in_val) if not v]
+  val = [d for d, v in zip(documents, in_val) if v]
+  return train, val
+
+
+def fingerprint(documents: Iterable[str]) -> str:
+  """sha256 over the documents and their boundaries."""
+  h = hashlib.sha256()
+  for doc in documents:
+    data = doc.encode("utf-8")
+    h.update(len(data).to_bytes(8, "big"))
+    h.update(data)
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(documents: Sequence[str], vocab_size: int):
+  """A byte-level BPE with ``<pad>``, ``<bos>``, ``<eos>`` (ids 0, 1, 2) as a ``PreTrainedTokenizerFast``."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+  backend = Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  backend.post_processor = processors.ByteLevel(trim_offsets=False)
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  backend.train_from_iterator(documents, trainer=trainer, length=len(documents))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+def load_tokenizer(path: str):
+  """``AutoTokenizer.from_pretrained(path, local_files_only=True)``; ``ValueError`` naming ``path`` if unreadable."""
+  if not os.path.isdir(path):
+    raise ValueError(f"data.tokenizer {path!r} is not a directory")
+  import transformers
+
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 - any failure is bad input here
+    raise ValueError(f"data.tokenizer {path!r} could not be loaded ({_one_line(e)})") from None
+
+
+def _write_dir_atomically(final: str, write) -> None:
+  """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``final`` (a killed run leaves no half-written cache)."""
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    write(tmp)
+    os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: int):
+  """The tokenizer in ``workdir/tokenizer``, trained on ``train_documents`` first if absent."""
+  directory = os.path.join(workdir, "tokenizer")
+  record = {"corpus_sha256": fingerprint(train_documents), "vocab_size": int(vocab_size)}
+  record_path = os.path.join(directory, CORPUS_RECORD)
+  if os.path.isdir(directory) and os.path.isfile(record_path):
+    with open(record_path) as f:
+      saved = json.load(f)
+    if saved != record:
+      raise ValueError(f"the tokenizer cached in {directory!r} was trained on another corpus or vocab_size "
+                       f"({saved.get('vocab_size')} vs {vocab_size}); use a fresh workdir or delete that directory")
+  else:
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+      raise ValueError(f"vocab_size {vocab_size} is below the byte-level tokenizer's minimum "
+                       f"{256 + len(SPECIAL_TOKENS)}")
+    tokenizer = train_tokenizer(train_documents, vocab_size)
+
+    def write(tmp):
+      tokenizer.save_pretrained(tmp)
+      with open(os.path.join(tmp, CORPUS_RECORD), "w") as f:
+        json.dump(record, f)
+
+    if os.path.isdir(directory):  # left without a record (an interrupted older layout): replace it
+      shutil.rmtree(directory)
+    _write_dir_atomically(directory, write)
+  return load_tokenizer(directory)
+
+
+def special_ids(tokenizer) -> tuple[int, int, int | None]:
+  """``(pad_id, eos_id, bos_id)``; pad falls back to eos, bos may be None; no eos raises ``ValueError``."""
+  eos_id = tokenizer.eos_token_id
+  if eos_id is None:
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+  return int(pad_id), int(eos_id), None if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+  return hashlib.sha256((type(tokenizer).__name__ + text + repr(special_ids(tokenizer))).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def tokenize_documents(tokenizer, documents: Sequence[str], eos_id: int,
+                       chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens_N int32, offsets_D1 int64)``: documents encoded without special tokens, each + eos.
+
+  Document ``d`` is ``tokens_N[offsets_D1[d]:offsets_D1[d + 1]]``.
+  """
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  pieces, lengths = [], []
+  for start in range(0, len(documents), chunk):
+    batch = list(documents[start:start + chunk])
+    if backend is not None:
+      ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+    else:
+      ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+    for doc_ids in ids:
+      pieces.append(np.asarray(list(doc_ids) + [eos_id], np.int32))
+      lengths.append(len(doc_ids) + 1)
+  tokens_N = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+  offsets_D1 = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+  return tokens_N, offsets_D1
+
+
+def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Sequence[str]]
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``tokenize_documents`` of each split, cached in ``cache_root/<key>/`` (key: contents + tokenizer)."""
+  key_source = json.dumps({"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
+                           "splits": {name: fingerprint(docs) for name, docs in sorted(splits.items())}})
+  directory = os.path.join(cache_root, hashlib.sha256(key_source.encode()).hexdigest()[:20])
+  if not os.path.isfile(os.path.join(directory, "meta.json")):
+    arrays = {name: tokenize_documents(tokenizer, docs, eos_id) for name, docs in splits.items()}
+
+    def write(tmp):
+      for name, (tokens_N, offsets_D1) in arrays.items():
+        np.save(os.path.join(tmp, f"{name}_tokens.npy"), tokens_N)
+        np.save(os.path.join(tmp, f"{name}_offsets.npy"), offsets_D1)
+      with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"key": json.loads(key_source), "tokens": {n: int(a[0].size) for n, a in arrays.items()}}, f)
+
+    if os.path.isdir(directory):
+      shutil.rmtree(directory)
+    _write_dir_atomically(directory, write)
+    return arrays
+  return {name: (np.load(os.path.join(directory, f"{name}_tokens.npy")),
+                 np.load(os.path.join(directory, f"{name}_offsets.npy"))) for name in splits}
+
+
+# ----------------------------------------------------------------------------- rows and batches
+
+
+def segment_positions(segment_ids_BS: np.ndarray) -> np.ndarray:
+  """Positions that restart at 0 wherever the segment id changes (as ``llama.segment_positions``)."""
+  B, S = segment_ids_BS.shape
+  idx_BS = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
+  starts_BS = np.concatenate([np.ones((B, 1), bool), segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]], axis=1)
+  return (idx_BS - np.maximum.accumulate(np.where(starts_BS, idx_BS, 0), axis=1)).astype(np.int32)
+
+
+class Rows:
+  """The rows of one split: ``rows(indices_B) -> batch`` with rows of ``seq_len + 1`` tokens.
+
+  ``packing``: row ``r`` is ``tokens[r*S : r*S + S + 1]`` (rows overlap by one token); otherwise row
+  ``d`` is document ``d`` truncated to ``S + 1`` tokens. Short rows are padded with ``pad_id``.
+  """
+
+  def __init__(self, tokens_N: np.ndarray, offsets_D1: np.ndarray, seq_len: int, packing: bool, pad_id: int):
+    self.tokens_N, self.seq_len, self.packing, self.pad_id = tokens_N, seq_len, packing, pad_id
+    n_tokens = int(tokens_N.size)
+    if packing:
+      n_rows = -(-(n_tokens - 1) // seq_len) if n_tokens > 1 else 0  # every token but the first is a target
+      self.starts_R = np.arange(n_rows, dtype=np.int64) * seq_len
+      self.lengths_R = np.minimum(n_tokens - self.starts_R, seq_len + 1)
+      doc_lengths = np.diff(offsets_D1)
+      self.doc_of_token_N = np.repeat(np.arange(doc_lengths.size, dtype=np.int64), doc_lengths)
+    else:
+      keep = np.diff(offsets_D1) > 1  # a document of only eos has no target
+      self.starts_R = offsets_D1[:-1][keep].astype(np.int64)
+      self.lengths_R = np.minimum(np.diff(offsets_D1)[keep], seq_len + 1)
+      self.doc_of_token_N = None
+
+  def __len__(self) -> int:
+    return int(self.starts_R.size)
+
+  @property
+  def n_targets(self) -> int:
+    """Unmasked targets over all rows."""
+    return int(np.sum(self.lengths_R - 1))
+
+  def __call__(self, indices_B: np.ndarray, n_real: int | None = None) -> dict[str, np.ndarray]:
+    """The batch of rows ``indices_B``; rows from ``n_real`` on are fully masked filler."""
+    L = self.seq_len + 1
+    indices_B = np.asarray(indices_B, np.int64)
+    offset_L = np.arange(L, dtype=np.int64)
+    lengths_B = self.lengths_R[indices_B].copy()
+    if n_real is not None:
+      lengths_B[n_real:] = 0
+    valid_BL = offset_L[None, :] < lengths_B[:, None]
+    idx_BL = np.minimum(self.starts_R[indices_B][:, None] + offset_L[None, :], max(self.tokens_N.size - 1, 0))
+    tokens_BL = np.where(valid_BL, self.tokens_N[idx_BL], self.pad_id).astype(np.int32)
+    if self.packing:
+      doc_BL = self.doc_of_token_N[idx_BL]
+      segments_BL = np.where(valid_BL, doc_BL - doc_BL[:, :1] + 1, 0).astype(np.int32)
+    else:
+      segments_BL = valid_BL.astype(np.int32)
+    segment_ids_BS = segments_BL[:, :-1]
+    return {
+        "inputs": tokens_BL[:, :-1],
+        "targets": tokens_BL[:, 1:],
+        "loss_mask": valid_BL[:, 1:].astype(np.float32),
+        "segment_ids": segment_ids_BS,
+        "positions": segment_positions(segment_ids_BS),
+    }
+
+
+class Batches:
+  """Training batches forever: rows shuffled per epoch by ``default_rng((seed, epoch))``; resumable.
+
+  ``state()`` is ``{"epoch", "index", "rows"}`` (plain ints, JSON-safe); ``restore(state)`` continues
+  exactly where ``state()`` was taken. A batch may straddle an epoch boundary.
+  """
+
+  def __init__(self, rows: Rows, batch_size: int, seed: int = 0):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    if len(rows) == 0:
+      raise ValueError("the training split has no rows")
+    self.rows, self.batch_size, self.seed = rows, int(batch_size), int(seed)
+    self.epoch, self.index = 0, 0
+    self._permutation_epoch, self._permutation = None, None
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if self._permutation_epoch != epoch:
+      self._permutation = np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))
+      self._permutation_epoch = epoch
+    return self._permutation
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": int(self.epoch), "index": int(self.index), "rows": len(self.rows)}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    rows = int(state.get("rows", len(self.rows)))
+    if rows != len(self.rows):
+      raise ValueError(f"the training data has {len(self.rows)} rows but the saved data state is for {rows} rows; "
+                       "the corpus, tokenizer or data config changed")
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index < len(self.rows):
+      raise ValueError(f"invalid data state {dict(state)!r}")
+    self.epoch, self.index = epoch, index
+
+  def __iter__(self) -> "Batches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    picked, needed = [], self.batch_size
+    while needed:
+      take = self.permutation(self.epoch)[self.index:self.index + needed]
+      picked.append(take)
+      needed -= take.size
+      self.index += take.size
+      if self.index == len(self.rows):
+        self.epoch, self.index = self.epoch + 1, 0
+    return self.rows(np.concatenate(picked))
+
+
+def eval_batch_list(rows: Rows, batch_size: int, max_batches: int | None) -> list[dict[str, np.ndarray]]:
+  """The first ``max_batches`` batches of ``rows`` in order (all when None); the last is filled out."""
+  n_rows = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
+  batches = []
+  for start in range(0, n_rows, batch_size):
+    indices_B = np.arange(start, start + batch_size)
+    n_real = min(batch_size, n_rows - start)
+    batches.append(rows(np.minimum(indices_B, n_rows - 1), n_real=n_real))
+  return batches
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@dataclasses.dataclass
+class Data:
+  """What ``train.py`` / ``eval.py`` use: the tokenizer, the batches, special ids and sizes."""
+
+  tokenizer: Any
+  train: Batches
+  eval_batches: list[dict[str, np.ndarray]]
+  pad_id: int
+  eos_id: int
+  bos_id: int | None
+  stats: dict[str, int]
+
+
+def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: int, seed: int = 0,
+               eval_batch_size: int | None = None, eval_batches: int | None = 8) -> Data:
+  """Corpus → split → tokenizer → cached tokens → ``Data``; bad input raises a one-line ``ValueError``.
+
+  Args:
+    data_config: the ``data`` config section (``path``, ``tokenizer``, ``seq_len``, ``packing``,
+      ``validation_fraction``, ``max_documents``, ``max_bytes``, ``text_field``).
+    workdir: run directory; holds ``tokenizer/`` (when trained here) and ``data_cache/``.
+    vocab_size: the model's vocabulary; the tokenizer may not exceed it.
+    batch_size: rows per training batch.
+    seed: shuffling seed.
+    eval_batch_size: rows per validation batch (default ``batch_size``).
+    eval_batches: number of validation batches (None: all validation rows).
+  """
+  spec = data_spec(data_config)
+  if vocab_size is None or int(vocab_size) <= 0:
+    raise ValueError(f"vocab_size must be positive, got {vocab_size!r}")
+  cache_root = os.path.join(workdir, "data_cache")
+  documents = corpus_documents(spec, cache_dir=os.path.join(cache_root, "hf_datasets"))
+  where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
+  if not documents:
+    raise ValueError(f"{where} has no text")
+  train_docs, val_docs = split_documents(documents, spec.validation_fraction)
+  if not train_docs or (spec.validation_fraction > 0 and not val_docs):
+    raise ValueError(f"{where} leaves an empty split: {len(train_docs)} training and {len(val_docs)} validation "
+                     f"documents (validation_fraction {spec.validation_fraction})")
+
+  if spec.tokenizer is None:
+    tokenizer = cached_tokenizer(workdir, train_docs, int(vocab_size))
+  else:
+    tokenizer = load_tokenizer(spec.tokenizer)
+  if len(tokenizer) > vocab_size:
+    name = spec.tokenizer or os.path.join(workdir, "tokenizer")
+    raise ValueError(f"tokenizer {name!r} has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}")
+  pad_id, eos_id, bos_id = special_ids(tokenizer)
+
+  arrays = cached_tokens(cache_root, tokenizer, eos_id, {"train": train_docs, "val": val_docs})
+  train_rows = Rows(*arrays["train"], spec.seq_len, spec.packing, pad_id)
+  val_rows = Rows(*arrays["val"], spec.seq_len, spec.packing, pad_id)
+  if len(train_rows) == 0:
+    raise ValueError(f"{where} has no training tokens to predict after tokenizing")
+  stats = {"train_documents": len(train_docs), "val_documents": len(val_docs),
+           "train_tokens": int(arrays["train"][0].size), "val_tokens": int(arrays["val"][0].size),
+           "train_rows": len(train_rows), "val_rows": len(val_rows), "vocab_size": len(tokenizer)}
+  return Data(tokenizer=tokenizer, train=Batches(train_rows, batch_size, seed),
+              eval_batches=eval_batch_list(val_rows, eval_batch_size or batch_size, eval_batches),
+              pad_id=pad_id, eos_id=eos_id, bos_id=bos_id, stats=stats)
