@@ -36,8 +36,11 @@ def hf_model(kv_heads=4, tied=False, rope=None, seed=0, dtype=None, **extra):
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.1)
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, 0.2)
   if dtype is not None:
     model = model.to(dtype)
   return model
@@ -96,6 +99,8 @@ def test_sharded_checkpoints_both_directions(tmp_path):
   assert not os.path.exists(tmp_path / "in" / hf.SINGLE_FILE)
   model = llama.from_hf(tmp_path / "in")
   assert max_diff(model(ids), expected) <= TOL
+  # The tolerance discriminates: a wrong RoPE base is far outside it.
+  assert max_diff(llama.from_hf(tmp_path / "in", rope_theta=10000.0)(ids), expected) > 100 * TOL
 
   llama.to_hf(model, tmp_path / "out", max_shard_size="30KB")
   files = sorted(os.listdir(tmp_path / "out"))
