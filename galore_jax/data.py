@@ -283,7 +283,7 @@ def split_documents(documents: Sequence[str], validation_fraction: float) -> tup
     cut = int(len(doc) * (1.0 - validation_fraction))
     newline = doc.rfind("\n", 0, cut)
     cut = newline + 1 if newline > 0 else cut
-    return [doc[:cut]], [doc[cut:]]
+    return [t for t in [doc[:cut]] if t.strip()], [t for t in [doc[cut:]] if t.strip()]
   hashes = [document_hash(d) for d in documents]
   in_val = [h < validation_fraction for h in hashes]
   if not any(in_val):

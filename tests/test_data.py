@@ -1,0 +1,413 @@
+"""The data pipeline: corpus kinds, the embedded corpus, split, tokenizer and token caches, rows, batches, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from galore_jax import data
+
+PROSE = [
+    "The quick brown fox jumps over the lazy dog.\nIt was not amused.\n",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n",
+    "import os\nimport sys\n\nprint(os.getcwd(), sys.argv)\n",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n",
+    "for i in range(10):\n    if i % 2:\n        print(i)\n",
+    "A man, a plan, a canal: Panama. Madam, in Eden, I'm Adam.\n",
+    "with open('f.txt') as f:\n    lines = f.readlines()\n",
+]
+VOCAB = 320
+
+
+def docs(n=40):
+  """``n`` distinct small documents."""
+  return [f"# document {i}\n" + PROSE[i % len(PROSE)] * (1 + i % 3) for i in range(n)]
+
+
+def config(path=None, **overrides):
+  c = config_dict.ConfigDict(dict(path=path, tokenizer=None, seq_len=16, packing=True, validation_fraction=0.2,
+                                  max_documents=None, max_bytes=None, text_field="text"))
+  c.update(overrides)
+  return c
+
+
+def build(path, workdir, **overrides):
+  kwargs = dict(vocab_size=overrides.pop("vocab_size", VOCAB), batch_size=overrides.pop("batch_size", 4),
+                eval_batch_size=overrides.pop("eval_batch_size", 3), eval_batches=overrides.pop("eval_batches", 2),
+                seed=overrides.pop("seed", 0))
+  return data.build_data(config(path, **overrides), workdir=str(workdir), **kwargs)
+
+
+@pytest.fixture
+def folder(tmp_path):
+  """A folder of one-document .txt files."""
+  root = tmp_path / "corpus"
+  root.mkdir()
+  for i, doc in enumerate(docs()):
+    (root / f"{i:03d}.txt").write_text(doc)
+  return root
+
+
+def stream(rows: data.Rows) -> np.ndarray:
+  return rows.tokens_N
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_text_file_is_one_document(tmp_path):
+  path = tmp_path / "a.txt"
+  path.write_text("first para\n\nsecond para\n")
+  assert data.load_documents(str(path)) == ["first para\n\nsecond para\n"]
+
+
+def test_mixed_folder(tmp_path):
+  import datasets
+
+  root = tmp_path / "mixed"
+  (root / "sub").mkdir(parents=True)
+  (root / "b.txt").write_text("text file b\n")
+  (root / "sub" / "a.txt").write_text("text file a\n")
+  (root / "c.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["j1", "j2"])))
+  datasets.Dataset.from_dict({"text": ["p1", "p2", "  "], "n": [1, 2, 3]}).to_parquet(str(root / "d.parquet"))
+  (root / ".hidden.txt").write_text("hidden\n")
+  (root / "notes.md").write_text("ignored\n")
+  documents = data.load_documents(str(root), cache_dir=str(tmp_path / "hf"))
+  assert documents == ["text file b\n", "text file a\n", "j1", "j2", "p1", "p2"]
+
+
+def test_text_field(tmp_path):
+  (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+  assert data.load_documents(str(tmp_path / "c.jsonl"), text_field="body", cache_dir=str(tmp_path / "hf")) == ["hello"]
+  with pytest.raises(ValueError, match="'text'"):
+    data.load_documents(str(tmp_path / "c.jsonl"), cache_dir=str(tmp_path / "hf"))
+
+
+def test_save_to_disk(tmp_path):
+  import datasets
+
+  datasets.Dataset.from_dict({"text": ["x1", "x2"]}).save_to_disk(str(tmp_path / "ds"))
+  assert data.load_documents(str(tmp_path / "ds")) == ["x1", "x2"]
+  datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t"]}),
+                        "test": datasets.Dataset.from_dict({"text": ["u"]})}).save_to_disk(str(tmp_path / "dd"))
+  assert data.load_documents(str(tmp_path / "dd")) == ["t"]
+
+
+def test_build_from_each_kind(tmp_path):
+  import datasets
+
+  corpus = docs(30)
+  (tmp_path / "t").mkdir()
+  for i, d in enumerate(corpus):
+    (tmp_path / "t" / f"{i:02d}.txt").write_text(d)
+  (tmp_path / "j.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in corpus))
+  datasets.Dataset.from_dict({"text": corpus}).to_parquet(str(tmp_path / "p.parquet"))
+  datasets.Dataset.from_dict({"text": corpus}).save_to_disk(str(tmp_path / "s"))
+  tokens = []
+  for name in ("t", "j.jsonl", "p.parquet", "s"):
+    built = build(str(tmp_path / name), tmp_path / f"w_{name}")
+    assert built.stats["train_documents"] + built.stats["val_documents"] == 30
+    tokens.append(built.train.rows.tokens_N)
+  for other in tokens[1:]:  # same documents, same order → same tokenizer and tokens
+    np.testing.assert_array_equal(tokens[0], other)
+
+
+def test_caps(tmp_path):
+  assert data.cap_documents(["aaaa", "bbbb", "cccc"], None, 6) == ["aaaa", "bb"]
+  assert data.cap_documents(["aaaa", "bbbb", "cccc"], 2, None) == ["aaaa", "bbbb"]
+  assert data.cap_documents(["aaaa", "é" * 4], None, 7) == ["aaaa", "é"]  # whole UTF-8 characters only
+
+
+# ----------------------------------------------------------------------------- embedded corpus
+
+
+@pytest.fixture(scope="module")
+def stdlib_builds(tmp_path_factory):
+  work = tmp_path_factory.mktemp("stdlib")
+  kwargs = dict(vocab_size=512, batch_size=4, eval_batch_size=4, eval_batches=2, seed=0)
+  c = config(None, max_bytes=300_000, seq_len=64, validation_fraction=0.05)
+  return data.build_data(c, workdir=str(work / "a"), **kwargs), data.build_data(c, workdir=str(work / "b"), **kwargs)
+
+
+def test_embedded_corpus_is_python_source():
+  documents = data.corpus_documents(data.data_spec(config(None, max_bytes=300_000)))
+  text = "".join(documents)
+  assert "def " in text and "import " in text and "class " in text
+  assert 0 < len(text.encode()) <= 300_000
+  assert documents == data.corpus_documents(data.data_spec(config(None, max_bytes=300_000)))
+
+
+def test_embedded_corpus_build_is_deterministic(stdlib_builds):
+  a, b = stdlib_builds
+  assert a.stats == b.stats and a.stats["vocab_size"] == 512 and a.stats["val_documents"] > 0
+  np.testing.assert_array_equal(a.train.rows.tokens_N, b.train.rows.tokens_N)
+  for x, y in zip(a.eval_batches, b.eval_batches):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert "def" in a.tokenizer.decode(a.train.rows.tokens_N[:2000].tolist())
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_split_is_deterministic_and_disjoint():
+  corpus = docs(200)
+  train, val = data.split_documents(corpus, 0.1)
+  assert (train, val) == data.split_documents(list(corpus), 0.1)
+  assert not set(train) & set(val) and sorted(train + val) == sorted(corpus)
+  assert 5 <= len(val) <= 40
+  assert [d for d in corpus if d in set(val)] == val  # order kept
+  # by content: shuffling the corpus does not move any document across sides
+  shuffled = list(reversed(corpus))
+  assert set(data.split_documents(shuffled, 0.1)[1]) == set(val)
+
+
+def test_split_fallbacks():
+  train, val = data.split_documents(docs(3), 0.01)  # too few documents for a 1% hash split
+  assert len(val) == 1 and len(train) == 2
+  train, val = data.split_documents(["line one\nline two\nline three\nline four\n"], 0.3)
+  assert train == ["line one\nline two\n"] and val == ["line three\nline four\n"]
+  assert data.split_documents(docs(3), 0.0) == (docs(3), [])
+
+
+# ----------------------------------------------------------------------------- tokenizer and caches
+
+
+def test_tokenizer_trained_cached_and_reloadable(folder, tmp_path, monkeypatch):
+  import transformers
+
+  first = build(str(folder), tmp_path / "w")
+  tok_dir = tmp_path / "w" / "tokenizer"
+  tok_json = tok_dir / "tokenizer.json"
+  mtime = tok_json.stat().st_mtime_ns
+  assert (first.pad_id, first.bos_id, first.eos_id) == (0, 1, 2)
+  assert len(first.tokenizer) <= VOCAB
+  caches = os.listdir(tmp_path / "w" / "data_cache")
+
+  def no_training(*_):
+    raise AssertionError("retrained")
+
+  def no_tokenizing(*_):
+    raise AssertionError("re-tokenized")
+
+  monkeypatch.setattr(data, "train_tokenizer", no_training)
+  monkeypatch.setattr(data, "tokenize_documents", no_tokenizing)
+  second = build(str(folder), tmp_path / "w")
+  assert tok_json.stat().st_mtime_ns == mtime and os.listdir(tmp_path / "w" / "data_cache") == caches
+  np.testing.assert_array_equal(first.train.rows.tokens_N, second.train.rows.tokens_N)
+
+  reloaded = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+  text = "def main():\n    return 0\n"
+  ids = reloaded(text, add_special_tokens=False)["input_ids"]
+  assert reloaded.decode(ids) == text and reloaded.eos_token == "<eos>" and reloaded.pad_token_id == 0
+
+
+def test_documents_end_with_eos(folder, tmp_path):
+  built = build(str(folder), tmp_path / "w")
+  tokenizer, eos = built.tokenizer, built.eos_id
+  tokens_N, offsets = data.tokenize_documents(tokenizer, ["ab cd", "", "x"], eos)
+  assert offsets.tolist() == [0, offsets[1], offsets[1] + 1, offsets[3]]
+  assert tokens_N[offsets[1:] - 1].tolist() == [eos] * 3
+  assert tokenizer.decode(tokens_N[:offsets[1] - 1].tolist()) == "ab cd"
+
+
+def test_given_tokenizer_and_vocab_too_big(folder, tmp_path):
+  build(str(folder), tmp_path / "w", vocab_size=400)
+  tok_dir = str(tmp_path / "w" / "tokenizer")
+  n = len(data.load_tokenizer(tok_dir))
+  used = build(str(folder), tmp_path / "w2", tokenizer=tok_dir, vocab_size=n)
+  assert not (tmp_path / "w2" / "tokenizer").exists() and len(used.tokenizer) == n
+  with pytest.raises(ValueError, match=rf"{n} tokens.*vocab_size {n - 1}"):
+    build(str(folder), tmp_path / "w3", tokenizer=tok_dir, vocab_size=n - 1)
+
+
+def test_cached_tokenizer_of_another_corpus_is_refused(folder, tmp_path):
+  build(str(folder), tmp_path / "w")
+  with pytest.raises(ValueError, match="another corpus"):
+    build(str(folder), tmp_path / "w", max_documents=10)
+
+
+def test_vocab_below_byte_alphabet(folder, tmp_path):
+  with pytest.raises(ValueError, match="vocab_size 100"):
+    build(str(folder), tmp_path / "w", vocab_size=100)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def toy_rows(lengths, seq_len, packing, pad_id=0):
+  """Documents of the given token lengths (eos included) with distinct token values (doc*100 + i)."""
+  pieces = [np.arange(n, dtype=np.int32) + 100 * (d + 1) for d, n in enumerate(lengths)]
+  offsets = np.concatenate([[0], np.cumsum(lengths)])
+  return data.Rows(np.concatenate(pieces), offsets, seq_len, packing, pad_id)
+
+
+def test_packing():
+  rows = toy_rows([3, 5, 2, 8], seq_len=4, packing=True)  # 18 tokens → rows of 5, overlapping by one
+  assert len(rows) == 5 and rows.n_targets == 17
+  b = rows(np.arange(5))
+  flat = rows.tokens_N
+  for r in range(5):
+    row = flat[4 * r:4 * r + 5]
+    n = len(row)
+    np.testing.assert_array_equal(b["inputs"][r, :n - 1], row[:-1])
+    np.testing.assert_array_equal(b["targets"][r, :n - 1], row[1:])
+  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])  # shifted by one
+  # targets: every token but the first, once
+  np.testing.assert_array_equal(b["targets"][b["loss_mask"] > 0], flat[1:])
+  # row 0: tokens 100 101 102 | 200 → segments 1 1 1 2, positions 0 1 2 0
+  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 2])
+  np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 0])
+  # row 1: 201 ... 204 | 300 (target) → one segment
+  np.testing.assert_array_equal(b["inputs"][1], [201, 202, 203, 204])
+  np.testing.assert_array_equal(b["targets"][1, -1], 300)
+  np.testing.assert_array_equal(b["segment_ids"][1], [1, 1, 1, 1])
+  # row 2: tokens 300 301 | 400 401 → 1 1 2 2 / 0 1 0 1
+  np.testing.assert_array_equal(b["inputs"][2], [300, 301, 400, 401])
+  np.testing.assert_array_equal(b["segment_ids"][2], [1, 1, 2, 2])
+  np.testing.assert_array_equal(b["positions"][2], [0, 1, 0, 1])
+  # last row: tokens 406 407, then padding → mask 1 0 0 0, segments 1 1 0 0
+  np.testing.assert_array_equal(b["inputs"][4], [406, 407, 0, 0])
+  np.testing.assert_array_equal(b["targets"][4], [407, 0, 0, 0])
+  np.testing.assert_array_equal(b["loss_mask"][4], [1, 0, 0, 0])
+  np.testing.assert_array_equal(b["segment_ids"][4], [1, 1, 0, 0])
+  for key, dtype in [("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
+                     ("segment_ids", np.int32), ("positions", np.int32)]:
+    assert b[key].dtype == dtype and b[key].shape == (5, 4)
+
+
+def test_packing_positions_match_the_model():
+  import jax.numpy as jnp
+  from galore_jax.models import llama
+
+  b = toy_rows([3, 9, 1, 2, 6, 4], seq_len=8, packing=True)(np.arange(3))
+  np.testing.assert_array_equal(b["positions"], np.asarray(llama.segment_positions(jnp.asarray(b["segment_ids"]))))
+
+
+def test_no_packing_pads_and_truncates():
+  rows = toy_rows([3, 8, 1, 5], seq_len=4, packing=False, pad_id=7)
+  assert len(rows) == 3  # a document of only eos has no target
+  b = rows(np.arange(3))
+  np.testing.assert_array_equal(b["inputs"][0], [100, 101, 102, 7])
+  np.testing.assert_array_equal(b["targets"][0], [101, 102, 7, 7])
+  np.testing.assert_array_equal(b["loss_mask"][0], [1, 1, 0, 0])
+  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 0])
+  np.testing.assert_array_equal(b["inputs"][1], [200, 201, 202, 203])  # truncated to seq_len + 1
+  np.testing.assert_array_equal(b["targets"][1], [201, 202, 203, 204])
+  np.testing.assert_array_equal(b["loss_mask"][1], [1, 1, 1, 1])
+  np.testing.assert_array_equal(b["positions"][1], [0, 1, 2, 3])
+  np.testing.assert_array_equal(b["inputs"][2], [400, 401, 402, 403])
+  np.testing.assert_array_equal(b["targets"][2], [401, 402, 403, 404])
+
+
+def test_build_without_packing(folder, tmp_path):
+  built = build(str(folder), tmp_path / "w", packing=False, seq_len=48)
+  rows = built.train.rows
+  assert built.stats["train_rows"] == built.stats["train_documents"] == len(rows)
+  doc_lengths = np.diff(data.tokenize_documents(built.tokenizer, [""], built.eos_id)[1])  # sanity: eos only
+  assert doc_lengths.tolist() == [1]
+  b = rows(np.arange(len(rows)))
+  real = b["loss_mask"].sum(axis=1)
+  assert (real < 48).any() and (real == 48).any()  # some documents padded, some truncated
+  masked = b["loss_mask"] == 0
+  assert (b["targets"][masked] == built.pad_id).all()
+  short = real < 48  # a padded row ends its document: the last unmasked target is eos
+  last = real[short].astype(int) - 1
+  assert (b["targets"][short][np.arange(short.sum()), last] == built.eos_id).all()
+  assert (next(built.train)["inputs"].shape == (4, 48))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def equal(a, b):
+  return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reproduces_batches_exactly():
+  rows = toy_rows(list(range(2, 30)), seq_len=8, packing=True)  # 51 rows: batches straddle epochs
+  it = data.Batches(rows, batch_size=7, seed=3)
+  for _ in range(11):
+    next(it)
+  state = it.state()
+  assert set(state) == {"epoch", "index", "rows"} and state["epoch"] >= 1
+  expected = [next(it) for _ in range(10)]
+  resumed = data.Batches(rows, batch_size=7, seed=3)
+  resumed.restore(json.loads(json.dumps(state)))
+  assert all(equal(e, next(resumed)) for e in expected)
+  fresh = data.Batches(rows, batch_size=7, seed=3)
+  assert all(equal(e, b) for e, b in zip([next(fresh) for _ in range(21)][11:], expected))
+
+
+def test_epochs_cover_every_row_and_reshuffle():
+  rows = toy_rows([5] * 40, seq_len=4, packing=False)  # 40 rows, one per document
+  it = data.Batches(rows, batch_size=8, seed=0)
+  epochs = [np.concatenate([next(it)["inputs"][:, 0] for _ in range(5)]) for _ in range(3)]
+  for order in epochs:
+    assert sorted(order.tolist()) == sorted(rows.tokens_N[rows.starts_R].tolist())
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  other_seed = data.Batches(rows, batch_size=8, seed=1)
+  assert not np.array_equal(next(other_seed)["inputs"], data.Batches(rows, batch_size=8, seed=0).__next__()["inputs"])
+  assert it.state() == {"epoch": 3, "index": 0, "rows": 40}
+
+
+def test_restore_refuses_other_data():
+  it = data.Batches(toy_rows([5] * 10, seq_len=4, packing=False), batch_size=2)
+  with pytest.raises(ValueError, match="10 rows.*12 rows"):
+    it.restore({"epoch": 0, "index": 0, "rows": 12})
+
+
+def test_eval_batches_fixed_and_filled_out():
+  rows = toy_rows([5] * 7, seq_len=4, packing=False)
+  batches = data.eval_batch_list(rows, batch_size=3, max_batches=None)
+  assert len(batches) == 3 and all(b["inputs"].shape == (3, 4) for b in batches)
+  np.testing.assert_array_equal(batches[0]["inputs"][:, 0], [100, 200, 300])  # in order
+  assert batches[2]["loss_mask"][0].sum() == 4 and batches[2]["loss_mask"][1:].sum() == 0
+  assert sum(b["loss_mask"].sum() for b in batches) == rows.n_targets
+  assert len(data.eval_batch_list(rows, batch_size=3, max_batches=2)) == 2
+
+
+def test_build_eval_batches(folder, tmp_path):
+  built = build(str(folder), tmp_path / "w", eval_batch_size=3, eval_batches=2)
+  assert 1 <= len(built.eval_batches) <= 2
+  assert all(b["inputs"].shape == (3, 16) for b in built.eval_batches)
+  again = build(str(folder), tmp_path / "w", eval_batch_size=3, eval_batches=2)
+  assert all(equal(a, b) for a, b in zip(built.eval_batches, again.eval_batches))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_value(tmp_path, folder):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (tmp_path / "blank.txt").write_text("   \n\n")
+  (tmp_path / "nottok").mkdir()
+  cases = [
+      (dict(path=str(tmp_path / "missing")), "missing"),
+      (dict(path=str(empty)), str(empty)),
+      (dict(path=str(tmp_path / "blank.txt")), "blank.txt"),
+      (dict(path=str(folder), seq_len=0), "seq_len"),
+      (dict(path=str(folder), seq_len=-3), "-3"),
+      (dict(path=str(folder), validation_fraction=1.0), "validation_fraction"),
+      (dict(path=str(folder), tokenizer=str(tmp_path / "no_tok")), "no_tok"),
+      (dict(path=str(folder), tokenizer=str(tmp_path / "nottok")), "nottok"),
+      (dict(path=str(folder), max_bytes=0), "max_bytes"),
+  ]
+  for overrides, needle in cases:
+    path = overrides.pop("path")
+    with pytest.raises(ValueError) as info:
+      build(path, tmp_path / "w", **overrides)
+    message = str(info.value)
+    assert needle in message and "\n" not in message, (overrides, message)
+  assert not (tmp_path / "w" / "tokenizer").exists()
+
+
+def test_corpus_too_small_to_split(tmp_path):
+  path = tmp_path / "one.txt"
+  path.write_text("x")
+  with pytest.raises(ValueError, match="one.txt"):
+    build(str(path), tmp_path / "w", validation_fraction=0.5)
