@@ -207,11 +207,20 @@ def _is_saved_dataset(path: str) -> bool:
 def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> list[str]:
   """Documents of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
 
-  Uses HF ``datasets`` offline (``cache_dir`` for its arrow files). Raises ``ValueError`` naming
-  ``path`` when it is missing, holds no readable files, or cannot be parsed.
+  Uses HF ``datasets`` offline; its arrow files go to ``cache_dir`` (default: a temporary directory,
+  removed afterwards: the documents are returned as strings and the tokens are cached by
+  ``cached_tokens``). Raises ``ValueError`` naming ``path`` when it is missing, holds no readable
+  files, or cannot be parsed.
   """
   if not os.path.exists(path):
     raise ValueError(f"data.path {path!r} does not exist")
+  with contextlib.ExitStack() as stack:
+    if cache_dir is None:
+      cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="galore_jax_datasets-"))
+    return _load_documents(path, text_field, cache_dir)
+
+
+def _load_documents(path: str, text_field: str, cache_dir: str) -> list[str]:
   with _quiet_offline_datasets() as datasets:
     if _is_saved_dataset(path):
       try:
@@ -571,6 +580,14 @@ def eval_batch_list(rows: Rows, batch_size: int, max_batches: int | None) -> lis
 # ----------------------------------------------------------------------------- entry point
 
 
+def _checked(tokenizer, name: str, vocab_size: int):
+  """``tokenizer`` if it fits the model's vocabulary, else ``ValueError`` naming both sizes."""
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f"tokenizer {name!r} has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}")
+  special_ids(tokenizer)  # has an eos
+  return tokenizer
+
+
 @dataclasses.dataclass
 class Data:
   """What ``train.py`` / ``eval.py`` use: the tokenizer, the batches, special ids and sizes."""
@@ -601,8 +618,10 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
   spec = data_spec(data_config)
   if vocab_size is None or int(vocab_size) <= 0:
     raise ValueError(f"vocab_size must be positive, got {vocab_size!r}")
-  cache_root = os.path.join(workdir, "data_cache")
-  documents = corpus_documents(spec, cache_dir=os.path.join(cache_root, "hf_datasets"))
+  if eval_batch_size is not None and eval_batch_size <= 0:
+    raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size!r}")
+  tokenizer = None if spec.tokenizer is None else _checked(load_tokenizer(spec.tokenizer), spec.tokenizer, vocab_size)
+  documents = corpus_documents(spec)
   where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
   if not documents:
     raise ValueError(f"{where} has no text")
@@ -610,17 +629,12 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
   if not train_docs or (spec.validation_fraction > 0 and not val_docs):
     raise ValueError(f"{where} leaves an empty split: {len(train_docs)} training and {len(val_docs)} validation "
                      f"documents (validation_fraction {spec.validation_fraction})")
-
-  if spec.tokenizer is None:
-    tokenizer = cached_tokenizer(workdir, train_docs, int(vocab_size))
-  else:
-    tokenizer = load_tokenizer(spec.tokenizer)
-  if len(tokenizer) > vocab_size:
-    name = spec.tokenizer or os.path.join(workdir, "tokenizer")
-    raise ValueError(f"tokenizer {name!r} has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}")
+  if tokenizer is None:
+    tokenizer = _checked(cached_tokenizer(workdir, train_docs, int(vocab_size)), os.path.join(workdir, "tokenizer"),
+                         vocab_size)
   pad_id, eos_id, bos_id = special_ids(tokenizer)
 
-  arrays = cached_tokens(cache_root, tokenizer, eos_id, {"train": train_docs, "val": val_docs})
+  arrays = cached_tokens(os.path.join(workdir, "data_cache"), tokenizer, eos_id, {"train": train_docs, "val": val_docs})
   train_rows = Rows(*arrays["train"], spec.seq_len, spec.packing, pad_id)
   val_rows = Rows(*arrays["val"], spec.seq_len, spec.packing, pad_id)
   if len(train_rows) == 0:
