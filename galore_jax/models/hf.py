@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -360,10 +360,34 @@ def _shard_plan(specs: list[TensorSpec], itemsize: int, limit: int) -> list[list
   return shards
 
 
-def _host_tensors(params, shard: list[TensorSpec], dtype) -> Iterator[tuple[str, np.ndarray]]:
+def _host_tensor(params: dict, spec: TensorSpec, dtype) -> np.ndarray:
+  x = np.asarray(jax.device_get(_get_param(params, spec)))
+  return np.ascontiguousarray(x.T if spec.transpose else x).astype(dtype, copy=False)
+
+
+def _write_safetensors(filename: str, params: dict, shard: list[TensorSpec], dtype: np.dtype) -> None:
+  """Write one safetensors file tensor by tensor: the header is known from the shapes.
+
+  Unlike ``safetensors.numpy.save_file`` this never holds more than one
+  tensor of the shard on the host.
+  """
+  code = {v: k for k, v in _SAFETENSORS_DTYPES.items()}[dtype.type]
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
   for s in shard:
-    x = np.asarray(jax.device_get(_get_param(params, s)))
-    yield s.name, np.ascontiguousarray(x.T if s.transpose else x).astype(dtype, copy=False)
+    nbytes = math.prod(s.hf_shape) * dtype.itemsize
+    header[s.name] = {"dtype": code, "shape": list(s.hf_shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned, as safetensors writes it
+  with open(filename, "wb") as f:
+    f.write(len(header_bytes).to_bytes(8, "little"))
+    f.write(header_bytes)
+    for s in shard:
+      x = _host_tensor(params, s, dtype)
+      if x.shape != s.hf_shape:
+        raise AssertionError(f"internal: {s.name} has shape {x.shape}, expected {s.hf_shape}")
+      x.tofile(f)
+      del x
 
 
 def to_hf(model: Llama, path, *, tokenizer: Any = None, max_shard_size: int | str = "5GB", dtype=None) -> None:
@@ -379,8 +403,6 @@ def to_hf(model: Llama, path, *, tokenizer: Any = None, max_shard_size: int | st
       ``model.safetensors.index.json``.
     dtype: dtype of the saved tensors (default: the parameters' dtype).
   """
-  from safetensors.numpy import save_file
-
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   cfg = model.config
@@ -403,7 +425,7 @@ def to_hf(model: Llama, path, *, tokenizer: Any = None, max_shard_size: int | st
   weight_map = {}
   for i, shard in enumerate(shards):
     file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(dict(_host_tensors(params, shard, dtype)), os.path.join(path, file), metadata={"format": "pt"})
+    _write_safetensors(os.path.join(path, file), params, shard, dtype)
     weight_map.update({s.name: file for s in shard})
   if len(shards) > 1:
     total = sum(math.prod(s.hf_shape) for s in specs) * dtype.itemsize
