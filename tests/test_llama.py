@@ -416,3 +416,18 @@ def test_galore_step_on_model(scan_layers):
 
   losses = [float(train_step(model, optimizer, ids)) for _ in range(6)]
   assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_attention_implementation_choice():
+  cfg = tiny()
+  assert llama._attention_impl(cfg, jnp.float32, has_mask=False) == "xla"
+  on_gpu = jax.default_backend() == "gpu"
+  assert llama._attention_impl(cfg, jnp.bfloat16, has_mask=False) == ("cudnn" if on_gpu else "xla")
+  assert llama._attention_impl(cfg, jnp.bfloat16, has_mask=True) == "xla"
+  assert llama._attention_impl(cfg.replace(attention_impl=None), jnp.bfloat16, has_mask=False) is None
+  ids = np.random.RandomState(0).randint(0, 97, (2, 6))
+  auto = Llama(cfg, rngs=nnx.Rngs(0))
+  explicit = Llama(cfg.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(auto(ids), explicit(ids))
+  with pytest.raises(ValueError, match="attention_impl"):
+    tiny(attention_impl="flash")
