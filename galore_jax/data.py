@@ -26,7 +26,9 @@ Decisions (see also ``build_data``):
   cache trained on a different corpus. Each document is encoded without special tokens and gets
   ``eos`` appended; nothing is prepended.
 * **Token cache.** ``workdir/data_cache/<key>/{train,val}_{tokens,offsets}.npy`` where ``key`` hashes the
-  split documents' contents and the tokenizer.
+  split documents' contents and the tokenizer; reloaded memory-mapped. Files are parsed by ``datasets``
+  into a temporary cache that is removed afterwards (the corpus is re-read and re-hashed each run,
+  which is cheap next to tokenizing). Caches are written to a temporary directory and renamed.
 * **Rows.** ``packing=True``: the split's token stream is cut into rows of ``seq_len + 1`` tokens that
   overlap by one (row ``r`` = ``tokens[r*S : r*S + S + 1]``) so every token but the first is a target
   exactly once; the last, shorter row is padded. Segment ids number the documents inside a row from 1
@@ -445,7 +447,7 @@ def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Seq
       shutil.rmtree(directory)
     _write_dir_atomically(directory, write)
     return arrays
-  return {name: (np.load(os.path.join(directory, f"{name}_tokens.npy")),
+  return {name: (np.load(os.path.join(directory, f"{name}_tokens.npy"), mmap_mode="r"),
                  np.load(os.path.join(directory, f"{name}_offsets.npy"))) for name in splits}
 
 
@@ -474,13 +476,11 @@ class Rows:
       n_rows = -(-(n_tokens - 1) // seq_len) if n_tokens > 1 else 0  # every token but the first is a target
       self.starts_R = np.arange(n_rows, dtype=np.int64) * seq_len
       self.lengths_R = np.minimum(n_tokens - self.starts_R, seq_len + 1)
-      doc_lengths = np.diff(offsets_D1)
-      self.doc_of_token_N = np.repeat(np.arange(doc_lengths.size, dtype=np.int64), doc_lengths)
+      self.offsets_D1 = np.asarray(offsets_D1, np.int64)
     else:
       keep = np.diff(offsets_D1) > 1  # a document of only eos has no target
       self.starts_R = offsets_D1[:-1][keep].astype(np.int64)
       self.lengths_R = np.minimum(np.diff(offsets_D1)[keep], seq_len + 1)
-      self.doc_of_token_N = None
 
   def __len__(self) -> int:
     return int(self.starts_R.size)
@@ -502,7 +502,7 @@ class Rows:
     idx_BL = np.minimum(self.starts_R[indices_B][:, None] + offset_L[None, :], max(self.tokens_N.size - 1, 0))
     tokens_BL = np.where(valid_BL, self.tokens_N[idx_BL], self.pad_id).astype(np.int32)
     if self.packing:
-      doc_BL = self.doc_of_token_N[idx_BL]
+      doc_BL = np.searchsorted(self.offsets_D1, idx_BL, side="right") - 1  # the document of each token
       segments_BL = np.where(valid_BL, doc_BL - doc_BL[:, :1] + 1, 0).astype(np.int32)
     else:
       segments_BL = valid_BL.astype(np.int32)
