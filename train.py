@@ -17,7 +17,6 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
 EXIT_BAD_INPUT = 2
 
 
@@ -63,14 +62,18 @@ def run(cfg) -> None:
   prepare_workdir(cfg.workdir)
   model_cfg = training.model_config(cfg)
   try:
-    ckpts = checkpoint.Checkpoints(os.path.join(cfg.workdir, "checkpoints"), every=cfg.checkpoint.every,
-                                   keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     dataset = data.build_data(cfg.data, workdir=cfg.workdir, vocab_size=model_cfg.vocab_size,
                               batch_size=cfg.train.batch_size,
                               eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
                               eval_batches=cfg.eval.batches, seed=cfg.seed)
   except ValueError as e:
     fail(str(e))
+  ckpts = checkpoint.Checkpoints(os.path.join(cfg.workdir, "checkpoints"), every=cfg.checkpoint.every,
+                                 keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+
+  def abort(message):
+    ckpts.close()
+    fail(message)
 
   tx = training.build_optimizer(cfg)
   start = ckpts.latest_step() or 0
@@ -81,8 +84,14 @@ def run(cfg) -> None:
     try:
       params, opt_state, meta = ckpts.restore(start, abstract_params, abstract_opt_state)
     except checkpoint.CheckpointMismatch as e:
-      fail(f"{e} (workdir {cfg.workdir})")
-    dataset.train.restore(meta["data"])
+      abort(f"{e} (workdir {cfg.workdir})")
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds on unreadable files
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      abort(f"checkpoint step {start} in {ckpts.directory} cannot be read: {reason}")
+    try:
+      dataset.train.restore(meta["data"])
+    except (ValueError, KeyError) as e:
+      abort(f"checkpoint step {start} does not fit the configured data: {e}")
     graphdef = nnx.graphdef(abstract)
   else:
     model = training.build_model(cfg, cfg.seed)
@@ -127,7 +136,7 @@ def run(cfg) -> None:
     params, opt_state, m = steps.train(params, opt_state, batch)
     window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
     step += 1
-    refreshed = gap is not None and (step - 1) % gap == 0
+    refreshed = gap is not None and step > 1 and (step - 1) % gap == 0
     if step % cfg.train.log_every == 0 or step == cfg.train.steps or refreshed:
       m, tokens = jax.device_get((m, window_tokens))
       elapsed = time.perf_counter() - window_start
@@ -156,12 +165,30 @@ def run(cfg) -> None:
         f"{ckpts.directory}", flush=True)
 
 
-def main() -> None:
+def parse_config():
+  """The config file plus --config.x.y overrides; any command-line mistake is bad input."""
+  overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
+  args = sys.argv[1:]
+  given = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+  given += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+  path = (given[-1] if given else "configs/tiny.py").split(":")[0]
+  if not os.path.isfile(path):
+    fail(f"config file {path!r} does not exist")
   try:
+    # config_flags reads the overrides from sys.argv as soon as the flag is defined.
+    config = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
     flags.FLAGS(sys.argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0])
-  run(_CONFIG.value)
+  except (AttributeError, KeyError) as e:
+    fail(f"unknown config key {str(e).strip(chr(34))} in {overrides}")
+  except (ValueError, TypeError, OSError) as e:
+    fail(f"bad config ({overrides or 'no overrides'}): {str(e).splitlines()[0]}")
+  return config.value
+
+
+def main() -> None:
+  run(parse_config())
 
 
 if __name__ == "__main__":

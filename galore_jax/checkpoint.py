@@ -16,16 +16,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-ITEMS = ("params", "opt_state", "meta")
-
-
 class CheckpointMismatch(ValueError):
   """A checkpoint whose trees differ from what the current config builds."""
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{'layers/0/attn/q_proj/kernel': (shape, dtype)}``; orbax's metadata spells list indices as strings."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in flat}
+  return {"/".join(map(_key_name, path)): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in flat}
 
 
 def check_compatible(item: str, saved, target) -> None:
@@ -36,7 +41,7 @@ def check_compatible(item: str, saved, target) -> None:
       raise CheckpointMismatch(f"checkpoint {item} lacks {path} {shape} that the config builds")
     if saved_shapes[path] != (shape, dtype):
       raise CheckpointMismatch(
-          f"checkpoint {item}{path} is {saved_shapes[path][0]} {saved_shapes[path][1]}, the config builds {shape} {dtype}")
+          f"checkpoint {item} {path} is {saved_shapes[path][0]} {saved_shapes[path][1]}, the config builds {shape} {dtype}")
   for path, (shape, _) in saved_shapes.items():
     if path not in target_shapes:
       raise CheckpointMismatch(f"checkpoint {item} has {path} {shape} that the config does not build")
@@ -53,7 +58,9 @@ class Checkpoints:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

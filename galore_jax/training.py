@@ -125,7 +125,10 @@ def galore_states(opt_state) -> list[GaLoreState]:
 
 
 def refresh_overlap(old_opt_state, new_opt_state, update_proj_gap: int) -> jax.Array:
-  """Mean subspace overlap (in [0, 1]) of the bases a refresh step replaced; NaN on other steps."""
+  """Mean subspace overlap (in [0, 1]) of the bases a refresh step replaced; NaN on other steps.
+
+  The first refresh replaces placeholder bases, so it reports NaN too.
+  """
   pairs = [(old, new) for olds, news in zip(galore_states(old_opt_state), galore_states(new_opt_state))
            for old, new in zip(olds.bases.values(), news.bases.values())]
   if not pairs:
@@ -135,7 +138,7 @@ def refresh_overlap(old_opt_state, new_opt_state, update_proj_gap: int) -> jax.A
     return jnp.mean(jnp.stack([projection.subspace_overlap(new, old) for old, new in pairs]))
 
   count = galore_states(old_opt_state)[0].count
-  return jax.lax.cond(count % update_proj_gap == 0, overlap, lambda _: jnp.float32(jnp.nan), None)
+  return jax.lax.cond((count % update_proj_gap == 0) & (count > 0), overlap, lambda _: jnp.float32(jnp.nan), None)
 
 
 def loss_and_tokens(model: llama.Llama, batch: dict[str, jax.Array], packed: bool) -> tuple[jax.Array, jax.Array]:
