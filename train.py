@@ -1,6 +1,7 @@
 """Train a Flax Llama with GaLore (or AdamW) on one device.
 
   python train.py --config configs/tiny.py [--config.train.steps=1000 ...]
+  python train.py --config configs/llama7b.py --dry_run      # will it fit? (allocates nothing)
 
 A workdir that holds checkpoints resumes from the latest one and continues exactly where it
 stopped (same batches, same loss series). SIGTERM saves a checkpoint and exits cleanly.
@@ -17,6 +18,8 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstract shapes and print a memory "
+                              "breakdown; allocates nothing, reads no data, writes nothing.")
 EXIT_BAD_INPUT = 2
 
 
@@ -59,6 +62,13 @@ def run(cfg) -> None:
     training.validate(cfg)
   except training.ConfigError as e:
     fail(str(e))
+  if _DRY_RUN.value:
+    from galore_jax import dry_run
+
+    report = dry_run.dry_run(cfg)
+    print(dry_run.format_report(report))
+    print(json.dumps(report))
+    return
   prepare_workdir(cfg.workdir)
   model_cfg = training.model_config(cfg)
   try:

@@ -12,7 +12,7 @@ def get_config():
   c.data.seq_len = 256
   c.data.packing = False  # the reference truncates/pads each document
   c.train.batch_size = 512  # 131K tokens per step
-  c.train.grad_accum = 1
+  c.train.grad_accum = 4  # 128 sequences per micro-batch
   c.train.steps = 20000
   c.train.warmup_steps = 2000
   c.train.lr = 0.01

@@ -184,7 +184,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
   def train(params, opt_state, batch):
     loss, tokens, grads = grads_of(params, batch)
     updates, new_opt_state = tx.update(grads, opt_state, params)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": _global_norm(grads)}
     if update_proj_gap:
       metrics["subspace_overlap"] = refresh_overlap(opt_state, new_opt_state, update_proj_gap)
     return optax.apply_updates(params, updates), new_opt_state, metrics
@@ -195,8 +195,13 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
   return Steps(train=jax.jit(train, donate_argnums=(0, 1)), eval=jax.jit(evaluate))
 
 
+def _global_norm(tree) -> jax.Array:
+  return optax.tree.norm(tree) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(tree)
+
+
 def params_of(model: llama.Llama) -> dict:
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  state = nnx.state(model, nnx.Param)
+  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
 def flops_per_token(model_cfg: llama.LlamaConfig, n_params: int, seq_len: int) -> float:

@@ -1,0 +1,8 @@
+"""Tests import the repository's configs/ package and run train.py from the repository root."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
