@@ -1,0 +1,115 @@
+"""Memory of a training step, AdamW vs GaLore, from the dry run (nothing allocated), in the paper's Fig. 1 setting.
+
+  python bench/memory.py [--presets llama_7b llama_1b] [--tokens 256] [--out bench/results/memory-cpu]
+
+For each preset: `adamw` (bf16 states, the paper's "BF16" baseline), `galore_adamw` with fp32 and with
+bf16 states, all with bf16 weights, remat and one sequence of 256 tokens per step. Writes
+<out>.json and a stacked bar chart <out>.png with the paper's 22.0 GB (8-bit GaLore, layerwise) and
+~58 GB (BF16 AdamW) for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from galore_jax import dry_run  # noqa: E402
+
+RANKS = {"llama_7b": 1024, "llama_1b": 512, "llama_350m": 256, "llama_130m": 256, "llama_60m": 128}
+VARIANTS = {
+    "adamw (bf16 states)": dict(name="adamw", moment_dtype="bfloat16"),
+    "galore_adamw (fp32 states)": dict(name="galore_adamw", moment_dtype=None, basis_dtype="float32"),
+    "galore_adamw (bf16 states)": dict(name="galore_adamw", moment_dtype="bfloat16", basis_dtype="bfloat16"),
+}
+PAPER_GB = {"8-bit GaLore + layerwise (paper)": 22.0, "BF16 AdamW (paper)": 58.0}
+
+
+def config_for(preset: str, tokens: int, variant: dict):
+  from configs.base import base
+
+  cfg = base()
+  cfg.model.preset = preset
+  cfg.model.param_dtype = cfg.model.dtype = "bfloat16"
+  cfg.model.remat = True
+  cfg.model.max_position_embeddings = max(tokens, 256)
+  cfg.data.seq_len = min(tokens, 256)
+  cfg.train.batch_size = max(1, tokens // cfg.data.seq_len)
+  cfg.train.grad_accum = 1
+  cfg.optimizer.rank = RANKS[preset]
+  cfg.optimizer.update(variant)
+  return cfg
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  parts = [("weights_gb", "weights"), ("gradients_gb", "gradients"), ("moments_low_rank_gb", "low-rank moments"),
+           ("projector_bases_gb", "projector bases"), ("full_rank_states_gb", "full-rank Adam states"),
+           ("activations_estimate_gb", "activations (estimate)")]
+  labels = [f"{r['preset']}\n{r['variant']}" for r in results]
+  fig, ax = plt.subplots(figsize=(max(8, 1.8 * len(results)), 6))
+  bottom = [0.0] * len(results)
+  for key, name in parts:
+    values = [r[key] for r in results]
+    ax.bar(range(len(results)), values, bottom=bottom, label=name)
+    bottom = [b + v for b, v in zip(bottom, values)]
+  for name, gb in PAPER_GB.items():
+    ax.axhline(gb, linestyle="--", linewidth=1, color="black" if gb < 30 else "gray")
+    ax.text(len(results) - 0.5, gb, f" {name}: {gb:g} GB", va="bottom", ha="right", fontsize=8)
+  ax.set_xticks(range(len(results)), labels, fontsize=7)
+  ax.set_ylabel("GB")
+  ax.set_title("Training memory at 256 tokens/step (analytic parts of the dry run; bf16 weights, remat)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--presets", nargs="+", default=["llama_7b", "llama_1b"])
+  parser.add_argument("--tokens", type=int, default=256)
+  parser.add_argument("--out", default=f"bench/results/memory-{jax.default_backend()}")
+  args = parser.parse_args()
+
+  results = []
+  for preset in args.presets:
+    for variant, overrides in VARIANTS.items():
+      report = dry_run.dry_run(config_for(preset, args.tokens, overrides), real_step=False)
+      report["variant"] = variant
+      results.append(report)
+      print(f"{preset:<10} {variant:<28} state {report['optimizer_state_gb']:6.2f} GB  analytic total "
+            f"{report['analytic_total_gb']:6.2f} GB  XLA peak {report.get('xla_peak_gb', float('nan')):6.2f} GB",
+            flush=True)
+  import flax
+  import optax
+
+  record = {
+      "date": datetime.date.today().isoformat(),
+      "command": " ".join(["python"] + sys.argv),
+      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+      "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
+                   "python": platform.python_version()},
+      "paper_gb": PAPER_GB,
+      "note": dry_run.LIMITS + " The stacked bars are the analytic parts; xla_peak_gb is XLA's own figure.",
+      "results": results,
+  }
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(record, f, indent=1)
+  plot(results, args.out + ".png")
+  print(json.dumps({"json": args.out + ".json", "png": args.out + ".png"}))
+
+
+if __name__ == "__main__":
+  main()
