@@ -102,15 +102,21 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   )
 
 
+def _dtype_or_none(name):
+  """Config dtypes: a name, or None / 'None' / '' for the default."""
+  return None if name in (None, "", "None", "none") else name
+
+
 def build_optimizer(cfg) -> optax.GradientTransformation:
   o, schedule = cfg.optimizer, learning_rate_schedule(cfg.train)
+  moment_dtype = _dtype_or_none(o.moment_dtype)
   if o.name == "galore_adamw":
     tx = galore_adamw(schedule, rank=o.rank, update_proj_gap=o.update_proj_gap, scale=o.scale,
                       proj_type=o.proj_type, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      on_refresh=o.on_refresh, basis_dtype=o.basis_dtype, moment_dtype=o.moment_dtype)
+                      on_refresh=o.on_refresh, basis_dtype=o.basis_dtype, moment_dtype=moment_dtype)
   else:
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                     mu_dtype=o.moment_dtype)
+                     mu_dtype=moment_dtype)
   if cfg.train.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
   return tx
