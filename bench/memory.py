@@ -26,7 +26,7 @@ from galore_jax import dry_run  # noqa: E402
 RANKS = {"llama_7b": 1024, "llama_1b": 512, "llama_350m": 256, "llama_130m": 256, "llama_60m": 128}
 VARIANTS = {
     "adamw (bf16 states)": dict(name="adamw", moment_dtype="bfloat16"),
-    "galore_adamw (fp32 states)": dict(name="galore_adamw", moment_dtype=None, basis_dtype="float32"),
+    "galore_adamw (fp32 states)": dict(name="galore_adamw", moment_dtype="float32", basis_dtype="float32"),
     "galore_adamw (bf16 states)": dict(name="galore_adamw", moment_dtype="bfloat16", basis_dtype="bfloat16"),
 }
 PAPER_GB = {"8-bit GaLore + layerwise (paper)": 22.0, "BF16 AdamW (paper)": 58.0}
