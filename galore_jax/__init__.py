@@ -3,9 +3,13 @@
 from galore_jax.adam import decay_updated_weights, scale_by_adam_hf
 from galore_jax.projection import (
     Basis,
+    ExactRefresh,
+    RandomizedRefresh,
     Sides,
+    captured_energy,
     choose_sides,
     exact_refresh,
+    randomized_svd_basis,
     project,
     project_back,
     subspace_overlap,
@@ -17,15 +21,19 @@ from galore_jax.transform import (
     galore,
     galore_adamw,
     plan_leaves,
+    refresh_offsets,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Basis",
+    "ExactRefresh",
+    "RandomizedRefresh",
     "GaLoreDimensionNumbers",
     "GaLoreState",
     "Sides",
+    "captured_energy",
     "choose_sides",
     "exact_refresh",
     "galore",
@@ -33,6 +41,8 @@ __all__ = [
     "plan_leaves",
     "project",
     "project_back",
+    "randomized_svd_basis",
+    "refresh_offsets",
     "decay_updated_weights",
     "scale_by_adam_hf",
     "subspace_overlap",

@@ -21,6 +21,7 @@ side is ``right`` and the output side is ``left``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal, NamedTuple
 
 import jax
@@ -70,9 +71,46 @@ def clipped_rank(rank: int, m: int, n: int) -> int:
   return min(rank, m, n)
 
 
-def svd_basis(grad: jax.Array, rank: int, sides: Sides) -> Basis:
-  """Top-``rank`` singular vectors of ``grad [..., m, n]``, computed in fp32 (batched over leading axes)."""
-  u, _, vh = jnp.linalg.svd(grad.astype(jnp.float32), full_matrices=False)
+SVD_ALGORITHMS = ("qr", "jacobi", "polar", "divide_and_conquer")
+"""Names accepted by ``svd_algorithm`` (those missing from the installed jax's ``SvdAlgorithm`` are refused)."""
+
+
+def _svd_algorithm(name: str | None):
+  """``jax.lax.linalg.SvdAlgorithm`` member for ``name``; ``None`` = ``jnp.linalg.svd``'s default."""
+  if name is None:
+    return None
+  members = getattr(getattr(jax.lax.linalg, "SvdAlgorithm", None), "__members__", {})
+  member = members.get(str(name).upper())
+  if member is None:
+    raise ValueError(f"svd_algorithm={name!r}: this jax offers {sorted(m.lower() for m in members)} or None")
+  return member
+
+
+def _svd(x: jax.Array, algorithm: str | None = None):
+  """Thin SVD ``u, s, vh`` of ``x [..., m, n]`` with a chosen ``jax.lax.linalg.svd`` algorithm.
+
+  Jacobi and polar are not implemented on CPU in jax 0.10: there the default
+  algorithm runs instead (chosen per platform at lowering, so the same jitted
+  code runs on CPU and GPU).
+  """
+  alg = _svd_algorithm(algorithm)
+  if alg is None:
+    return jnp.linalg.svd(x, full_matrices=False)
+  chosen = lambda a: tuple(jax.lax.linalg.svd(a, full_matrices=False, algorithm=alg))
+  if alg.name in ("JACOBI", "POLAR"):
+    plain = lambda a: tuple(jnp.linalg.svd(a, full_matrices=False))
+    return jax.lax.platform_dependent(x, cpu=plain, default=chosen)
+  return chosen(x)
+
+
+def svd_basis(grad: jax.Array, rank: int, sides: Sides, algorithm: str | None = None) -> Basis:
+  """Top-``rank`` singular vectors of ``grad [..., m, n]``, computed in fp32 (batched over leading axes).
+
+  ``algorithm``: ``None`` (``jnp.linalg.svd``: on GPU cuSOLVER's Jacobi solver
+  only when both dimensions are ≤ 1024, the slow QR-based one otherwise) or one
+  of :data:`SVD_ALGORITHMS` for ``jax.lax.linalg.svd``.
+  """
+  u, _, vh = _svd(grad.astype(jnp.float32), algorithm)
   return Basis(
       input=u[..., :, :rank] if sides.input else None,
       output=jnp.swapaxes(vh[..., :rank, :], -1, -2) if sides.output else None,
@@ -152,7 +190,167 @@ RefreshFn = Callable[[jax.Array, Basis, int], Basis]
 """``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``; the sides needed are those of ``previous_basis``."""
 
 
+def _sides(basis: Basis) -> Sides:
+  return Sides(input=basis.input is not None, output=basis.output is not None)
+
+
 def exact_refresh(grad: jax.Array, previous: Basis, rank: int) -> Basis:
   """The reference's refresh: an exact SVD of the current gradient."""
-  sides = Sides(input=previous.input is not None, output=previous.output is not None)
-  return svd_basis(grad, rank, sides)
+  return svd_basis(grad, rank, _sides(previous))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactRefresh:
+  """Exact SVD refresh with a chosen ``jax.lax.linalg.svd`` algorithm (see :func:`svd_basis`).
+
+  ``ExactRefresh()`` is :func:`exact_refresh`; ``ExactRefresh("jacobi")`` uses
+  cuSOLVER's Jacobi SVD on GPU for any size (and the default one on CPU).
+  Hashable, so it can be a static argument.
+  """
+
+  svd_algorithm: str | None = None
+
+  def __post_init__(self):
+    _svd_algorithm(self.svd_algorithm)  # fail at construction on an unknown name
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int) -> Basis:
+    return svd_basis(grad, rank, _sides(previous), self.svd_algorithm)
+
+
+def _orth(x: jax.Array) -> jax.Array:
+  """Orthonormal columns spanning ``x [..., d, k]`` (reduced QR; zero columns give unit vectors, never NaN)."""
+  return jnp.linalg.qr(x, mode="reduced")[0]
+
+
+def _gaussian(key, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal ``shape``; ``key`` is one key or an array of keys with shape ``shape[:-2]``."""
+  key_shape = tuple(jnp.shape(key))
+  if not key_shape:
+    return jax.random.normal(key, shape, jnp.float32)
+  if key_shape != tuple(shape[:-2]):
+    raise ValueError(f"key array of shape {key_shape} does not match the batch shape {tuple(shape[:-2])}")
+  flat = jnp.reshape(key, (-1,))
+  draws = jax.vmap(lambda k: jax.random.normal(k, shape[-2:], jnp.float32))(flat)
+  return draws.reshape(shape)
+
+
+def randomized_svd_basis(
+    grad: jax.Array,
+    rank: int,
+    sides: Sides,
+    *,
+    key,
+    oversampling: int = 10,
+    iterations: int = 1,
+    previous: Basis | None = None,
+    warm: jax.Array | bool = True,
+    svd_algorithm: str | None = None,
+) -> Basis:
+  """Top-``rank`` singular subspaces of ``grad [..., m, n]`` by a randomized range finder (Halko et al. 2011).
+
+  With ``k = min(rank + oversampling, m, n)``: a test matrix ``Ω [..., n', k]``
+  (``n'`` the dimension not being found), ``Q = qr(A Ω)``, then ``iterations``
+  rounds of QR-stabilised subspace iteration ``Q = qr(A qr(Aᵀ Q))``, and a
+  finishing small SVD: ``Aᵀ Q = Q₂ R₂`` and ``svd(R₂ᵀ) = U_b S V_bᵀ`` (a
+  ``k×k`` SVD, on GPU always on the fast Jacobi path) give ``A ≈ (Q U_b) S (Q₂ V_b)ᵀ``,
+  so the bases come out in singular-vector order (top ``rank`` columns kept),
+  which keeps moments kept across a refresh meaningful. ``A`` is ``grad`` when
+  the input side is wanted and ``gradᵀ`` when only the output side is, so the
+  range finder always works on the side it returns; ``full`` gets both sides
+  from the one factorisation.
+
+  Args:
+    grad: fp32 ``[..., m, n]``; leading axes are batch axes.
+    rank: columns kept (already clipped to ``min(m, n)``).
+    sides: which bases to return.
+    key: a PRNG key, or an array of keys with the batch shape ``grad.shape[:-2]``
+      (one test matrix per batch element, so stacking matrices does not change
+      their draws).
+    oversampling: ``p``, extra columns of the test matrix.
+    iterations: ``q``, power (subspace) iterations; each costs two matmuls with
+      ``grad`` and two QRs of ``[d, k]`` blocks.
+    previous: warm start: the test matrix's first ``rank`` columns are the
+      previous basis (``Aᵀ Q_prev``, or ``Q_prev`` of the other side), the last
+      ``k - rank`` stay random so that new directions can enter.
+    warm: boolean scalar (may be traced): use ``previous`` (False: fully random
+      test matrix, e.g. on the first refresh, when ``previous`` is a placeholder).
+    svd_algorithm: algorithm of the small ``k×k`` SVD (see :func:`svd_basis`).
+  """
+  a = grad.astype(jnp.float32)
+  transpose = sides.output and not sides.input
+  if transpose:
+    a = jnp.swapaxes(a, -1, -2)
+  *batch, m, n = a.shape
+  k = min(rank + oversampling, m, n)
+  at = lambda x: jnp.swapaxes(x, -1, -2)
+  omega = _gaussian(key, (*batch, n, k))
+  if previous is not None:
+    q_left, q_right = (previous.output, previous.input) if transpose else (previous.input, previous.output)
+    if q_right is not None:
+      seed = q_right.astype(jnp.float32)
+    elif q_left is not None:
+      seed = at(a) @ q_left.astype(jnp.float32)
+    else:
+      seed = None
+    if seed is not None:
+      r = min(seed.shape[-1], k)
+      warm_omega = jnp.concatenate([seed[..., :r], omega[..., r:]], axis=-1)
+      omega = jnp.where(jnp.asarray(warm), warm_omega, omega)
+  q = _orth(a @ omega)
+  for _ in range(iterations):
+    q = _orth(a @ _orth(at(a) @ q))
+  q2, r2 = jnp.linalg.qr(at(a) @ q, mode="reduced")  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
+  ub, _, vbh = _svd(at(r2), svd_algorithm)
+  left = (q @ ub)[..., :, :rank]
+  right = (q2 @ at(vbh))[..., :, :rank]
+  if transpose:
+    left, right = right, left
+  return Basis(input=left if sides.input else None, output=right if sides.output else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomizedRefresh:
+  """Randomized refresh (:func:`randomized_svd_basis`) as a ``refresh`` callable for :func:`galore_jax.galore`.
+
+  Attributes:
+    oversampling: ``p`` extra test columns (default 10).
+    iterations: ``q`` power iterations (default 2 cold, 1 warm is usually enough).
+    warm_start: seed the test matrix with the previous basis (subspace iteration
+      across refreshes); the first refresh is always cold.
+    svd_algorithm: algorithm of the small ``k×k`` SVD.
+
+  Called by the transformation as ``refresh(grad, previous, rank, key=..., warm=...)``:
+  ``key`` is derived from ``galore(refresh_seed=...)``, the step count and the leaf, so
+  the bases are a deterministic function of the step; ``warm`` is False on the first
+  step. Hashable, so it can be a static argument.
+  """
+
+  oversampling: int = 10
+  iterations: int = 2
+  warm_start: bool = False
+  svd_algorithm: str | None = None
+
+  def __post_init__(self):
+    if self.oversampling < 0 or self.iterations < 0:
+      raise ValueError(f"oversampling and iterations must be >= 0, got {self.oversampling}, {self.iterations}")
+    _svd_algorithm(self.svd_algorithm)
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Basis:
+    if key is None:
+      key = jax.random.key(0)
+    return randomized_svd_basis(
+        grad, rank, _sides(previous), key=key, oversampling=self.oversampling, iterations=self.iterations,
+        previous=previous if self.warm_start else None, warm=warm, svd_algorithm=self.svd_algorithm)
+
+
+def captured_energy(grad: jax.Array, basis: Basis) -> jax.Array:
+  """Fraction of the gradient's energy inside the subspace, ``‖project(G)‖² / ‖G‖²`` per matrix ``[...]``.
+
+  In ``[0, 1]``; 1 for a zero gradient. For the exact top-``r`` basis it is
+  ``Σ_{i≤r} σ_i² / Σ σ_i²``, the best any rank-``r`` basis can do.
+  """
+  g = grad.astype(jnp.float32)
+  total = jnp.sum(g * g, axis=(-2, -1))
+  low = project(g, Basis(*(None if q is None else q.astype(jnp.float32) for q in basis)))
+  kept = jnp.sum(low * low, axis=(-2, -1))
+  return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0)

@@ -8,6 +8,7 @@ projects the result back. Everything else goes through ``inner`` at full rank.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import re
@@ -44,7 +45,8 @@ class GaLoreState(NamedTuple):
 
   Attributes:
     count: completed steps (int32); a step refreshes the bases when
-      ``count % update_proj_gap == 0``.
+      ``count % update_proj_gap == 0`` (with ``stagger``, per leaf, see
+      :func:`refresh_offsets`).
     bases: ``{path: Basis}`` for the targeted leaves only, keyed by the
       ``'/'``-joined key path (no placeholders for other leaves, so orbax can
       save it; a plain dict, so parameter containers such as NNX variables do
@@ -233,7 +235,12 @@ def _check_arguments(rank, update_proj_gap, proj_type, on_refresh):
     raise ValueError(f"on_refresh={on_refresh!r} is not one of {ON_REFRESH}")
 
 
-REFRESH_METHODS = {"svd": projection.exact_refresh}
+REFRESH_METHODS = {
+    "svd": projection.exact_refresh,
+    "randomized": projection.RandomizedRefresh(),
+    "randomized_warm": projection.RandomizedRefresh(iterations=1, warm_start=True),
+}
+_REFRESH_KEYWORDS = ("key", "warm")
 
 
 def _refresh_fn(refresh) -> RefreshFn:
@@ -242,6 +249,44 @@ def _refresh_fn(refresh) -> RefreshFn:
   if refresh not in REFRESH_METHODS:
     raise ValueError(f"refresh={refresh!r} is not one of {tuple(REFRESH_METHODS)} or a callable")
   return REFRESH_METHODS[refresh]
+
+
+def _refresh_keywords(fn) -> frozenset[str]:
+  """The optional keywords (``key``, ``warm``) a refresh callable accepts; plain 3-argument callables get none."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return frozenset()
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    return frozenset(_REFRESH_KEYWORDS)
+  return frozenset(p.name for p in params if p.name in _REFRESH_KEYWORDS and p.kind in (
+      inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
+def refresh_offsets(plans: Sequence[LeafPlan | None], update_proj_gap: int, stagger: bool) -> list[int | None]:
+  """Per leaf, the phase of its refresh schedule in ``[0, update_proj_gap)`` (``None`` for untargeted leaves).
+
+  A leaf with offset ``o`` refreshes on step 0 and on every step ``t > 0`` with
+  ``(t - o) % update_proj_gap == 0``, so after the first step it refreshes exactly
+  once in any ``update_proj_gap`` consecutive steps. Without stagger every offset
+  is 0 (the reference's schedule). With stagger the leaves are spread over the
+  offsets by cost, largest first, each onto the offset with the least refresh
+  work so far (``batch · m · n · min(m, n)``); ties go to the lowest offset, so a
+  single leaf keeps offset 0. Stacked layers ``[L, m, n]`` are one leaf and move
+  together.
+  """
+  offsets: list[int | None] = [None if p is None else 0 for p in plans]
+  if not stagger or update_proj_gap == 1:
+    return offsets
+  load = [0] * update_proj_gap
+  order = sorted((i for i, p in enumerate(plans) if p is not None),
+                 key=lambda i: (-math.prod(plans[i].batch_shape) * plans[i].m * plans[i].n * min(plans[i].m, plans[i].n), i))
+  for i in order:
+    o = min(range(update_proj_gap), key=lambda j: (load[j], j))
+    p = plans[i]
+    load[o] += math.prod(p.batch_shape) * p.m * p.n * min(p.m, p.n)
+    offsets[i] = o
+  return offsets
 
 
 def _moment_slots(inner_state, keypaths, plans):
@@ -278,6 +323,9 @@ def galore(
     on_refresh: str = "keep",
     basis_dtype: jax.typing.DTypeLike = "float32",
     refresh: str | RefreshFn = "svd",
+    refresh_seed: int = 0,
+    stagger: bool = False,
+    batch_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient low-rank projection (GaLore) around an inner transformation.
 
@@ -327,8 +375,27 @@ def galore(
     basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
       ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
-      or a callable ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``
-      (list it in ``static_args`` of :func:`optax.inject_hyperparams`).
+      ``"randomized"`` (:class:`~galore_jax.projection.RandomizedRefresh`: range
+      finder with 10 oversampling columns and 2 power iterations),
+      ``"randomized_warm"`` (the same seeded by the previous basis, 1 power
+      iteration), or a callable ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``
+      such as ``ExactRefresh(svd_algorithm="jacobi")`` or
+      ``RandomizedRefresh(oversampling=..., iterations=..., warm_start=...)``
+      (list it in ``static_args`` of :func:`optax.inject_hyperparams`). A callable
+      that accepts the keywords ``key`` (a PRNG key, or keys with the batch shape)
+      and/or ``warm`` (False on step 0, when the previous basis is a placeholder)
+      receives them.
+    refresh_seed: seed of the refresh's random test matrices; the key of a leaf at
+      a step is ``fold_in(fold_in(key(refresh_seed), count), leaf index)`` split
+      over its batch axes, so the bases are a deterministic function of the step.
+    stagger: spread the leaves' refreshes over the gap so that no single step
+      pays for all of them (see :func:`refresh_offsets`): every leaf still
+      refreshes on step 0, then leaf ``i`` on the steps ``t`` with
+      ``(t - offset_i) % update_proj_gap == 0``. One ``lax.cond`` per offset in use.
+    batch_refresh: refresh the leaves with equal ``(m, n, rank, sides)`` that
+      refresh on the same step in one batched call (stacked along a new leading
+      axis) instead of one call each. Costs a stacked fp32 copy of those
+      gradients while the refresh runs.
 
   A refresh on a non-finite gradient keeps the previous basis of that matrix
   (batch element by batch element) instead of failing in the SVD; the bases
@@ -352,6 +419,7 @@ def galore(
   """
   _check_arguments(rank, update_proj_gap, proj_type, on_refresh)
   refresh = _refresh_fn(refresh)
+  refresh_keywords = _refresh_keywords(refresh)
   basis_dtype = jnp.dtype(basis_dtype)
   inner = optax.with_extra_args_support(inner if inner is not None else optax.scale_by_adam())
   plan = lambda tree: plan_leaves(tree, target=target, rank=rank, dimension_numbers=dimension_numbers, proj_type=proj_type)
@@ -373,20 +441,63 @@ def galore(
         inner_state=inner.init(treedef.unflatten(low)),
     )
 
-  def refresh_fn(grads, bases, inner_state, plans, keypaths):
-    new_bases, changed = [], []
-    for g, old, p in zip(grads, bases, plans):
+  def leaf_keys(key, index, p):
+    k = jax.random.fold_in(key, index)
+    return jax.random.split(k, p.batch_shape) if p.batch_shape else k
+
+  def call_refresh(g32s, olds, keys, warm, rank):
+    kwargs = {}
+    if "key" in refresh_keywords:
+      kwargs["key"] = keys
+    if "warm" in refresh_keywords:
+      kwargs["warm"] = warm
+    return refresh(g32s, olds, rank, **kwargs)
+
+  def refresh_fn(grads, bases, inner_state, key, warm, plans, keypaths):
+    """Refresh the leaves whose plan is not None; the others pass through."""
+    new_bases = list(bases)
+    changed: list[Any] = [None] * len(plans)
+    g32 = {}
+    for i, (g, p) in enumerate(zip(grads, plans)):
       if p is None:
-        new_bases.append(None)
-        changed.append(None)
         continue
       finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
-      g32 = jnp.where(finite[..., None, None], g.astype(jnp.float32), 0.0)
-      fresh = refresh(g32, old, p.rank)
+      g32[i] = jnp.where(finite[..., None, None], g.astype(jnp.float32), 0.0)
+      changed[i] = finite
+    if batch_refresh:
+      groups: dict[Any, list[int]] = {}
+      for i in g32:
+        p = plans[i]
+        dtypes = tuple(None if q is None else q.dtype for q in bases[i])
+        groups.setdefault((p.m, p.n, p.rank, p.sides, dtypes), []).append(i)
+      groups = list(groups.values())
+    else:
+      groups = [[i] for i in g32]
+    fresh = {}
+    for group in groups:
+      rank_ = plans[group[0]].rank
+      keys = [leaf_keys(key, i, plans[i]) for i in group] if "key" in refresh_keywords else None
+      if len(group) == 1:
+        i = group[0]
+        fresh[i] = call_refresh(g32[i], bases[i], keys and keys[0], warm, rank_)
+        continue
+      flat = lambda x, i: None if x is None else x.reshape(-1, *x.shape[-2:])
+      stacked_g = jnp.concatenate([flat(g32[i], i) for i in group])
+      stacked_b = Basis(*(None if bases[group[0]][s_] is None else jnp.concatenate([flat(bases[i][s_], i) for i in group])
+                          for s_ in range(2)))
+      stacked_k = None if keys is None else jnp.concatenate([jnp.reshape(k, (-1,)) for k in keys])
+      out = call_refresh(stacked_g, stacked_b, stacked_k, warm, rank_)
+      start = 0
+      for i in group:
+        size = math.prod(plans[i].batch_shape)
+        fresh[i] = Basis(*(None if q is None else q[start:start + size].reshape(*plans[i].batch_shape, *q.shape[-2:])
+                           for q in out))
+        start += size
+    for i, new in fresh.items():
+      old, finite = bases[i], changed[i]
       keep_old = lambda q_new, q_old: None if q_old is None else jnp.where(
           finite[..., None, None], q_new.astype(q_old.dtype), q_old)
-      new_bases.append(Basis(*(keep_old(q_new, q_old) for q_new, q_old in zip(fresh, old))))
-      changed.append(finite)
+      new_bases[i] = Basis(*(keep_old(q_new, q_old) for q_new, q_old in zip(new, old)))
     if on_refresh != "keep":
       inner_state = _carry_moments(inner_state, bases, new_bases, changed, plans, keypaths)
     return new_bases, inner_state
@@ -395,6 +506,8 @@ def galore(
     slots = _moment_slots(inner_state, keypaths, plans)
     leaves, state_def = jax.tree.flatten(inner_state)
     for i, (j, squared) in slots.items():
+      if changed[j] is None:
+        continue
       moment, mask = leaves[i], changed[j][..., None, None]
       if on_refresh == "reset":
         carried = jnp.zeros_like(moment)
@@ -411,12 +524,20 @@ def galore(
     matrices = [p.to_matrix(g) if p else g for p, g in zip(plans, grads)]
     bases = [state.bases[p.path] if p else None for p in plans]
 
-    bases, inner_state = jax.lax.cond(
-        state.count % update_proj_gap == 0,
-        lambda ops: refresh_fn(*ops, plans, keypaths),
-        lambda ops: (ops[1], ops[2]),
-        (matrices, bases, state.inner_state),
-    )
+    offsets = refresh_offsets(plans, update_proj_gap, stagger)
+    key = jax.random.fold_in(jax.random.key(refresh_seed), state.count) if "key" in refresh_keywords else None
+    warm = state.count > 0
+    inner_state = state.inner_state
+    for offset in sorted({o for o in offsets if o is not None}):
+      members = [p if o == offset else None for p, o in zip(plans, offsets)]
+      due = state.count % update_proj_gap == 0 if offset == 0 else (
+          (state.count == 0) | ((state.count - offset) % update_proj_gap == 0))
+      bases, inner_state = jax.lax.cond(
+          due,
+          lambda ops, members=members: refresh_fn(*ops, members, keypaths),
+          lambda ops: (ops[1], ops[2]),
+          (matrices, bases, inner_state, key, warm),
+      )
     low = [projection.project(g, b) if p else g for p, g, b in zip(plans, matrices, bases)]
     low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
 
@@ -454,6 +575,9 @@ def galore_adamw(
     basis_dtype: jax.typing.DTypeLike = "float32",
     moment_dtype: jax.typing.DTypeLike | None = None,
     refresh: str | RefreshFn = "svd",
+    refresh_seed: int = 0,
+    stagger: bool = False,
+    batch_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""galore-torch's ``GaLoreAdamW`` as an optax optimizer.
 
@@ -467,7 +591,8 @@ def galore_adamw(
   Args:
     learning_rate: a float or an optax schedule.
     rank, update_proj_gap, scale, proj_type, target, dimension_numbers,
-      on_refresh, basis_dtype, refresh: as in :func:`galore`.
+      on_refresh, basis_dtype, refresh, refresh_seed, stagger, batch_refresh:
+      as in :func:`galore`.
     b1, b2, eps: Adam's constants; ``eps`` defaults to the reference's 1e-6.
     weight_decay: decoupled weight decay :math:`\lambda`.
     weight_decay_mask: a tree of bools or callable, as in :func:`optax.adamw`.
@@ -491,6 +616,9 @@ def galore_adamw(
           on_refresh=on_refresh,
           basis_dtype=basis_dtype,
           refresh=refresh,
+          refresh_seed=refresh_seed,
+          stagger=stagger,
+          batch_refresh=batch_refresh,
       ),
   ]
   parts.append(optax.scale_by_learning_rate(learning_rate))
