@@ -16,6 +16,7 @@ from galore_jax.projection import (
     svd_basis,
 )
 from galore_jax.transform import (
+    AdaptiveGap,
     GaLoreDimensionNumbers,
     GaLoreState,
     galore,
@@ -27,6 +28,7 @@ from galore_jax.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveGap",
     "Basis",
     "ExactRefresh",
     "RandomizedRefresh",

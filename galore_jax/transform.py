@@ -53,11 +53,44 @@ class GaLoreState(NamedTuple):
       not wrap it).
     inner_state: the state of the inner transformation, whose targeted leaves
       have their low-rank shapes.
+    schedule: ``None``, or with ``adaptive_gap`` ``{path: int32[2]}`` holding
+      each targeted leaf's current gap and the step of its next refresh.
   """
 
   count: jax.Array
   bases: Any
   inner_state: optax.OptState
+  schedule: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGap:
+  """Per-leaf adaptive refresh gap, after Q-GaLore (which doubles the gap when successive top singular
+  vectors keep a cosine ≥ 0.4).
+
+  At every refresh after the first, the new basis of a leaf is compared with the one it replaces by the
+  chance-normalised overlap ``(o - c) / (1 - c)``, where ``o`` is
+  :func:`~galore_jax.projection.subspace_overlap` (mean squared cosine of the principal angles, over all
+  ``r`` directions and batch elements) and ``c = r / d`` its expected value for a random ``r``-dimensional
+  subspace of the projected dimension ``d`` (averaged over sides for ``full``). If it is ``≥ threshold``
+  the leaf's gap is multiplied by ``factor`` (up to ``max_gap``); if not, it falls back to
+  ``update_proj_gap`` (the subspace moves: refresh often again). The leaf's next refresh is the current
+  step plus its new gap.
+
+  Attributes:
+    threshold: on the normalised overlap, in ``(0, 1]``; default 0.4 (Q-GaLore's number, applied to a
+      whole-subspace measure, which is stricter than the top vector's cosine).
+    factor: gap multiplier (default 2).
+    max_gap: cap on a leaf's gap; ``None`` = ``8 · update_proj_gap``.
+  """
+
+  threshold: float = 0.4
+  factor: int = 2
+  max_gap: int | None = None
+
+  def __post_init__(self):
+    if not 0 < self.threshold <= 1 or self.factor < 1 or (self.max_gap is not None and self.max_gap < 1):
+      raise ValueError(f"bad AdaptiveGap {self}")
 
 
 # ----------------------------------------------------------------------------- which leaves, how
@@ -326,6 +359,7 @@ def galore(
     refresh_seed: int = 0,
     stagger: bool = False,
     batch_refresh: bool = False,
+    adaptive_gap: AdaptiveGap | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient low-rank projection (GaLore) around an inner transformation.
 
@@ -396,6 +430,11 @@ def galore(
       refresh on the same step in one batched call (stacked along a new leading
       axis) instead of one call each. Costs a stacked fp32 copy of those
       gradients while the refresh runs.
+    adaptive_gap: ``None`` (fixed gap) or :class:`AdaptiveGap`: each leaf keeps
+      its own gap in ``GaLoreState.schedule`` and lengthens it while its
+      subspace stays put. Then every leaf has its own ``lax.cond`` and
+      ``batch_refresh`` does not apply. ``stagger`` sets the first refresh after
+      step 0 (at the leaf's offset).
 
   A refresh on a non-finite gradient keeps the previous basis of that matrix
   (batch element by batch element) instead of failing in the SVD; the bases
@@ -418,6 +457,9 @@ def galore(
     Projection*, ICML 2024 (arXiv:2403.03507).
   """
   _check_arguments(rank, update_proj_gap, proj_type, on_refresh)
+  if adaptive_gap is not None and not isinstance(adaptive_gap, AdaptiveGap):
+    raise TypeError(f"adaptive_gap must be None or an AdaptiveGap, got {adaptive_gap!r}")
+  max_gap = None if adaptive_gap is None else (adaptive_gap.max_gap or 8 * update_proj_gap)
   refresh = _refresh_fn(refresh)
   refresh_keywords = _refresh_keywords(refresh)
   basis_dtype = jnp.dtype(basis_dtype)
@@ -427,7 +469,8 @@ def galore(
   def init_fn(params):
     if _is_params_placeholder(params):
       # optax.tree_map_params probes init with a placeholder: no leaf of this state is parameter-shaped.
-      return GaLoreState(count=jnp.zeros([], jnp.int32), bases=_NotParams(), inner_state=_NotParams())
+      return GaLoreState(count=jnp.zeros([], jnp.int32), bases=_NotParams(), inner_state=_NotParams(),
+                         schedule=None if adaptive_gap is None else _NotParams())
     treedef, plans, _ = plan(params)
     leaves = treedef.flatten_up_to(params)
     bases = {p.path: projection.identity_basis(p.matrix_shape, p.rank, p.sides, basis_dtype) for p in plans if p}
@@ -435,10 +478,13 @@ def galore(
         jnp.zeros(p.low_rank_shape, jnp.result_type(x.dtype, basis_dtype)) if p else x
         for p, x in zip(plans, leaves)
     ]
+    schedule = None if adaptive_gap is None else {
+        p.path: jnp.array([update_proj_gap, 0], jnp.int32) for p in plans if p}
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         bases=bases,
         inner_state=inner.init(treedef.unflatten(low)),
+        schedule=schedule,
     )
 
   def leaf_keys(key, index, p):
@@ -528,16 +574,30 @@ def galore(
     key = jax.random.fold_in(jax.random.key(refresh_seed), state.count) if "key" in refresh_keywords else None
     warm = state.count > 0
     inner_state = state.inner_state
-    for offset in sorted({o for o in offsets if o is not None}):
-      members = [p if o == offset else None for p, o in zip(plans, offsets)]
-      due = state.count % update_proj_gap == 0 if offset == 0 else (
-          (state.count == 0) | ((state.count - offset) % update_proj_gap == 0))
-      bases, inner_state = jax.lax.cond(
-          due,
-          lambda ops, members=members: refresh_fn(*ops, members, keypaths),
-          lambda ops: (ops[1], ops[2]),
-          (matrices, bases, inner_state, key, warm),
-      )
+    schedule = state.schedule
+    if adaptive_gap is None:
+      for offset in sorted({o for o in offsets if o is not None}):
+        members = [p if o == offset else None for p, o in zip(plans, offsets)]
+        due = state.count % update_proj_gap == 0 if offset == 0 else (
+            (state.count == 0) | ((state.count - offset) % update_proj_gap == 0))
+        bases, inner_state = jax.lax.cond(
+            due,
+            lambda ops, members=members: refresh_fn(*ops, members, keypaths),
+            lambda ops: (ops[1], ops[2]),
+            (matrices, bases, inner_state, key, warm),
+        )
+    else:
+      schedule = dict(schedule)
+      for i, p in enumerate(plans):
+        if p is None:
+          continue
+        members = [p if j == i else None for j in range(len(plans))]
+        bases, inner_state, schedule[p.path] = jax.lax.cond(
+            state.count >= schedule[p.path][1],
+            lambda ops, i=i, members=members: adaptive_refresh(ops, i, members, offsets[i], state.count, keypaths),
+            lambda ops: (ops[1], ops[2], ops[5]),
+            (matrices, bases, inner_state, key, warm, schedule[p.path]),
+        )
     low = [projection.project(g, b) if p else g for p, g, b in zip(plans, matrices, bases)]
     low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
 
@@ -552,7 +612,24 @@ def galore(
         count=optax.safe_increment(state.count),
         bases={p.path: b for p, b in zip(plans, bases) if p},
         inner_state=inner_state,
+        schedule=schedule,
     )
+
+  def adaptive_refresh(ops, i, members, offset, count, keypaths):
+    matrices, bases, inner_state, key, warm, entry = ops
+    new_bases, inner_state = refresh_fn(matrices, bases, inner_state, key, warm, members, keypaths)
+    p = members[i]
+    chance = [p.rank / d for d, side in ((p.m, p.sides.input), (p.n, p.sides.output)) if side]
+    chance = sum(chance) / len(chance)
+    overlap = projection.subspace_overlap(new_bases[i], bases[i])
+    normalized = (overlap - chance) / (1 - chance) if chance < 1 else jnp.float32(1)
+    gap = entry[0]
+    grown = jnp.where(normalized >= adaptive_gap.threshold,
+                      jnp.minimum(gap * adaptive_gap.factor, max_gap), update_proj_gap).astype(jnp.int32)
+    first = count == 0
+    new_gap = jnp.where(first, gap, grown)
+    next_step = jnp.where(first, offset if offset > 0 else update_proj_gap, count + new_gap)
+    return new_bases, inner_state, jnp.stack([new_gap, next_step]).astype(jnp.int32)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -578,6 +655,7 @@ def galore_adamw(
     refresh_seed: int = 0,
     stagger: bool = False,
     batch_refresh: bool = False,
+    adaptive_gap: AdaptiveGap | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""galore-torch's ``GaLoreAdamW`` as an optax optimizer.
 
@@ -591,8 +669,8 @@ def galore_adamw(
   Args:
     learning_rate: a float or an optax schedule.
     rank, update_proj_gap, scale, proj_type, target, dimension_numbers,
-      on_refresh, basis_dtype, refresh, refresh_seed, stagger, batch_refresh:
-      as in :func:`galore`.
+      on_refresh, basis_dtype, refresh, refresh_seed, stagger, batch_refresh,
+      adaptive_gap: as in :func:`galore`.
     b1, b2, eps: Adam's constants; ``eps`` defaults to the reference's 1e-6.
     weight_decay: decoupled weight decay :math:`\lambda`.
     weight_decay_mask: a tree of bools or callable, as in :func:`optax.adamw`.
@@ -619,6 +697,7 @@ def galore_adamw(
           refresh_seed=refresh_seed,
           stagger=stagger,
           batch_refresh=batch_refresh,
+          adaptive_gap=adaptive_gap,
       ),
   ]
   parts.append(optax.scale_by_learning_rate(learning_rate))

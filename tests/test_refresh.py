@@ -312,3 +312,68 @@ def test_on_refresh_reset_with_stagger_only_touches_the_refreshed_leaf():
     else:  # not refreshed: basis and moments carried on
       np.testing.assert_array_equal(s1.bases[path].input, s0.bases[path].input)
       np.testing.assert_allclose(mu, 0.9 * 0.1 * r0 + 0.1 * r1, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- adaptive gap
+
+
+def _count_refreshes(tx, grads_of_step, steps, params):
+  calls = []
+
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  refreshed = []
+  for t in range(steps):
+    _, new = step(grads_of_step(t), state)
+    refreshed.append({path: not np.array_equal(new.bases[path].input, state.bases[path].input) for path in new.bases})
+    state = new
+  return refreshed, state
+
+
+def test_adaptive_gap_grows_while_the_subspace_stays_and_caps():
+  from galore_jax import AdaptiveGap
+
+  params = {"mlp": {"kernel": jnp.zeros((12, 16))}}
+  g = gapped_grad(jax.random.key(0), (12, 16), rank=3)
+  # the same subspace every step, different scaling/sign so the bases' entries still change on a refresh
+  grads = lambda t: {"mlp": {"kernel": g * (1.0 + 0.1 * t) + 1e-3 * jax.random.normal(jax.random.key(t), g.shape)}}
+  tx = galore(rank=3, update_proj_gap=2, adaptive_gap=AdaptiveGap(threshold=0.4, max_gap=8))
+  refreshed, state = _count_refreshes(tx, grads, 25, params)
+  steps = [t for t, r in enumerate(refreshed) if r["mlp/kernel"]]
+  assert steps == [0, 2, 6, 14, 22]
+  np.testing.assert_array_equal(state.schedule["mlp/kernel"], [8, 30])
+
+
+def test_adaptive_gap_stays_at_the_base_gap_when_the_subspace_moves():
+  from galore_jax import AdaptiveGap
+
+  params = {"mlp": {"kernel": jnp.zeros((12, 16))}}
+  grads = lambda t: {"mlp": {"kernel": gapped_grad(jax.random.key(t), (12, 16), rank=3)}}
+  tx = galore(rank=3, update_proj_gap=3, adaptive_gap=AdaptiveGap())
+  refreshed, state = _count_refreshes(tx, grads, 10, params)
+  assert [t for t, r in enumerate(refreshed) if r["mlp/kernel"]] == [0, 3, 6, 9]
+
+
+def test_adaptive_gap_state_is_saveable_and_default_state_unchanged():
+  from galore_jax import AdaptiveGap, GaLoreState
+
+  params = _params()
+  plain = galore(rank=3).init(params)
+  assert plain.schedule is None and len(jax.tree.leaves(plain)) == len(jax.tree.leaves(
+      GaLoreState(plain.count, plain.bases, plain.inner_state)))
+  state = galore(rank=3, adaptive_gap=AdaptiveGap(), stagger=True).init(params)
+  assert set(state.schedule) == set(state.bases)
+  assert all(x.size > 0 for x in jax.tree.leaves(state))
+  with pytest.raises(TypeError, match="adaptive_gap"):
+    galore(rank=3, adaptive_gap=0.4)
+
+
+def test_adaptive_gap_with_stagger_keeps_svd_inside_cond():
+  from galore_jax import AdaptiveGap
+  from tests.test_galore import _primitive_names
+
+  params = _params()
+  tx = galore_adamw(1e-3, rank=2, update_proj_gap=5, refresh="randomized", stagger=True, adaptive_gap=AdaptiveGap())
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+  heavy = [inside for name, inside in _primitive_names(jaxpr) if name in ("svd", "qr")]
+  assert heavy and all(heavy)
