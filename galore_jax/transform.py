@@ -271,7 +271,7 @@ def _check_arguments(rank, update_proj_gap, proj_type, on_refresh):
 REFRESH_METHODS = {
     "svd": projection.exact_refresh,
     "randomized": projection.RandomizedRefresh(),
-    "randomized_warm": projection.RandomizedRefresh(iterations=1, warm_start=True),
+    "randomized_warm": projection.RandomizedRefresh(iterations=0, warm_start=True),
 }
 _REFRESH_KEYWORDS = ("key", "warm")
 
@@ -410,9 +410,9 @@ def galore(
       ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
       ``"randomized"`` (:class:`~galore_jax.projection.RandomizedRefresh`: range
-      finder with 10 oversampling columns and 2 power iterations),
-      ``"randomized_warm"`` (the same seeded by the previous basis, 1 power
-      iteration), or a callable ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``
+      finder with 10 oversampling columns and 1 LU-stabilised power iteration),
+      ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10
+      random columns, no power iteration), or a callable ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``
       such as ``ExactRefresh(svd_algorithm="jacobi")`` or
       ``RandomizedRefresh(oversampling=..., iterations=..., warm_start=...)``
       (list it in ``static_args`` of :func:`optax.inject_hyperparams`). A callable
