@@ -50,3 +50,12 @@ __all__ = [
     "subspace_overlap",
     "svd_basis",
 ]
+
+from galore_jax.adam8bit import (  # noqa: E402
+    QuantizedMoment,
+    ScaleByAdam8bitState,
+    galore_adamw_8bit,
+    scale_by_adam_8bit,
+)
+
+__all__ += ["QuantizedMoment", "ScaleByAdam8bitState", "galore_adamw_8bit", "scale_by_adam_8bit"]

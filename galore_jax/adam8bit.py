@@ -1,0 +1,370 @@
+"""8-bit blockwise Adam (bitsandbytes' ``Adam8bit``) as an optax transformation.
+
+Both Adam moments are stored block by block as uint8 codes into bitsandbytes'
+*dynamic* quantization maps (the first moment with the signed map, the second
+with the unsigned one) plus one fp32 ``absmax`` per block; small tensors stay
+fp32. Each step dequantizes, runs Adam in fp32 and requantizes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from galore_jax.adam import decay_updated_weights
+from galore_jax.transform import AdaptiveGap, galore, plan_leaves
+
+SUPPORTED_BLOCK_SIZES = (256, 2048)
+
+
+# ----------------------------------------------------------------------------- quantization maps
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """``torch.linspace(start, end, steps, dtype=torch.float32)`` on CPU, bit for bit.
+
+  ATen computes ``step = (end - start) / (steps - 1)`` in float32 and fills the
+  first half as ``start + i·step`` and the second half as ``end - (steps-1-i)·step``
+  with a fused multiply-add (one rounding), emulated here in float64.
+  """
+  start32, end32 = np.float32(start), np.float32(end)
+  if steps == 1:
+    return np.array([start32], np.float32)
+  step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+  i = np.arange(steps, dtype=np.float64)
+  halfway = steps // 2
+  first = np.float64(start32) + step * i[:halfway]
+  second = np.float64(end32) - step * (steps - 1 - i[halfway:])
+  return np.concatenate([first, second]).astype(np.float32)
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
+  """bitsandbytes' ``functional.create_dynamic_map``, reproduced in numpy (float32, sorted).
+
+  Dynamic exponent × linear fraction: for exponent ``i`` (``10^(i-6)``) the
+  fraction takes the midpoints of an evenly spaced grid on ``[0.1, 1]`` with
+  ``2^i`` (signed) or ``2^(i+1)`` (unsigned) cells, mirrored for the signed map;
+  plus ``0`` and ``1``. The arithmetic mirrors bnb's (float32 linspace and
+  midpoints, float32 product with the power of ten).
+  """
+  data: list[float] = []
+  non_sign_bits = total_bits - 1
+  additional_items = 2**(non_sign_bits - max_exponent_bits) - 1
+  i = 0
+  for i in range(max_exponent_bits):
+    fraction_items = int(2**(i + non_sign_bits - max_exponent_bits) + 1 if signed else 2**
+                         (i + non_sign_bits - max_exponent_bits + 1) + 1)
+    boundaries = _torch_linspace_f32(0.1, 1, fraction_items)
+    means = ((boundaries[:-1] + boundaries[1:]) / np.float32(2.0)).astype(np.float32)
+    data += (np.float32(10**(-(max_exponent_bits - 1) + i)) * means).tolist()
+    if signed:
+      data += (np.float32(-(10**(-(max_exponent_bits - 1) + i))) * means).tolist()
+  if additional_items > 0:
+    boundaries = _torch_linspace_f32(0.1, 1, additional_items + 1)
+    means = ((boundaries[:-1] + boundaries[1:]) / np.float32(2.0)).astype(np.float32)
+    data += (np.float32(10**(-(max_exponent_bits - 1) + i)) * means).tolist()
+    if signed:
+      data += (np.float32(-(10**(-(max_exponent_bits - 1) + i))) * means).tolist()
+  data.append(0)
+  data.append(1.0)
+  assert len(data) == 2**total_bits
+  data += [0] * (256 - len(data))
+  data.sort()
+  return np.asarray(data, np.float32)
+
+
+SIGNED_MAP = create_dynamic_map(signed=True)
+UNSIGNED_MAP = create_dynamic_map(signed=False)
+
+
+# ----------------------------------------------------------------------------- blockwise quantization
+
+
+class QuantizedMoment(NamedTuple):
+  """A blockwise-quantized fp32 tensor.
+
+  Attributes:
+    codes: uint8 ``[n_blocks, block_size]``, the tensor flattened in C order and
+      zero-padded to whole blocks (never zero-size). The original shape is that
+      of the parameter (or update) the moment belongs to.
+    absmax: fp32 ``[n_blocks]``, the largest magnitude in each block.
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+
+
+def _midpoints(code: np.ndarray) -> np.ndarray:
+  return ((code[:-1].astype(np.float64) + code[1:].astype(np.float64)) / 2).astype(np.float32)
+
+
+def quantize_blockwise(x: jax.Array, code: np.ndarray, block_size: int = 256) -> QuantizedMoment:
+  """Quantize ``x`` (any shape) block by block onto ``code`` (a sorted map on ``[-1, 1]``).
+
+  Each block is divided by its absmax (a block of zeros stays zeros) and every
+  element gets the index of the **nearest** map value; a value exactly halfway
+  between two map values gets the lower index. (bitsandbytes' kernels do a
+  binary search over the sorted map followed by the same nearest-neighbour
+  comparison; they may differ from this only on exact midpoints.) The midpoints
+  are computed in float64 and rounded to float32, the scaled value is
+  ``x * (1 / absmax)`` as in bnb.
+  """
+  x = jnp.asarray(x, jnp.float32).reshape(-1)
+  n = x.size
+  n_blocks = max(1, -(-n // block_size))
+  x = jnp.pad(x, (0, n_blocks * block_size - n)).reshape(n_blocks, block_size)
+  absmax = jnp.max(jnp.abs(x), axis=1)
+  inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
+  scaled = jnp.clip(x * inv[:, None], -1.0, 1.0)
+  idx = jnp.searchsorted(jnp.asarray(_midpoints(code)), scaled, side="left", method="scan_unrolled")
+  return QuantizedMoment(codes=idx.astype(jnp.uint8), absmax=absmax)
+
+
+def dequantize_blockwise(q: QuantizedMoment, code: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax``, unpadded to ``shape``."""
+  values = jnp.asarray(code)[q.codes.astype(jnp.int32)] * q.absmax[:, None]
+  return values.reshape(-1)[:math.prod(shape)].reshape(shape)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  """State of :func:`scale_by_adam_8bit`.
+
+  Attributes:
+    count: completed steps (int32).
+    mu: first moments: per leaf an fp32 array (small leaves) or a
+      :class:`QuantizedMoment` on the signed dynamic map.
+    nu: second moments: likewise, on the unsigned dynamic map.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  r"""Adam with blockwise 8-bit moments, as bitsandbytes' ``Adam8bit`` (``optim_bits=8``, ``block_wise=True``).
+
+  Per leaf with at least ``min_8bit_size`` elements the moments live as uint8
+  codes plus one fp32 absmax per block of ``block_size`` elements (first moment:
+  signed dynamic map, second: unsigned; :func:`create_dynamic_map`). Each step
+
+  .. math::
+    m = \beta_1 \mathrm{deq}(m_q) + (1-\beta_1) g,\quad
+    v = \beta_2 \mathrm{deq}(v_q) + (1-\beta_2) g^2,\quad
+    u = \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+
+  then :math:`m, v` are requantized (nearest code, see :func:`quantize_blockwise`).
+  ``eps`` is added **after** bias correction: that is bitsandbytes' convention
+  (its 8-bit blockwise kernels, CUDA and the CPU fallback in
+  ``backends/cpu/ops.py``, compute ``denom = sqrt(v)/sqrt(1-β₂ᵗ) + eps``) and
+  optax's (:func:`optax.scale_by_adam`), whose arithmetic is used here, so
+  leaves kept in fp32 are bit-identical to ``optax.scale_by_adam(b1, b2, eps)``.
+  It is **not** galore-torch's ``GaLoreAdamW`` convention (eps before bias
+  correction, :func:`galore_jax.scale_by_adam_hf`), but it is what
+  ``GaLoreAdamW8bit`` (a bnb ``Optimizer2State``) does.
+
+  Leaves with fewer than ``min_8bit_size`` elements keep fp32 moments (bnb's
+  ``min_8bit_size``, default 4096); zero-size leaves keep no moments at all
+  (:class:`optax.MaskedNode`), so the state never holds a zero-size array.
+  The moments are updated in fp32 whatever the update dtype; the output has the
+  update's dtype.
+
+  With :func:`galore_jax.galore`, the inner state sees the low-rank shapes, so
+  whether a projected leaf is quantized depends on its *low-rank* size. Its
+  ``on_refresh='reset'|'project'`` acts only on fp32 moment leaves shaped like
+  the low-rank update; quantized moments (:class:`QuantizedMoment`) are left
+  untouched by a refresh, i.e. behave as ``on_refresh='keep'`` (the reference).
+
+  Args:
+    b1, b2: decays of the first and second moment.
+    eps: added to the bias-corrected :math:`\sqrt{\hat v}` (bnb's default 1e-8).
+    block_size: elements per quantization block: 256 (bnb ≥ 0.45's blockwise
+      optimizers) or 2048 (the GaLore paper's bnb).
+    min_8bit_size: leaves with fewer elements keep fp32 moments.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with :class:`ScaleByAdam8bitState`.
+    State bytes of a quantized leaf of ``n`` elements: per moment
+    ``ceil(n / block_size) · (block_size + 4)``.
+  """
+  if block_size not in SUPPORTED_BLOCK_SIZES:
+    raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+  if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
+    raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+
+  def quantized(size: int) -> bool:
+    return size >= min_8bit_size and size > 0
+
+  def init_leaf(p, code):
+    size = math.prod(jnp.shape(p))
+    if size == 0:
+      return optax.MaskedNode()
+    if quantized(size):
+      n_blocks = -(-size // block_size)
+      return QuantizedMoment(codes=jnp.full((n_blocks, block_size), _zero_code(code), jnp.uint8),
+                             absmax=jnp.zeros((n_blocks,), jnp.float32))
+    return jnp.zeros(jnp.shape(p), jnp.float32)
+
+  def init_fn(params):
+    return ScaleByAdam8bitState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(lambda p: init_leaf(p, SIGNED_MAP), params),
+        nu=jax.tree.map(lambda p: init_leaf(p, UNSIGNED_MAP), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    c1 = 1 - jnp.asarray(b1, jnp.float32)**count
+    c2 = 1 - jnp.asarray(b2, jnp.float32)**count
+
+    def leaf(g, m, v):
+      shape = jnp.shape(g)
+      if isinstance(m, optax.MaskedNode):
+        return g, m, v
+      g32 = jnp.asarray(g, jnp.float32)
+      is_q = isinstance(m, QuantizedMoment)
+      m32 = dequantize_blockwise(m, SIGNED_MAP, shape) if is_q else m
+      v32 = dequantize_blockwise(v, UNSIGNED_MAP, shape) if is_q else v
+      # optax.tree.update_moment / update_moment_per_elem_norm, same operation order.
+      m32 = (1 - b1) * g32 + b1 * m32
+      v32 = (1 - b2) * (g32**2) + b2 * v32
+      u = (m32 / c1.astype(m32.dtype)) / (jnp.sqrt(v32 / c2.astype(v32.dtype)) + eps)
+      if is_q:
+        m32 = quantize_blockwise(m32, SIGNED_MAP, block_size)
+        v32 = quantize_blockwise(v32, UNSIGNED_MAP, block_size)
+      return u.astype(jnp.asarray(g).dtype), m32, v32
+
+    flat_g, treedef = jax.tree.flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    out = [leaf(g, m, v) for g, m, v in zip(flat_g, mus, nus)]
+    if not out:
+      return updates, ScaleByAdam8bitState(count=count, mu=state.mu, nu=state.nu)
+    u, mu, nu = (treedef.unflatten(list(col)) for col in zip(*out))
+    return u, ScaleByAdam8bitState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _zero_code(code: np.ndarray) -> int:
+  return int(np.flatnonzero(code == 0)[0])
+
+
+def state_bytes(state) -> int:
+  """Total bytes of the arrays in ``state`` (any pytree)."""
+  return sum(int(np.prod(jnp.shape(x))) * jnp.asarray(x).dtype.itemsize for x in jax.tree.leaves(state))
+
+
+# ----------------------------------------------------------------------------- GaLore alias
+
+
+def _and_masks(a, b):
+  """Combine two optax masks (trees of bools, callables or None) into a callable mask."""
+
+  def resolve(mask, params):
+    if mask is None:
+      return jax.tree.map(lambda _: True, params)
+    return mask(params) if callable(mask) else mask
+
+  def mask(params):
+    return jax.tree.map(lambda x, y: bool(x) and bool(y), resolve(a, params), resolve(b, params))
+
+  return mask
+
+
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int | Callable[[str, tuple[int, ...]], int] = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    target: Any = None,
+    dimension_numbers: Any = None,
+    on_refresh: str = "keep",
+    basis_dtype: jax.typing.DTypeLike = "float32",
+    refresh: Any = "svd",
+    refresh_seed: int = 0,
+    stagger: bool = False,
+    batch_refresh: bool = False,
+    adaptive_gap: AdaptiveGap | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""galore-torch's ``GaLoreAdamW8bit`` as an optax optimizer.
+
+  ``galore(scale_by_adam_8bit(b1, b2, eps, block_size=..., min_8bit_size=...))``
+  then the learning rate. Weight decay follows the reference exactly: on
+  GaLore (targeted) leaves it decays the *already updated* weight
+  (:func:`galore_jax.decay_updated_weights`, the reference's
+  ``p.add_(p, alpha=-lr*wd)`` after the projected step); on the other leaves
+  bitsandbytes' kernel decays the weight *before* the step
+  (``p *= 1 - lr·wd; p -= lr·u``), i.e. :func:`optax.add_decayed_weights` before
+  the learning rate. ``weight_decay_mask`` restricts both.
+
+  Defaults follow :func:`galore_jax.galore_adamw` except ``eps=1e-8`` (bnb's
+  default; added after bias correction, see :func:`scale_by_adam_8bit`).
+  The reference's default ``weight_decay`` is 1e-2; here it is 0.0 like
+  ``galore_adamw``. ``on_refresh`` other than ``'keep'`` leaves quantized
+  moments untouched (see :func:`scale_by_adam_8bit`).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
+    Others: as in :func:`galore_jax.galore_adamw`.
+  """
+  gal = galore(
+      scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
+      rank=rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_type=proj_type,
+      target=target,
+      dimension_numbers=dimension_numbers,
+      on_refresh=on_refresh,
+      basis_dtype=basis_dtype,
+      refresh=refresh,
+      refresh_seed=refresh_seed,
+      stagger=stagger,
+      batch_refresh=batch_refresh,
+      adaptive_gap=adaptive_gap,
+  )
+  if isinstance(weight_decay, numbers.Number) and weight_decay == 0:
+    return optax.chain(gal, optax.scale_by_learning_rate(learning_rate))
+
+  def targeted(params):
+    treedef, plans, _ = plan_leaves(params, target=target, rank=rank, dimension_numbers=dimension_numbers,
+                                    proj_type=proj_type)
+    return treedef.unflatten([p is not None for p in plans])
+
+  def not_targeted(params):
+    return jax.tree.map(lambda t: not t, targeted(params))
+
+  return optax.chain(
+      gal,
+      optax.masked(optax.add_decayed_weights(weight_decay), _and_masks(not_targeted, weight_decay_mask)),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.masked(decay_updated_weights(learning_rate, weight_decay), _and_masks(targeted, weight_decay_mask)),
+  )
