@@ -59,3 +59,12 @@ from galore_jax.adam8bit import (  # noqa: E402
 )
 
 __all__ += ["QuantizedMoment", "ScaleByAdam8bitState", "galore_adamw_8bit", "scale_by_adam_8bit"]
+
+from galore_jax.adafactor import (  # noqa: E402
+    GaLoreAdafactorState,
+    ScaleByAdafactorHFState,
+    galore_adafactor,
+    scale_by_adafactor_hf,
+)
+
+__all__ += ["GaLoreAdafactorState", "ScaleByAdafactorHFState", "galore_adafactor", "scale_by_adafactor_hf"]
