@@ -10,6 +10,7 @@ stopped (same batches, same loss series). SIGTERM saves a checkpoint and exits c
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -113,7 +114,7 @@ def run(cfg) -> None:
 
   galore = cfg.optimizer.name.startswith("galore")
   steps = training.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              update_proj_gap=cfg.optimizer.update_proj_gap if galore else None)
+                              report_overlap=galore)
   schedule = training.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
   n_params = training.count_params(params)
@@ -153,7 +154,7 @@ def run(cfg) -> None:
       tokens_per_sec = float(tokens) / elapsed
       line = {"loss": m["loss"], "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
               "tokens_per_sec": tokens_per_sec, "step_time": elapsed / (step - logged_step)}
-      if refreshed:
+      if "subspace_overlap" in m and math.isfinite(m["subspace_overlap"]):  # this step refreshed some leaves
         line["subspace_overlap"] = m["subspace_overlap"]
       if peak:
         line["mfu"] = flops_per_token * tokens_per_sec / peak

@@ -1,11 +1,13 @@
 """Memory of a training step, AdamW vs GaLore, from the dry run (nothing allocated), in the paper's Fig. 1 setting.
 
-  python bench/memory.py [--presets llama_7b llama_1b] [--tokens 256] [--out bench/results/memory-cpu]
+  python bench/memory.py [--presets llama_7b llama_1b] [--tokens 256] [--variants a,b] [--real_step]
+                         [--out bench/results/memory-cpu]
 
 For each preset: `adamw` (bf16 states, the paper's "BF16" baseline), `galore_adamw` with fp32 and with
-bf16 states, all with bf16 weights, remat and one sequence of 256 tokens per step. Writes
-<out>.json and a stacked bar chart <out>.png with the paper's 22.0 GB (8-bit GaLore, layerwise) and
-~58 GB (BF16 AdamW) for reference.
+bf16 states, and `galore_adamw_8bit`, all with bf16 weights, remat and one sequence of 256 tokens per
+step. Writes <out>.json and a stacked bar chart <out>.png with the paper's 22.0 GB (8-bit GaLore,
+layerwise) and ~58 GB (BF16 AdamW) for reference. With --real_step (on a GPU) each variant runs in its
+own process and also reports device_peak_gb of one real step; <out>-list.json is then the flat list.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ VARIANTS = {
     "adamw (bf16 states)": dict(name="adamw", moment_dtype="bfloat16"),
     "galore_adamw (fp32 states)": dict(name="galore_adamw", moment_dtype="float32", basis_dtype="float32"),
     "galore_adamw (bf16 states)": dict(name="galore_adamw", moment_dtype="bfloat16", basis_dtype="bfloat16"),
+    "galore_adamw_8bit": dict(name="galore_adamw_8bit", basis_dtype="bfloat16"),
 }
 PAPER_GB = {"8-bit GaLore + layerwise (paper)": 22.0, "BF16 AdamW (paper)": 58.0}
 
@@ -75,22 +78,51 @@ def plot(results: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def one_variant(preset: str, tokens: int, variant: str, real_step: bool) -> dict:
+  report = dry_run.dry_run(config_for(preset, tokens, VARIANTS[variant]), real_step=real_step)
+  report["variant"] = variant
+  report["layerwise"] = bool(VARIANTS[variant].get("layerwise", False))
+  return report
+
+
+def in_subprocess(preset: str, tokens: int, variant: str) -> dict:
+  """One variant with a real step in a fresh process, so that the allocator's peak is this variant's alone."""
+  import subprocess
+
+  out = subprocess.run([sys.executable, __file__, "--one", variant, "--presets", preset, "--tokens", str(tokens),
+                        "--real_step"], capture_output=True, text=True)
+  lines = out.stdout.strip().splitlines()
+  if out.returncode or not lines:
+    return {"preset": preset, "variant": variant, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+  return json.loads(lines[-1])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--presets", nargs="+", default=["llama_7b", "llama_1b"])
   parser.add_argument("--tokens", type=int, default=256)
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+  parser.add_argument("--real_step", action="store_true", help="also run one real step per variant (GPU), each in "
+                      "its own process, for device_peak_gb")
+  parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=f"bench/results/memory-{jax.default_backend()}")
   args = parser.parse_args()
+  if args.one:
+    print(json.dumps(one_variant(args.presets[0], args.tokens, args.one, args.real_step)))
+    return
 
   results = []
   for preset in args.presets:
-    for variant, overrides in VARIANTS.items():
-      report = dry_run.dry_run(config_for(preset, args.tokens, overrides), real_step=False)
-      report["variant"] = variant
+    for variant in args.variants.split(","):
+      report = (in_subprocess(preset, args.tokens, variant) if args.real_step
+                else one_variant(preset, args.tokens, variant, real_step=False))
       results.append(report)
+      if "error" in report:
+        print(f"{preset:<10} {variant:<28} failed: {report['error']}", flush=True)
+        continue
       print(f"{preset:<10} {variant:<28} state {report['optimizer_state_gb']:6.2f} GB  analytic total "
-            f"{report['analytic_total_gb']:6.2f} GB  XLA peak {report.get('xla_peak_gb', float('nan')):6.2f} GB",
-            flush=True)
+            f"{report['analytic_total_gb']:6.2f} GB  XLA peak {report.get('xla_peak_gb', float('nan')):6.2f} GB  "
+            f"device peak {report.get('device_peak_gb', float('nan')):6.2f} GB", flush=True)
   import flax
   import optax
 
@@ -107,7 +139,17 @@ def main() -> None:
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump(record, f, indent=1)
-  plot(results, args.out + ".png")
+  if args.real_step:  # the flat list the README's GPU table reads
+    keys = ("backend", "device", "optimizer", "variant", "layerwise", "tokens_per_step", "xla_peak_gb",
+            "device_peak_gb", "optimizer_state_gb", "compile_s", "error")
+    flat = [{k: r.get(k) for k in keys if k in r} | {"tokens": r.get("tokens_per_step"), "preset": r["preset"],
+                                                      "date": record["date"], "versions": record["versions"],
+                                                      "command": record["command"]} for r in results]
+    with open(args.out + "-list.json", "w") as f:
+      json.dump(flat, f, indent=1)
+  ok = [r for r in results if "error" not in r]
+  if ok:
+    plot(ok, args.out + ".png")
   print(json.dumps({"json": args.out + ".json", "png": args.out + ".png"}))
 
 

@@ -51,6 +51,8 @@ def attn_mlp_dims(params):
 def optimizers(rank):
   return {
       "adamw": optax.adamw(LR, eps=1e-6),
+      "galore_jax.galore_adamw(randomized)": galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
+                                                          refresh="randomized"),
       "optax.contrib.galore": optax.contrib.galore(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
                                                    weight_dimension_numbers=attn_mlp_dims),
       "galore_jax.galore_adamw": galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE),
@@ -67,41 +69,70 @@ def random_batch(batch, seq_len, vocab, seed=0):
 
 
 def time_jax(model_cfg, tx, batch, steps):
+  """(compile_s, refresh_s, non-refresh step times, final loss) of the real train step, compiled ahead of time.
+
+  The refresh step runs once, already compiled: the first step after init (count 0) refreshes every basis
+  for both GaLore implementations and does nothing special for AdamW.
+  """
   model = llama.Llama(model_cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.graphdef(model), training.params_of(model)
-  step = training.make_steps(graphdef, tx, grad_accum=1, packed=False, update_proj_gap=None).train
-  init = jax.jit(tx.init)
-  p, s, m = step(params, init(params), batch)  # compile (a refresh step)
-  jax.block_until_ready(m)
-  p, s = jax.block_until_ready((p, init(p)))
+  del model
+  step = training.make_steps(graphdef, tx, grad_accum=1, packed=False, report_overlap=False).train
+  state = jax.jit(tx.init)(params)
   start = time.perf_counter()
-  p, s, m = step(p, s, batch)
+  compiled = step.lower(params, state, batch).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  params, state, m = compiled(params, state, batch)
   jax.block_until_ready(m)
   refresh = time.perf_counter() - start
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    p, s, m = step(p, s, batch)
+    params, state, m = compiled(params, state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
-  return refresh, times, float(m["loss"])
+  return compile_s, refresh, times, float(m["loss"])
+
+
+def _import_galore_torch():
+  """galore_torch's package __init__ imports bitsandbytes (for its 8-bit class only); stub it when absent."""
+  try:
+    import bitsandbytes  # noqa: F401
+  except ImportError:
+    import types
+
+    stub = types.ModuleType("bitsandbytes.optim.optimizer")
+    stub.Optimizer2State = object
+    for name in ("bitsandbytes", "bitsandbytes.optim"):
+      sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["bitsandbytes.optim.optimizer"] = stub
+  from galore_torch import GaLoreAdamW
+
+  return GaLoreAdamW
 
 
 def time_torch(model_cfg, rank, batch, steps):
-  """galore-torch's GaLoreAdamW on transformers' LlamaForCausalLM, the reference script's grouping."""
+  """galore-torch's GaLoreAdamW on transformers' LlamaForCausalLM (sdpa attention), the reference script's grouping.
+
+  One forward/backward without an optimizer step warms CUDA up; the first optimizer step then refreshes
+  every projector (galore-torch refreshes when its per-parameter step % gap == 0).
+  """
   import warnings
 
   import torch
   import transformers
-  from galore_torch import GaLoreAdamW
 
+  GaLoreAdamW = _import_galore_torch()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   dtype = torch.bfloat16 if str(model_cfg.param_dtype) == "bfloat16" else torch.float32
   config = transformers.LlamaConfig(
       vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
       intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_hidden_layers,
       num_attention_heads=model_cfg.num_attention_heads, max_position_embeddings=model_cfg.max_position_embeddings,
       rms_norm_eps=model_cfg.rms_norm_eps)
-  model = transformers.LlamaForCausalLM(config).to(dtype)
+  model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
   galore = [p for n, p in model.named_parameters() if p.ndim == 2 and ("attn" in n or "mlp" in n)]
   ids = {id(p) for p in galore}
   regular = [p for p in model.parameters() if id(p) not in ids]
@@ -110,26 +141,35 @@ def time_torch(model_cfg, rank, batch, steps):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     opt = GaLoreAdamW(groups, lr=LR)
-  inputs = torch.tensor(batch["inputs"], dtype=torch.long)
-  targets = torch.tensor(batch["targets"], dtype=torch.long)
+  inputs = torch.tensor(batch["inputs"], dtype=torch.long, device=device)
+  targets = torch.tensor(batch["targets"], dtype=torch.long, device=device)
 
-  def step():
+  def forward_backward():
     logits = model(inputs).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
+    return loss
+
+  def step():
+    loss = forward_backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(loss.detach())  # synchronizes
 
+  forward_backward()
+  model.zero_grad(set_to_none=True)
+  sync()
   start = time.perf_counter()
-  step()  # the refresh step (no compilation in eager torch)
+  step()
+  sync()
   refresh = time.perf_counter() - start
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     loss = step()
+    sync()
     times.append(time.perf_counter() - start)
-  return refresh, times, loss
+  return 0.0, refresh, times, loss
 
 
 def main() -> None:
@@ -140,6 +180,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10, help="timed non-refresh steps")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--torch", action="store_true", help="also time galore-torch (needs torch + galore-torch)")
+  parser.add_argument("--only", default=None, help="comma-separated subset of the JAX optimizers to time")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
@@ -153,28 +194,12 @@ def main() -> None:
   peak = metrics.peak_flops(device)
 
   results = {}
-  runs = [(name, lambda tx=tx: time_jax(model_cfg, tx, batch, args.steps)) for name, tx in optimizers(rank).items()]
+  chosen = optimizers(rank)
+  if args.only:
+    chosen = {name: tx for name, tx in chosen.items() if name in args.only.split(",")}
+  runs = [(name, lambda tx=tx: time_jax(model_cfg, tx, batch, args.steps)) for name, tx in chosen.items()]
   if args.torch:
-    runs.append(("galore-torch GaLoreAdamW", lambda: time_torch(model_cfg, rank, batch, args.steps)))
-  for name, timed in runs:
-    refresh, times, loss = timed()
-    non_refresh = statistics.median(times)
-    amortized = (refresh + (GAP - 1) * non_refresh) / GAP
-    results[name] = {"refresh_s": refresh, "non_refresh_s": non_refresh,
-                     "non_refresh_spread_s": [min(times), max(times)], "amortized_s": amortized,
-                     "tokens_per_sec": args.tokens / amortized, "final_loss": loss}
-    if flops and peak:
-      results[name]["mfu"] = flops * args.tokens / amortized / peak
-    print(f"{name:<26} refresh {refresh:8.3f}s  step {non_refresh:8.4f}s  amortized(T={GAP}) {amortized:8.4f}s  "
-          f"{args.tokens / amortized:10.0f} tok/s", flush=True)
-  base = results["adamw"]["amortized_s"]
-  for name, r in results.items():
-    r["amortized_ratio_to_adamw"] = r["amortized_s"] / base
-  if "galore-torch GaLoreAdamW" in results:
-    torch_tps = results["galore-torch GaLoreAdamW"]["tokens_per_sec"]
-    for r in results.values():
-      r["tokens_per_sec_ratio_to_galore_torch"] = r["tokens_per_sec"] / torch_tps
-
+    runs.insert(min(2, len(runs)), ("galore-torch GaLoreAdamW", lambda: time_torch(model_cfg, rank, batch, args.steps)))
   import flax
 
   record = {
@@ -191,11 +216,35 @@ def main() -> None:
 
     record["versions"]["torch"] = torch.__version__
   out = args.out or f"bench/results/speed-{jax.default_backend()}-{args.preset}-{args.tokens}.json"
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1)
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  for name, timed in runs:  # the results file is rewritten after each run: a time limit keeps what finished
+    compile_s, refresh, times, loss = timed()
+    non_refresh = statistics.median(times)
+    amortized = (refresh + (GAP - 1) * non_refresh) / GAP
+    results[name] = {"compile_s": compile_s, "refresh_s": refresh, "non_refresh_s": non_refresh,
+                     "non_refresh_spread_s": [min(times), max(times)], "amortized_s": amortized,
+                     "tokens_per_sec": args.tokens / amortized, "final_loss": loss}
+    if flops and peak:
+      results[name]["mfu"] = flops * args.tokens / amortized / peak
+    print(f"{name:<26} refresh {refresh:8.3f}s  step {non_refresh:8.4f}s  amortized(T={GAP}) {amortized:8.4f}s  "
+          f"{args.tokens / amortized:10.0f} tok/s", flush=True)
+    add_ratios(results)
+    with open(out, "w") as f:
+      json.dump(record, f, indent=1)
   print(json.dumps({name: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                     for name, r in results.items()}))
+
+
+def add_ratios(results):
+  if "adamw" in results:
+    base = results["adamw"]
+    for r in results.values():
+      r["amortized_ratio_to_adamw"] = r["amortized_s"] / base["amortized_s"]
+      r["non_refresh_ratio_to_adamw"] = r["non_refresh_s"] / base["non_refresh_s"]
+  if "galore-torch GaLoreAdamW" in results:
+    torch_tps = results["galore-torch GaLoreAdamW"]["tokens_per_sec"]
+    for r in results.values():
+      r["tokens_per_sec_ratio_to_galore_torch"] = r["tokens_per_sec"] / torch_tps
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def base() -> config_dict.ConfigDict:
   c.train.log_every = 10
 
   c.optimizer = config_dict.ConfigDict()
-  c.optimizer.name = "galore_adamw"  # or "adamw"
+  c.optimizer.name = "galore_adamw"  # galore_adamw_8bit, galore_adafactor, adamw, adamw_8bit
   c.optimizer.rank = 128
   c.optimizer.update_proj_gap = 200
   c.optimizer.scale = 0.25
@@ -60,6 +60,14 @@ def base() -> config_dict.ConfigDict:
   c.optimizer.on_refresh = "keep"
   c.optimizer.basis_dtype = "float32"
   c.optimizer.moment_dtype = placeholder(str)
+  c.optimizer.refresh = "svd"  # or "randomized", "randomized_warm" (fast top-r range finder)
+  c.optimizer.refresh_seed = 0
+  c.optimizer.stagger = False  # spread the leaves' refreshes over the gap
+  c.optimizer.batch_refresh = False  # one batched SVD per group of equal shapes
+  c.optimizer.adaptive_gap = False  # lengthen a leaf's gap while its subspace stays put (AdaptiveGap())
+  c.optimizer.adafactor_beta1 = placeholder(float)  # galore_adafactor: None = no first moment (the reference)
+  c.optimizer.block_size = 256  # 8-bit states: 256 or 2048 elements per absmax block
+  c.optimizer.min_8bit_size = 4096  # 8-bit states: smaller leaves keep fp32 moments
 
   c.eval = config_dict.ConfigDict()
   c.eval.every = 500

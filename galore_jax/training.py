@@ -18,10 +18,12 @@ import optax
 from flax import nnx
 
 from galore_jax import projection
+from galore_jax.adafactor import galore_adafactor
+from galore_jax.adam8bit import galore_adamw_8bit, scale_by_adam_8bit
 from galore_jax.models import llama
-from galore_jax.transform import GaLoreState, galore_adamw
+from galore_jax.transform import REFRESH_METHODS, AdaptiveGap, GaLoreState, galore_adamw
 
-OPTIMIZERS = ("galore_adamw", "adamw")
+OPTIMIZERS = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "adamw", "adamw_8bit")
 MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings")
 
@@ -55,6 +57,10 @@ def validate(cfg) -> None:
     _positive("optimizer.update_proj_gap", cfg.optimizer.update_proj_gap)
     if cfg.optimizer.proj_type not in projection.PROJ_TYPES:
       raise ConfigError(f"optimizer.proj_type {cfg.optimizer.proj_type!r} is not one of {projection.PROJ_TYPES}")
+    if cfg.optimizer.refresh not in REFRESH_METHODS:
+      raise ConfigError(f"optimizer.refresh {cfg.optimizer.refresh!r} is not one of {tuple(REFRESH_METHODS)}")
+  if cfg.optimizer.name.endswith("8bit") and cfg.optimizer.block_size not in (256, 2048):
+    raise ConfigError(f"optimizer.block_size must be 256 or 2048, got {cfg.optimizer.block_size}")
   model_cfg = model_config(cfg)
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
@@ -108,12 +114,23 @@ def _dtype_or_none(name):
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
+  """The config's optimizer, with global-norm clipping in front when ``train.grad_clip > 0``."""
   o, schedule = cfg.optimizer, learning_rate_schedule(cfg.train)
   moment_dtype = _dtype_or_none(o.moment_dtype)
+  galore_args = dict(rank=o.rank, update_proj_gap=o.update_proj_gap, scale=o.scale, proj_type=o.proj_type,
+                     weight_decay=o.weight_decay, on_refresh=o.on_refresh, basis_dtype=o.basis_dtype,
+                     refresh=o.refresh, refresh_seed=o.refresh_seed, stagger=o.stagger,
+                     batch_refresh=o.batch_refresh, adaptive_gap=AdaptiveGap() if o.adaptive_gap else None)
+  eight_bit = dict(block_size=o.block_size, min_8bit_size=o.min_8bit_size)
   if o.name == "galore_adamw":
-    tx = galore_adamw(schedule, rank=o.rank, update_proj_gap=o.update_proj_gap, scale=o.scale,
-                      proj_type=o.proj_type, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      on_refresh=o.on_refresh, basis_dtype=o.basis_dtype, moment_dtype=moment_dtype)
+    tx = galore_adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, moment_dtype=moment_dtype, **galore_args)
+  elif o.name == "galore_adamw_8bit":
+    tx = galore_adamw_8bit(schedule, b1=o.b1, b2=o.b2, eps=o.eps, **eight_bit, **galore_args)
+  elif o.name == "galore_adafactor":
+    tx = galore_adafactor(schedule, beta1=o.adafactor_beta1, **galore_args)
+  elif o.name == "adamw_8bit":
+    tx = optax.chain(scale_by_adam_8bit(o.b1, o.b2, o.eps, **eight_bit), optax.add_decayed_weights(o.weight_decay),
+                     optax.scale_by_learning_rate(schedule))
   else:
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mu_dtype=moment_dtype)
@@ -130,21 +147,28 @@ def galore_states(opt_state) -> list[GaLoreState]:
           if isinstance(s, GaLoreState)]
 
 
-def refresh_overlap(old_opt_state, new_opt_state, update_proj_gap: int) -> jax.Array:
-  """Mean subspace overlap (in [0, 1]) of the bases a refresh step replaced; NaN on other steps.
+def _changed(new: projection.Basis, old: projection.Basis) -> jax.Array:
+  """Whether a refresh replaced the basis (its first column moved: a new SVD never reproduces it bit for bit)."""
+  return jnp.any(jnp.stack([jnp.any(n[..., 0] != o[..., 0]) for n, o in zip(new, old) if n is not None]))
 
-  The first refresh replaces placeholder bases, so it reports NaN too.
+
+def refresh_overlap(old_opt_state, new_opt_state) -> jax.Array:
+  """Mean subspace overlap (in [0, 1]) of the bases this step's refresh replaced; NaN when none was.
+
+  Per leaf, so it is right under ``stagger`` and ``adaptive_gap`` too. The first refresh replaces
+  placeholder bases and reports NaN.
   """
-  pairs = [(old, new) for olds, news in zip(galore_states(old_opt_state), galore_states(new_opt_state))
-           for old, new in zip(olds.bases.values(), news.bases.values())]
+  olds, news = galore_states(old_opt_state), galore_states(new_opt_state)
+  pairs = [(o, n) for old, new in zip(olds, news) for o, n in zip(old.bases.values(), new.bases.values())]
   if not pairs:
     return jnp.float32(jnp.nan)
+  changed = jnp.stack([_changed(n, o) for o, n in pairs]) & (olds[0].count > 0)
 
   def overlap(_):
-    return jnp.mean(jnp.stack([projection.subspace_overlap(new, old) for old, new in pairs]))
+    overlaps = jnp.stack([projection.subspace_overlap(n, o) for o, n in pairs])
+    return jnp.sum(jnp.where(changed, overlaps, 0.0)) / jnp.sum(changed)
 
-  count = galore_states(old_opt_state)[0].count
-  return jax.lax.cond((count % update_proj_gap == 0) & (count > 0), overlap, lambda _: jnp.float32(jnp.nan), None)
+  return jax.lax.cond(jnp.any(changed), overlap, lambda _: jnp.float32(jnp.nan), None)
 
 
 def loss_and_tokens(model: llama.Llama, batch: dict[str, jax.Array], packed: bool) -> tuple[jax.Array, jax.Array]:
@@ -165,7 +189,7 @@ class Steps:
 
 
 def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, packed: bool,
-               update_proj_gap: int | None) -> Steps:
+               report_overlap: bool = False) -> Steps:
   """``train(params, opt_state, batch) -> (params, opt_state, metrics)``, donated; ``eval(params, batch)``.
 
   A batch of ``B`` sequences is split into ``grad_accum`` micro-batches scanned in order; the
@@ -191,8 +215,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
     loss, tokens, grads = grads_of(params, batch)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": _global_norm(grads)}
-    if update_proj_gap:
-      metrics["subspace_overlap"] = refresh_overlap(opt_state, new_opt_state, update_proj_gap)
+    if report_overlap:
+      metrics["subspace_overlap"] = refresh_overlap(opt_state, new_opt_state)
     return optax.apply_updates(params, updates), new_opt_state, metrics
 
   def evaluate(params, batch):
