@@ -114,7 +114,7 @@ def run(cfg) -> None:
 
   galore = cfg.optimizer.name.startswith("galore")
   steps = training.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=galore)
+                              report_overlap=galore, layerwise_updates=cfg.train.layerwise)
   schedule = training.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
   n_params = training.count_params(params)

@@ -45,6 +45,7 @@ def base() -> config_dict.ConfigDict:
   c.train.warmup_steps = 1_000
   c.train.min_lr_ratio = 0.1
   c.train.grad_clip = 0.0  # global-norm clipping; 0 = off (the reference's default)
+  c.train.layerwise = False  # update each layer as soon as its gradient exists (no full gradient tree)
   c.train.log_every = 10
 
   c.optimizer = config_dict.ConfigDict()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from galore_jax import projection
+from galore_jax import layerwise, projection
 from galore_jax.adafactor import galore_adafactor
 from galore_jax.adam8bit import galore_adamw_8bit, scale_by_adam_8bit
 from galore_jax.models import llama
@@ -61,6 +61,8 @@ def validate(cfg) -> None:
       raise ConfigError(f"optimizer.refresh {cfg.optimizer.refresh!r} is not one of {tuple(REFRESH_METHODS)}")
   if cfg.optimizer.name.endswith("8bit") and cfg.optimizer.block_size not in (256, 2048):
     raise ConfigError(f"optimizer.block_size must be 256 or 2048, got {cfg.optimizer.block_size}")
+  if cfg.train.layerwise and cfg.model.scan_layers:
+    raise ConfigError("train.layerwise=True needs model.scan_layers=False (one parameter tree per layer)")
   model_cfg = model_config(cfg)
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
@@ -114,7 +116,10 @@ def _dtype_or_none(name):
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
-  """The config's optimizer, with global-norm clipping in front when ``train.grad_clip > 0``."""
+  """The config's optimizer, with global-norm clipping in front when ``train.grad_clip > 0``.
+
+  With ``train.layerwise`` a :class:`~galore_jax.layerwise.ByLayer`: one state per decoder layer.
+  """
   o, schedule = cfg.optimizer, learning_rate_schedule(cfg.train)
   moment_dtype = _dtype_or_none(o.moment_dtype)
   galore_args = dict(rank=o.rank, update_proj_gap=o.update_proj_gap, scale=o.scale, proj_type=o.proj_type,
@@ -134,6 +139,8 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
   else:
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mu_dtype=moment_dtype)
+  if cfg.train.layerwise:
+    return layerwise.by_layer(tx, cfg.train.grad_clip)
   if cfg.train.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
   return tx
@@ -189,11 +196,13 @@ class Steps:
 
 
 def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, packed: bool,
-               report_overlap: bool = False) -> Steps:
+               report_overlap: bool = False, layerwise_updates: bool = False) -> Steps:
   """``train(params, opt_state, batch) -> (params, opt_state, metrics)``, donated; ``eval(params, batch)``.
 
   A batch of ``B`` sequences is split into ``grad_accum`` micro-batches scanned in order; the
-  gradient is the per-token mean over the whole batch, as if it had been one.
+  gradient is the per-token mean over the whole batch, as if it had been one. With
+  ``layerwise_updates`` (``tx`` a :class:`~galore_jax.layerwise.ByLayer`) the step sweeps the
+  backward pass layer by layer and updates each layer as soon as its gradient is complete.
   """
 
   def summed_loss(params, batch):
@@ -211,7 +220,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
     tokens = jnp.maximum(tokens, 1.0)
     return loss / tokens, tokens, jax.tree.map(lambda g: (g / tokens).astype(g.dtype), grads)
 
-  def train(params, opt_state, batch):
+  def whole_tree_train(params, opt_state, batch):
     loss, tokens, grads = grads_of(params, batch)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": _global_norm(grads)}
@@ -222,6 +231,13 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
   def evaluate(params, batch):
     return summed_loss(params, batch)
 
+  if layerwise_updates:
+    if not isinstance(tx, layerwise.ByLayer):
+      raise TypeError("layerwise_updates needs a layerwise.ByLayer optimizer (train.layerwise=True)")
+    train = layerwise.make_train(graphdef, tx, grad_accum=grad_accum, packed=packed,
+                                 overlap=refresh_overlap if report_overlap else None)
+  else:
+    train = whole_tree_train
   return Steps(train=jax.jit(train, donate_argnums=(0, 1)), eval=jax.jit(evaluate))
 
 

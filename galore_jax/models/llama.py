@@ -384,6 +384,23 @@ def _remat_block_forward(block: Block, policy_name: str, *args):
   return jax.checkpoint(forward, policy=policy)(state, *args)
 
 
+def attention_inputs(cfg: LlamaConfig, shape_BS: tuple[int, int], segment_ids_BS=None, positions_BS=None):
+  """RoPE ``(cos, sin)`` and the attention mask (``None`` = plain causal) of a forward pass without cache."""
+  B, S = shape_BS
+  mask_B1ST = None
+  if segment_ids_BS is not None:
+    segment_ids_BS = jnp.asarray(segment_ids_BS)
+    if positions_BS is None:
+      positions_BS = segment_positions(segment_ids_BS)
+    same_BST = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
+    causal_ST = jnp.tril(jnp.ones((S, S), bool))
+    mask_B1ST = (same_BST & causal_ST)[:, None]
+  if positions_BS is None:
+    positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  cos_BSH, sin_BSH = rope_cos_sin(jnp.asarray(positions_BS), cfg)
+  return cos_BSH, sin_BSH, mask_B1ST
+
+
 class Llama(nnx.Module):
   """Llama causal language model.
 
@@ -430,16 +447,10 @@ class Llama(nnx.Module):
       # Slots beyond the current query are either future or unwritten.
       q_pos_S = cache_index + jnp.arange(S)
       mask_B1ST = (jnp.arange(T)[None, :] <= q_pos_S[:, None])[None, None]
-    elif segment_ids_BS is not None:
-      segment_ids_BS = jnp.asarray(segment_ids_BS)
-      if positions_BS is None:
-        positions_BS = segment_positions(segment_ids_BS)
-      same_BST = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-      causal_ST = jnp.tril(jnp.ones((S, S), bool))
-      mask_B1ST = (same_BST & causal_ST)[:, None]
-    if positions_BS is None:
-      positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    cos_BSH, sin_BSH = rope_cos_sin(jnp.asarray(positions_BS), cfg)
+    if cache is None:
+      cos_BSH, sin_BSH, mask_B1ST = attention_inputs(cfg, (B, S), segment_ids_BS, positions_BS)
+    else:
+      cos_BSH, sin_BSH = rope_cos_sin(jnp.asarray(positions_BS), cfg)
 
     x_BSD = self.embed(input_ids_BS)
     layer_caches = None if cache is None else cache.layers
@@ -447,15 +458,16 @@ class Llama(nnx.Module):
       x_BSD, layer_caches = self._scan_layers(x_BSD, cos_BSH, sin_BSH, mask_B1ST, layer_caches, cache_index)
     else:
       x_BSD, layer_caches = self._loop_layers(x_BSD, cos_BSH, sin_BSH, mask_B1ST, layer_caches, cache_index)
-    x_BSD = self.final_norm(x_BSD)
-    if cfg.tie_word_embeddings:
-      logits_BSV = self.embed.attend(x_BSD)
-    else:
-      logits_BSV = self.lm_head(x_BSD)
-    logits_BSV = logits_BSV.astype(jnp.float32)
+    logits_BSV = self.head(x_BSD)
     if cache is None:
       return logits_BSV
     return logits_BSV, KVCache(layer_caches, cache_index + S)
+
+  def head(self, x_BSD: jax.Array) -> jax.Array:
+    """fp32 logits ``[B, S, V]`` of the last block's output: final norm, then lm_head (or the tied embedding)."""
+    x_BSD = self.final_norm(x_BSD)
+    logits_BSV = self.embed.attend(x_BSD) if self.config.tie_word_embeddings else self.lm_head(x_BSD)
+    return logits_BSV.astype(jnp.float32)
 
   def _loop_layers(self, x_BSD, cos_BSH, sin_BSH, mask_B1ST, layer_caches, cache_index):
     cfg = self.config

@@ -1,0 +1,191 @@
+"""Layerwise updates: each decoder layer is updated as soon as its gradient is complete.
+
+The GaLore paper reaches 7B in 22 GB partly by updating weights inside the backward pass, so that the
+full gradient tree never exists. Its hooks update per micro-batch (gradient accumulation is wrong) and
+cannot clip by the global norm. Here the backward pass is swept layer by layer, top to bottom:
+
+1. forward: the input of every layer is kept for every micro-batch (``[A, b, S, D]`` each, small);
+2. head: the loss and its cotangent at the last layer's output, per micro-batch;
+3. for ``l = L-1 … 0``: the layer is recomputed and differentiated for each micro-batch in turn, its
+   parameter gradient ``G_l`` summed over the micro-batches (the exact accumulated gradient), then
+   consumed at once by the layer's own optimizer state, and freed before layer ``l-1`` starts
+   (``optimization_barrier`` fixes that order for XLA);
+4. the embedding, final norm and lm_head (the "rest" group) last.
+
+With ``grad_clip > 0`` the clip factor needs the global norm before any update, so a first sweep
+computes only the per-layer norms and a second one updates: one more backward pass, correct clipping.
+The optimizer state is one state per layer plus one for the rest (:func:`by_layer`); every GaLore
+leaf is refreshed, projected and updated exactly as in the whole-tree step (the per-leaf schedule is
+the same, ``stagger`` offsets and randomized-refresh keys are drawn per group).
+
+Peak memory beyond weights and optimizer state: one layer's gradient, the boundary activations and
+the rest group's gradients (embedding and lm_head), instead of a full gradient tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from galore_jax.models import llama
+
+
+class ByLayer(NamedTuple):
+  """An optax-compatible transformation with one ``inner`` state per decoder layer and one for the rest.
+
+  ``update`` on a whole gradient tree clips by the global norm, then updates every group: the
+  reference the layerwise step must equal. The layerwise step itself uses ``inner`` and ``grad_clip``.
+  """
+
+  init: Callable[[Any], Any]
+  update: Callable[..., Any]
+  inner: optax.GradientTransformation
+  grad_clip: float
+
+
+def split_layers(tree: dict) -> tuple[dict, dict]:
+  """``(layers, rest)`` of a Llama parameter (or gradient) dict."""
+  return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
+
+
+def by_layer(inner: optax.GradientTransformation, grad_clip: float = 0.0) -> ByLayer:
+  """``inner`` applied per decoder layer (``params['layers'][i]``) and once to the other parameters."""
+
+  def init(params):
+    layers, rest = split_layers(params)
+    return {"layers": {k: inner.init(p) for k, p in layers.items()}, "rest": inner.init(rest)}
+
+  def update(grads, state, params=None):
+    if grad_clip > 0:
+      grads = clip(grads, jnp.sqrt(_sum_squares(grads)), grad_clip)
+    layer_grads, rest_grads = split_layers(grads)
+    layer_params, rest_params = split_layers(params) if params is not None else ({}, None)
+    updates, new_layers = {}, {}
+    for k, g in layer_grads.items():
+      updates[k], new_layers[k] = inner.update(g, state["layers"][k], layer_params.get(k))
+    rest_updates, new_rest = inner.update(rest_grads, state["rest"], rest_params)
+    return {**rest_updates, "layers": updates}, {"layers": new_layers, "rest": new_rest}
+
+  return ByLayer(init, update, inner, float(grad_clip))
+
+
+def clip(tree, norm: jax.Array, max_norm: float):
+  """``optax.clip_by_global_norm`` with the norm given: unchanged below ``max_norm``, else scaled onto it."""
+  trigger = norm < max_norm
+  return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), tree)
+
+
+def _sum_squares(tree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
+               overlap: Callable[[Any, Any], jax.Array] | None = None) -> Callable:
+  """``train(params, opt_state, batch) -> (params, opt_state, metrics)`` with layerwise updates (not jitted).
+
+  The metrics are those of the whole-tree step: ``loss`` (per-token mean), ``tokens``, ``grad_norm``
+  (before clipping) and, with ``overlap``, ``subspace_overlap = overlap(old_state, new_state)``.
+  """
+  inner, grad_clip = tx.inner, tx.grad_clip
+
+  def train(params, opt_state, batch):
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    if cfg.scan_layers:
+      raise ValueError("layerwise updates need model.scan_layers=False (one parameter tree per layer)")
+    block_def, keys = nnx.graphdef(model.layers[0]), list(params["layers"])  # keys[i] is layer i
+    n_layers = len(keys)
+    _, rest_params = split_layers(params)
+
+    def rest_model(rest):
+      return nnx.merge(graphdef, {**rest, "layers": params["layers"]})
+
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def block(p, x_BSD, mb):
+      segments = (mb["segment_ids"], mb["positions"]) if packed else (None, None)
+      cos_BSH, sin_BSH, mask_B1ST = llama.attention_inputs(cfg, mb["inputs"].shape, *segments)
+      return nnx.merge(block_def, p)(x_BSD, cos_BSH, sin_BSH, mask_B1ST)[0]
+
+    def head_loss(rest, x_BSD, mb):
+      logits_BSV = rest_model(rest).head(x_BSD)
+      losses_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, mb["targets"])
+      return jnp.sum(losses_BS * mb["loss_mask"].astype(jnp.float32))
+
+    # 1. forward, keeping each layer's input for every micro-batch
+    xs = [jax.lax.map(lambda mb: rest_model(rest_params).embed(mb["inputs"]), micro)]
+    for i in range(n_layers):
+      xs.append(jax.lax.map(lambda a, i=i: block(params["layers"][keys[i]], a[0], a[1]), (xs[-1], micro)))
+
+    # 2. head: loss, rest-group gradient from the head, cotangent at the top
+    def head_step(acc, a):
+      x_BSD, mb = a
+      loss, pullback = jax.vjp(lambda r, x: head_loss(r, x, mb), rest_params, x_BSD)
+      d_rest, dx = pullback(jnp.ones_like(loss))
+      return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], d_rest)), dx
+
+    zeros_rest = jax.tree.map(jnp.zeros_like, rest_params)
+    (loss, head_grads), dx_top = jax.lax.scan(head_step, (jnp.float32(0), zeros_rest), (xs[-1], micro))
+
+    def layer_grad(i, dx_next):
+      """The accumulated gradient of layer i (summed loss) and the cotangent at its input."""
+      p = params["layers"][keys[i]]
+
+      def step(acc, a):
+        x_BSD, dy, mb = a
+        _, pullback = jax.vjp(lambda q, x: block(q, x, mb), p, x_BSD)
+        dp, dx = pullback(dy)
+        return jax.tree.map(jnp.add, acc, dp), dx
+
+      return jax.lax.scan(step, jax.tree.map(jnp.zeros_like, p), (xs[i], dx_next, micro))
+
+    def rest_grad(dx_bottom):
+      def step(acc, a):
+        dy, mb = a
+        _, pullback = jax.vjp(lambda r: rest_model(r).embed(mb["inputs"]), rest_params)
+        return jax.tree.map(jnp.add, acc, pullback(dy)[0]), None
+
+      return jax.lax.scan(step, head_grads, (dx_bottom, micro))[0]
+
+    def mean(g):
+      return jax.tree.map(lambda x: (x / tokens).astype(x.dtype), g)
+
+    def sweep(consume, dx):
+      """Layers top to bottom, then the rest group; ``consume(group, grad)`` runs as soon as grad exists."""
+      outputs = {}
+      for i in reversed(range(n_layers)):
+        grad, dx = layer_grad(i, dx)
+        outputs[keys[i]], dx = jax.lax.optimization_barrier((consume(keys[i], mean(grad)), dx))
+      return outputs, consume("rest", mean(rest_grad(dx)))
+
+    squares = lambda group, g: _sum_squares(g)
+    if grad_clip > 0:
+      layer_sq, rest_sq = sweep(squares, dx_top)
+      norm = jnp.sqrt(sum(layer_sq.values()) + rest_sq)
+      # a formal dependency on the norm keeps XLA from merging the two sweeps (which would keep every G_l)
+      dx_top, norm = jax.lax.optimization_barrier((dx_top, norm))
+      scale = lambda g: clip(g, norm, grad_clip)
+    else:
+      scale = lambda g: g
+
+    def update(group, g):
+      p = params["layers"][group] if group != "rest" else rest_params
+      s = opt_state["layers"][group] if group != "rest" else opt_state["rest"]
+      u, new_s = inner.update(scale(g), s, p)
+      return optax.apply_updates(p, u), new_s, _sum_squares(g)
+
+    new_layers, (new_rest, new_rest_state, rest_sq) = sweep(update, dx_top)
+    new_params = {**new_rest, "layers": {k: new_layers[k][0] for k in keys}}
+    new_state = {"layers": {k: new_layers[k][1] for k in keys}, "rest": new_rest_state}
+    grad_norm = jnp.sqrt(sum(v[2] for v in new_layers.values()) + rest_sq)
+    metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": grad_norm}
+    if overlap is not None:
+      metrics["subspace_overlap"] = overlap(opt_state, new_state)
+    return new_params, new_state, metrics
+
+  return train
