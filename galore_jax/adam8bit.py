@@ -122,8 +122,24 @@ def quantize_blockwise(x: jax.Array, code: np.ndarray, block_size: int = 256) ->
   absmax = jnp.max(jnp.abs(x), axis=1)
   inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
   scaled = jnp.clip(x * inv[:, None], -1.0, 1.0)
-  idx = jnp.searchsorted(jnp.asarray(_midpoints(code)), scaled, side="left", method="scan_unrolled")
-  return QuantizedMoment(codes=idx.astype(jnp.uint8), absmax=absmax)
+  return QuantizedMoment(codes=_count_below(_midpoints(code), scaled).astype(jnp.uint8), absmax=absmax)
+
+
+def _count_below(sorted_values: np.ndarray, x: jax.Array) -> jax.Array:
+  """``searchsorted(sorted_values, x, side="left")`` by an unrolled binary search.
+
+  ``jnp.searchsorted``'s searches start from a constant index, whose gather from the constant table
+  XLA then constant-folds into an ``x``-sized literal: seconds of compile time per large leaf. Here
+  the first probe is a scalar and every later gather is data-dependent.
+  """
+  size = 1 << max(1, (len(sorted_values)).bit_length())  # a power of two > len, padded with +inf
+  table = jnp.asarray(np.concatenate([sorted_values, np.full(size - len(sorted_values), np.inf, np.float32)]))
+  step = size // 2
+  idx = jnp.where(table[step - 1] < x, step, 0)
+  while step > 1:
+    step //= 2
+    idx = jnp.where(table[idx + step - 1] < x, idx + step, idx)
+  return idx
 
 
 def dequantize_blockwise(q: QuantizedMoment, code: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
