@@ -82,20 +82,21 @@ def test_layerwise_packed_tied_and_8bit():
 
 
 def test_layerwise_step_has_no_full_gradient_tree():
-  """XLA's temporaries of the layerwise step stay below one full gradient tree at a shape where it dominates."""
+  """With accumulation, the whole-tree step holds a full gradient tree (the accumulator) in XLA's temporaries;
+  the layerwise step about half of one (one layer's gradient, the rest group's, activations). (With clipping, the two-sweep step is not lean yet: see layerwise.py.)"""
   cfg = CFG.replace(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, vocab_size=64)
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.graphdef(model), training.params_of(model)
   grads_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   tx = layerwise.by_layer(galore_adamw(1e-2, rank=8, update_proj_gap=2), 0.0)
   state = jax.eval_shape(tx.init, params)
-  b = batch(0, b=1, s=8)
+  b = batch(0, b=2, s=8)
   temps = {}
   for swept in (False, True):
-    step = training.make_steps(graphdef, tx, grad_accum=1, packed=False, layerwise_updates=swept).train
+    step = training.make_steps(graphdef, tx, grad_accum=2, packed=False, layerwise_updates=swept).train
     temps[swept] = step.lower(params, state, b).compile().memory_analysis().temp_size_in_bytes
   assert temps[False] > grads_bytes  # the whole-tree step holds every gradient at once
-  assert temps[True] < 0.5 * grads_bytes, (temps, grads_bytes)
+  assert temps[True] < 0.6 * grads_bytes, (temps, grads_bytes)
 
 
 def test_config_wiring_and_scan_layers_refused():
