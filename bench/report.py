@@ -40,7 +40,7 @@ def speed_section() -> list[str]:
                    f"{x['tokens_per_sec']:,.0f} | {'' if mfu is None else f'{mfu:.1%}'} | "
                    f"{x['amortized_ratio_to_adamw']:.3f}× | {'' if torch_ratio is None else f'{torch_ratio:.2f}×'} | "
                    f"{compile_cell} |")
-    lines += ["", provenance(path, r), ""]
+    lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
 

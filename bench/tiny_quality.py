@@ -54,8 +54,9 @@ def main() -> None:
              f"--config.seed={seed}", *VARIANTS[variant]]
       if not args.collect_only and final_eval_loss(workdir) is None:
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-      runs[f"{variant}_s{seed}"] = {"variant": variant, "seed": seed, "eval_loss": final_eval_loss(workdir),
-                                    "command": " ".join(["python"] + cmd[1:])}
+      if final_eval_loss(workdir) is not None:  # --collect_only: runs that were not made are left out
+        runs[f"{variant}_s{seed}"] = {"variant": variant, "seed": seed, "eval_loss": final_eval_loss(workdir),
+                                      "command": " ".join(["python"] + cmd[1:])}
   for name, r in runs.items():
     base = runs.get(f"svd_s{r['seed']}", {}).get("eval_loss")
     if base and r["eval_loss"]:
