@@ -75,10 +75,13 @@ def memory_section() -> list[str]:
     lines += ["**Memory at 256 tokens/step (dry run: nothing allocated)**", "",
               "| model | optimizer | optimizer state | analytic total | XLA peak |", "|---|---|---|---|---|"]
     for x in r["results"]:
-      lines.append(f"| {x['preset']} | {x['variant']} | {x['optimizer_state_gb']:.2f} GB | "
+      variant = x.get("variant") or x["optimizer"] + (" + layerwise" if x.get("layerwise") else "")
+      lines.append(f"| {x['preset']} | {variant} | {x['optimizer_state_gb']:.2f} GB | "
                    f"{x['analytic_total_gb']:.2f} GB | {x.get('xla_peak_gb', float('nan')):.2f} GB |")
     png = path.replace(".json", ".png")
-    lines += ["", f"![memory]({png})", "", f"*{r['note']}*", "", provenance(path, r), ""]
+    if os.path.exists(os.path.join(ROOT, png)):
+      lines += ["", f"![memory]({png})"]
+    lines += ["", f"*{r['note']}*", "", provenance(path, r), ""]
   return lines
 
 

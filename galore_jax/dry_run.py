@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from galore_jax import training
+from galore_jax import layerwise, training
 from galore_jax.transform import GaLoreState, path_str
 
 GB = 1e9
@@ -40,10 +40,18 @@ def optimizer_breakdown(opt_state) -> dict[str, int]:
     targeted = set(s.bases)
     for path, leaf in jax.tree_util.tree_flatten_with_path(s.inner_state)[0]:
       name = path_str(path)
-      if any(name.endswith("/" + t) or name == t for t in targeted):
+      if any(f"/{t}/" in f"/{name}/" for t in targeted):  # also 8-bit moments (.../kernel/codes)
         low_rank += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
   total = nbytes(opt_state)
   return {"moments_low_rank": low_rank, "projector_bases": bases, "full_rank_states": total - low_rank - bases}
+
+
+def gradient_bytes(cfg, params) -> int:
+  """Gradient bytes alive at once: a full set, or with layerwise updates the largest layer's plus the rest group's."""
+  if not cfg.train.layerwise:
+    return nbytes(params)
+  layers, rest = layerwise.split_layers(params)
+  return max(nbytes(p) for p in layers.values()) + nbytes(rest)
 
 
 def abstract_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
@@ -83,7 +91,7 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   memory = compiled.memory_analysis()
   device = jax.devices()[0]
 
-  weights, state = nbytes(params), nbytes(opt_state)
+  weights, state, grads = nbytes(params), nbytes(opt_state), gradient_bytes(cfg, params)
   breakdown = optimizer_breakdown(opt_state)
   activations = activation_estimate(cfg, model_cfg)
   report = {
@@ -93,10 +101,11 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
       "tokens_per_micro_batch": cfg.train.batch_size // cfg.train.grad_accum * cfg.data.seq_len,
       "param_dtype": str(model_cfg.param_dtype), "remat": model_cfg.remat,
       "params": training.count_params(params),
-      "weights_gb": weights / GB, "gradients_gb": weights / GB, "optimizer_state_gb": state / GB,
+      "layerwise": bool(cfg.train.layerwise),
+      "weights_gb": weights / GB, "gradients_gb": grads / GB, "optimizer_state_gb": state / GB,
       **{f"{k}_gb": v / GB for k, v in breakdown.items()},
       "activations_estimate_gb": activations / GB,
-      "analytic_total_gb": (2 * weights + state + activations) / GB,
+      "analytic_total_gb": (weights + grads + state + activations) / GB,
       "compile_s": compile_s,
       "backend": jax.default_backend(), "device": device.device_kind,
   }
@@ -129,7 +138,7 @@ def _one_real_step(cfg, compiled, tx) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
-  rows = [("weights", "weights_gb"), ("gradients (one full set)", "gradients_gb"),
+  rows = [("weights", "weights_gb"), ("gradients alive at once", "gradients_gb"),
           ("optimizer state", "optimizer_state_gb"), ("  low-rank moments", "moments_low_rank_gb"),
           ("  projector bases", "projector_bases_gb"), ("  full-rank states", "full_rank_states_gb"),
           ("activations (estimate)", "activations_estimate_gb"), ("analytic total", "analytic_total_gb"),
