@@ -111,9 +111,7 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def block(p, x_BSD, mb):
-      segments = (mb["segment_ids"], mb["positions"]) if packed else (None, None)
-      cos_BSH, sin_BSH, mask_B1ST = llama.attention_inputs(cfg, mb["inputs"].shape, *segments)
-      return nnx.merge(block_def, p)(x_BSD, cos_BSH, sin_BSH, mask_B1ST)[0]
+      return nnx.merge(block_def, p)(x_BSD, *mb["attention_inputs"])[0]
 
     def head_loss(rest, x_BSD, mb):
       logits_BSV = rest_model(rest).head(x_BSD)
@@ -122,6 +120,9 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
 
     # Micro-batches are a Python loop, not a scan: XLA's while loops made every layer's buffers live at once.
     micro = [jax.tree.map(lambda x, k=k: x[k], micro) for k in range(grad_accum)]
+    for mb in micro:  # RoPE tables and mask once per micro-batch, shared by every layer and both passes
+      segments = (mb["segment_ids"], mb["positions"]) if packed else (None, None)
+      mb["attention_inputs"] = llama.attention_inputs(cfg, mb["inputs"].shape, *segments)
 
     # 1. forward, keeping each layer's input for every micro-batch
     xs = [[rest_model(rest_params).embed(mb["inputs"]) for mb in micro]]
