@@ -2,8 +2,9 @@
 
   python bench/compile_time.py [--preset llama_130m] [--vocab 1024] [--seq_len 64]
 
-The GaLore step carries every leaf's refresh inside one `lax.cond` branch; this measures what that costs
-the compiler, with and without `batch_refresh` (one batched call per group of equal shapes). Writes
+The GaLore step carries the refresh inside `lax.cond` branches (one per group of equal shapes, with a loop
+over the group's leaves); this measures what that costs the compiler, with `batch_refresh` (one batched call
+per group) and `stagger` (leaves of a group due on different steps). Writes
 bench/results/compile_time-<backend>-<preset>.json.
 """
 
@@ -51,6 +52,7 @@ def main() -> None:
       "galore svd + batch_refresh": galore_adamw(1e-3, rank=rank, batch_refresh=True),
       "galore randomized": galore_adamw(1e-3, rank=rank, refresh="randomized"),
       "galore randomized + batch_refresh": galore_adamw(1e-3, rank=rank, refresh="randomized", batch_refresh=True),
+      "galore randomized + stagger": galore_adamw(1e-3, rank=rank, refresh="randomized", stagger=True),
   }
   results = {}
   for name, tx in variants.items():

@@ -8,6 +8,7 @@ projects the result back. Everything else goes through ``inner`` at full rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -322,6 +323,24 @@ def refresh_offsets(plans: Sequence[LeafPlan | None], update_proj_gap: int, stag
   return offsets
 
 
+def _due(count: jax.Array, offset: int, update_proj_gap: int) -> jax.Array:
+  """Whether a leaf with refresh ``offset`` refreshes at step ``count`` (see :func:`refresh_offsets`)."""
+  if offset == 0:
+    return count % update_proj_gap == 0
+  return (count == 0) | ((count - offset) % update_proj_gap == 0)
+
+
+def _refresh_groups(plans, bases, indices, same_batch_shape: bool) -> dict[Any, list[int]]:
+  """Leaves whose refreshes are one computation: equal ``(m, n)``, rank, sides, basis dtypes (and batch shape)."""
+  groups: dict[Any, list[int]] = {}
+  for i in indices:
+    p = plans[i]
+    dtypes = tuple(None if q is None else jnp.dtype(q.dtype) for q in bases[i])
+    batch = p.batch_shape if same_batch_shape else None
+    groups.setdefault((batch, p.m, p.n, p.rank, p.sides, dtypes), []).append(i)
+  return groups
+
+
 def _moment_slots(inner_state, keypaths, plans):
   """Find the inner state's leaves that are moments of targeted leaves: ``{state leaf index: (plan index, squared)}``.
 
@@ -487,9 +506,22 @@ def galore(
         schedule=schedule,
     )
 
-  def leaf_keys(key, index, p):
-    k = jax.random.fold_in(key, index)
-    return jax.random.split(k, p.batch_shape) if p.batch_shape else k
+  def matrix_keys(key, plans):
+    """Per leaf, its matrices' PRNG keys (batch-shaped, or one key): matrix ``k`` of the tree gets ``split(key)[k]``.
+
+    One split for the whole tree, so a matrix's draw depends on the step and its
+    place in the tree only, never on how the refreshes are grouped or staggered.
+    """
+    sizes = [0 if p is None else math.prod(p.batch_shape) for p in plans]
+    every = jax.random.split(key, max(sum(sizes), 1))
+    keys, start = [], 0
+    for p, size in zip(plans, sizes):
+      if p is not None:
+        keys.append(every[start:start + size].reshape(p.batch_shape) if p.batch_shape else every[start])
+      else:
+        keys.append(None)
+      start += size
+    return keys
 
   def call_refresh(g32s, olds, keys, warm, rank):
     kwargs = {}
@@ -499,39 +531,40 @@ def galore(
       kwargs["warm"] = warm
     return refresh(g32s, olds, rank, **kwargs)
 
+  def finite_fp32(g):
+    """``(fp32 copy of g with non-finite matrices zeroed, per-matrix finiteness [...])``."""
+    finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+    return jnp.where(finite[..., None, None], g.astype(jnp.float32), 0.0), finite
+
+  def keep_unless_changed(new, old, changed):
+    return Basis(*(None if q_old is None else jnp.where(changed[..., None, None], q_new.astype(q_old.dtype), q_old)
+                   for q_new, q_old in zip(new, old)))
+
   def refresh_fn(grads, bases, inner_state, key, warm, plans, keypaths):
-    """Refresh the leaves whose plan is not None; the others pass through."""
+    """Refresh the leaves whose plan is not None, inline (batched per shape with ``batch_refresh``)."""
     new_bases = list(bases)
     changed: list[Any] = [None] * len(plans)
     g32 = {}
     for i, (g, p) in enumerate(zip(grads, plans)):
-      if p is None:
-        continue
-      finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
-      g32[i] = jnp.where(finite[..., None, None], g.astype(jnp.float32), 0.0)
-      changed[i] = finite
+      if p is not None:
+        g32[i], changed[i] = finite_fp32(g)
+    keys = matrix_keys(key, plans) if "key" in refresh_keywords else [None] * len(plans)
     if batch_refresh:
-      groups: dict[Any, list[int]] = {}
-      for i in g32:
-        p = plans[i]
-        dtypes = tuple(None if q is None else q.dtype for q in bases[i])
-        groups.setdefault((p.m, p.n, p.rank, p.sides, dtypes), []).append(i)
-      groups = list(groups.values())
+      groups = list(_refresh_groups(plans, bases, list(g32), same_batch_shape=False).values())
     else:
       groups = [[i] for i in g32]
     fresh = {}
     for group in groups:
       rank_ = plans[group[0]].rank
-      keys = [leaf_keys(key, i, plans[i]) for i in group] if "key" in refresh_keywords else None
       if len(group) == 1:
         i = group[0]
-        fresh[i] = call_refresh(g32[i], bases[i], keys and keys[0], warm, rank_)
+        fresh[i] = call_refresh(g32[i], bases[i], keys[i], warm, rank_)
         continue
-      flat = lambda x, i: None if x is None else x.reshape(-1, *x.shape[-2:])
-      stacked_g = jnp.concatenate([flat(g32[i], i) for i in group])
-      stacked_b = Basis(*(None if bases[group[0]][s_] is None else jnp.concatenate([flat(bases[i][s_], i) for i in group])
+      flat = lambda x: None if x is None else x.reshape(-1, *x.shape[-2:])
+      stacked_g = jnp.concatenate([flat(g32[i]) for i in group])
+      stacked_b = Basis(*(None if bases[group[0]][s_] is None else jnp.concatenate([flat(bases[i][s_]) for i in group])
                           for s_ in range(2)))
-      stacked_k = None if keys is None else jnp.concatenate([jnp.reshape(k, (-1,)) for k in keys])
+      stacked_k = None if keys[group[0]] is None else jnp.concatenate([jnp.reshape(keys[i], (-1,)) for i in group])
       out = call_refresh(stacked_g, stacked_b, stacked_k, warm, rank_)
       start = 0
       for i in group:
@@ -540,27 +573,71 @@ def galore(
                            for q in out))
         start += size
     for i, new in fresh.items():
-      old, finite = bases[i], changed[i]
-      keep_old = lambda q_new, q_old: None if q_old is None else jnp.where(
-          finite[..., None, None], q_new.astype(q_old.dtype), q_old)
-      new_bases[i] = Basis(*(keep_old(q_new, q_old) for q_new, q_old in zip(new, old)))
+      new_bases[i] = keep_unless_changed(new, bases[i], changed[i])
     if on_refresh != "keep":
       inner_state = _carry_moments(inner_state, bases, new_bases, changed, plans, keypaths)
     return new_bases, inner_state
 
-  def _carry_moments(inner_state, old_bases, new_bases, changed, plans, keypaths):
+  def looped_refresh(ops, group, due, plans, keypaths):
+    """Refresh the leaves of one shape group by a ``fori_loop`` over them: one copy of the refresh in the program.
+
+    ``due`` holds each member's schedule predicate; a member that is not due is
+    skipped (stagger) and keeps its basis and moments. The loop picks a member's
+    gradient with ``lax.switch``, so only one fp32 gradient copy exists at a time.
+    """
+    grads, bases, inner_state, key, warm = ops
+    members = [p if i in group else None for i, p in enumerate(plans)]
+    keys = matrix_keys(key, plans) if "key" in refresh_keywords else [None] * len(plans)
+    rank_ = plans[group[0]].rank
+    finite = {i: jnp.all(jnp.isfinite(grads[i]), axis=(-2, -1)) for i in group}
+    always_due = all(isinstance(due[i], bool) for i in group)
+    if len(group) == 1:
+      (i,) = group
+      fresh = {i: call_refresh(finite_fp32(grads[i])[0], bases[i], keys[i], warm, rank_)}
+    else:
+      loaders = [lambda i=i: (finite_fp32(grads[i])[0], bases[i]) for i in group]
+      stacked_keys = None if keys[group[0]] is None else jnp.stack([keys[i] for i in group])
+      due_now = None if always_due else jnp.stack([jnp.asarray(due[i]) for i in group])
+
+      def body(j, outs):
+        g, old = jax.lax.switch(j, loaders)
+        run = lambda: Basis(*(None if q is None else q.astype(o.dtype) for q, o in zip(
+            call_refresh(g, old, None if stacked_keys is None else stacked_keys[j], warm, rank_), old)))
+        new = run() if always_due else jax.lax.cond(due_now[j], run, lambda: old)
+        return Basis(*(None if o is None else o.at[j].set(q) for o, q in zip(outs, new)))
+
+      template = bases[group[0]]
+      outs = jax.lax.fori_loop(0, len(group), body, Basis(*(
+          None if q is None else jnp.zeros((len(group), *q.shape), q.dtype) for q in template)))
+      fresh = {i: Basis(*(None if o is None else o[j] for o in outs)) for j, i in enumerate(group)}
+    new_bases = list(bases)
+    changed: list[Any] = [None] * len(plans)
+    for i in group:
+      changed[i] = finite[i] & due[i]
+      new_bases[i] = keep_unless_changed(fresh[i], bases[i], changed[i])
+    if on_refresh != "keep":
+      gates = None if always_due else {i: due[i] for i in group}
+      inner_state = _carry_moments(inner_state, bases, new_bases, changed, members, keypaths, gates)
+    return new_bases, inner_state
+
+  def _carry_moments(inner_state, old_bases, new_bases, changed, plans, keypaths, gates=None):
     slots = _moment_slots(inner_state, keypaths, plans)
     leaves, state_def = jax.tree.flatten(inner_state)
     for i, (j, squared) in slots.items():
       if changed[j] is None:
         continue
-      moment, mask = leaves[i], changed[j][..., None, None]
-      if on_refresh == "reset":
-        carried = jnp.zeros_like(moment)
-      else:
-        rotation = projection.change_of_basis(new_bases[j], old_bases[j])
-        carried = projection.rotate(moment, rotation, squared=squared)
-      leaves[i] = jnp.where(mask, carried, moment)
+      mask = changed[j][..., None, None]
+
+      def carry(moment, j=j, squared=squared, mask=mask):
+        if on_refresh == "reset":
+          carried = jnp.zeros_like(moment)
+        else:
+          rotation = projection.change_of_basis(new_bases[j], old_bases[j])
+          carried = projection.rotate(moment, rotation, squared=squared)
+        return jnp.where(mask, carried, moment)
+
+      gate = None if gates is None else gates.get(j)
+      leaves[i] = carry(leaves[i]) if gate is None else jax.lax.cond(gate, carry, lambda m: m, leaves[i])
     return state_def.unflatten(leaves)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -576,16 +653,28 @@ def galore(
     inner_state = state.inner_state
     schedule = state.schedule
     if adaptive_gap is None:
-      for offset in sorted({o for o in offsets if o is not None}):
-        members = [p if o == offset else None for p, o in zip(plans, offsets)]
-        due = state.count % update_proj_gap == 0 if offset == 0 else (
-            (state.count == 0) | ((state.count - offset) % update_proj_gap == 0))
-        bases, inner_state = jax.lax.cond(
-            due,
-            lambda ops, members=members: refresh_fn(*ops, members, keypaths),
-            lambda ops: (ops[1], ops[2]),
-            (matrices, bases, inner_state, key, warm),
-        )
+      due_at = {o: _due(state.count, o, update_proj_gap) for o in set(offsets) if o is not None}
+      operands = (matrices, bases, inner_state, key, warm)
+      if batch_refresh:  # one cond per offset; inside it, one batched call per shape
+        for offset in sorted(due_at):
+          members = [p if o == offset else None for p, o in zip(plans, offsets)]
+          bases, inner_state = jax.lax.cond(
+              due_at[offset],
+              lambda ops, members=members: refresh_fn(*ops, members, keypaths),
+              lambda ops: (ops[1], ops[2]),
+              (matrices, bases, inner_state, key, warm),
+          )
+      else:  # one cond per shape; inside it, one loop over the members that are due
+        for group in _refresh_groups(plans, bases, [i for i, p in enumerate(plans) if p], same_batch_shape=True).values():
+          group_offsets = sorted({offsets[i] for i in group})
+          due = {i: True if len(group_offsets) == 1 else due_at[offsets[i]] for i in group}
+          any_due = functools.reduce(jnp.logical_or, [due_at[o] for o in group_offsets])
+          bases, inner_state = jax.lax.cond(
+              any_due,
+              lambda ops, group=group, due=due: looped_refresh(ops, group, due, plans, keypaths),
+              lambda ops: (ops[1], ops[2]),
+              (matrices, bases, inner_state, key, warm),
+          )
     else:
       schedule = dict(schedule)
       for i, p in enumerate(plans):
