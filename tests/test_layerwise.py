@@ -81,14 +81,15 @@ def test_layerwise_packed_tied_and_8bit():
   assert_close_trees(swept, reference, atol=1e-4)
 
 
-def test_layerwise_step_has_no_full_gradient_tree():
-  """With accumulation, the whole-tree step holds a full gradient tree (the accumulator) in XLA's temporaries;
-  the layerwise step about half of one (one layer's gradient, the rest group's, activations). (With clipping, the two-sweep step is not lean yet: see layerwise.py.)"""
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_layerwise_step_has_no_full_gradient_tree(grad_clip):
+  """With accumulation (or clipping), the whole-tree step holds a full gradient tree in XLA's temporaries;
+  the layerwise step about half of one (one layer's gradient, the rest group's, activations)."""
   cfg = CFG.replace(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, vocab_size=64)
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.graphdef(model), training.params_of(model)
   grads_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  tx = layerwise.by_layer(galore_adamw(1e-2, rank=8, update_proj_gap=2), 0.0)
+  tx = layerwise.by_layer(galore_adamw(1e-2, rank=8, update_proj_gap=2), grad_clip)
   state = jax.eval_shape(tx.init, params)
   b = batch(0, b=2, s=8)
   temps = {}
