@@ -47,11 +47,12 @@ def optimizer_breakdown(opt_state) -> dict[str, int]:
 
 
 def gradient_bytes(cfg, params) -> int:
-  """Gradient bytes alive at once: a full set, or with layerwise updates the largest layer's plus the rest group's."""
+  """Gradient bytes alive at once: a full set, or with layerwise updates the largest group's (a layer's, the
+  head's, which is updated before the sweep, or the embedding's, updated after it)."""
   if not cfg.train.layerwise:
     return nbytes(params)
-  layers, rest = layerwise.split_layers(params)
-  return max(nbytes(p) for p in layers.values()) + nbytes(rest)
+  layers, head, rest = layerwise.split_groups(params)
+  return max([nbytes(p) for p in layers.values()] + [nbytes(head), nbytes(rest)])
 
 
 def abstract_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:

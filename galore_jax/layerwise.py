@@ -50,28 +50,47 @@ class ByLayer(NamedTuple):
   grad_clip: float
 
 
+HEAD = ("final_norm", "lm_head")
+
+
 def split_layers(tree: dict) -> tuple[dict, dict]:
   """``(layers, rest)`` of a Llama parameter (or gradient) dict."""
   return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
 
 
+def split_groups(tree: dict) -> tuple[dict, dict, dict]:
+  """``(layers, head, rest)``: the head (final norm and an untied lm_head) is complete right after the loss,
+  the rest (the embedding) only at the bottom; with tied embeddings the head group is empty."""
+  layers, others = split_layers(tree)
+  head_keys = HEAD if "lm_head" in others else ()
+  return (layers, {k: v for k, v in others.items() if k in head_keys},
+          {k: v for k, v in others.items() if k not in head_keys})
+
+
 def by_layer(inner: optax.GradientTransformation, grad_clip: float = 0.0) -> ByLayer:
-  """``inner`` applied per decoder layer (``params['layers'][i]``) and once to the other parameters."""
+  """``inner`` applied per decoder layer (``params['layers'][i]``), to the head and to the other parameters.
+
+  The state is ``{"layers": {i: state}, "head": state, "rest": state}`` (no ``head`` with tied embeddings).
+  """
 
   def init(params):
-    layers, rest = split_layers(params)
-    return {"layers": {k: inner.init(p) for k, p in layers.items()}, "rest": inner.init(rest)}
+    layers, head, rest = split_groups(params)
+    state = {"layers": {k: inner.init(p) for k, p in layers.items()}, "rest": inner.init(rest)}
+    return {**state, "head": inner.init(head)} if head else state
 
   def update(grads, state, params=None):
     if grad_clip > 0:
       grads = clip(grads, jnp.sqrt(_sum_squares(grads)), grad_clip)
-    layer_grads, rest_grads = split_layers(grads)
-    layer_params, rest_params = split_layers(params) if params is not None else ({}, None)
-    updates, new_layers = {}, {}
+    layer_grads, head_grads, rest_grads = split_groups(grads)
+    layer_params, head_params, rest_params = split_groups(params) if params is not None else ({}, None, None)
+    updates, new_state = {}, {"layers": {}}
     for k, g in layer_grads.items():
-      updates[k], new_layers[k] = inner.update(g, state["layers"][k], layer_params.get(k))
-    rest_updates, new_rest = inner.update(rest_grads, state["rest"], rest_params)
-    return {**rest_updates, "layers": updates}, {"layers": new_layers, "rest": new_rest}
+      updates[k], new_state["layers"][k] = inner.update(g, state["layers"][k], layer_params.get(k))
+    rest_updates, new_state["rest"] = inner.update(rest_grads, state["rest"], rest_params)
+    head_updates = {}
+    if head_grads:
+      head_updates, new_state["head"] = inner.update(head_grads, state["head"], head_params)
+    return {**rest_updates, **head_updates, "layers": updates}, new_state
 
   return ByLayer(init, update, inner, float(grad_clip))
 
@@ -107,10 +126,11 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
       raise ValueError("layerwise updates need model.scan_layers=False (one parameter tree per layer)")
     block_def, keys = nnx.graphdef(model.layers[0]), list(params["layers"])  # keys[i] is layer i
     n_layers = len(keys)
-    _, rest_params = split_layers(params)
+    _, head_params, rest_params = split_groups(params)
+    other_params = {**head_params, **rest_params}
 
-    def rest_model(rest):
-      return nnx.merge(graphdef, {**rest, "layers": params["layers"]})
+    def rest_model(others):
+      return nnx.merge(graphdef, {**other_params, **others, "layers": params["layers"]})
 
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
     tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -134,13 +154,15 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     for i in range(n_layers):
       xs.append([block(params["layers"][keys[i]], x, mb) for x, mb in zip(xs[-1], micro)])
 
-    # 2. head: loss, rest-group gradient from the head, cotangent at the top
-    loss, head_grads, dx_top = jnp.float32(0), jax.tree.map(jnp.zeros_like, rest_params), []
-    for x_BSD, mb in zip(xs[-1], micro):
-      loss_k, pullback = jax.vjp(lambda r, x, mb=mb: head_loss(r, x, mb), rest_params, x_BSD)
-      d_rest, dx = pullback(jnp.ones_like(loss_k))
-      loss, head_grads = loss + loss_k, jax.tree.map(jnp.add, head_grads, d_rest)
-      dx_top.append(dx)
+    def head_pass(seed):
+      """The loss, the non-layer gradients from the head and the cotangent at the top, all times ``seed``."""
+      loss, grads, dx_top = jnp.float32(0), jax.tree.map(jnp.zeros_like, other_params), []
+      for x_BSD, mb in zip(xs[-1], micro):
+        loss_k, pullback = jax.vjp(lambda o, x, mb=mb: head_loss(o, x, mb), other_params, x_BSD)
+        d_other, dx = pullback(seed.astype(loss_k.dtype))
+        loss, grads = loss + loss_k, jax.tree.map(jnp.add, grads, d_other)
+        dx_top.append(dx)
+      return loss, grads, dx_top
 
     def layer_grad(i, dx_next):
       """The accumulated gradient of layer i (summed loss) and the cotangent at its input."""
@@ -153,8 +175,8 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
         dxs.append(dx)
       return grad, dxs
 
-    def rest_grad(dx_bottom, head_grads):
-      grad = head_grads
+    def rest_grad(dx_bottom, from_head):
+      grad = from_head
       for dy, mb in zip(dx_bottom, micro):
         _, pullback = jax.vjp(lambda r, mb=mb: rest_model(r).embed(mb["inputs"]), rest_params)
         grad = jax.tree.map(jnp.add, grad, pullback(dy)[0])
@@ -163,35 +185,46 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     def mean(g):
       return jax.tree.map(lambda x: (x / tokens).astype(x.dtype), g)
 
-    def sweep(consume, dx, head_grads):
+    def sweep(consume, dx, from_head):
       """Layers top to bottom, then the rest group; ``consume(group, grad)`` runs as soon as grad exists."""
       outputs = {}
       for i in reversed(range(n_layers)):
         grad, dx = layer_grad(i, dx)
         outputs[keys[i]], dx = jax.lax.optimization_barrier((consume(keys[i], mean(grad)), dx))
-      return outputs, consume("rest", mean(rest_grad(dx, head_grads)))
+      return outputs, consume("rest", mean(rest_grad(dx, from_head)))
 
+    def head_and_rest(grads):
+      return {k: grads[k] for k in head_params}, {k: grads[k] for k in rest_params}
+
+    # 2. head: loss, the head's gradient, the cotangent at the top
+    loss, from_head, dx_top = head_pass(jnp.float32(1))
+    head_grads, rest_from_head = head_and_rest(from_head)
+    head_sq = _sum_squares(mean(head_grads))
     if grad_clip > 0:
-      layer_sq, rest_sq = sweep(lambda group, g: _sum_squares(g), dx_top, head_grads)
-      norm = jnp.sqrt(sum(layer_sq.values()) + rest_sq)
+      layer_sq, rest_sq = sweep(lambda group, g: _sum_squares(g), dx_top, rest_from_head)
+      norm = jnp.sqrt(sum(layer_sq.values()) + rest_sq + head_sq)
       # Clipping scales every gradient by one factor and gradients are linear in the cotangent, so the
-      # second sweep starts from the scaled cotangent. (Clipping each G_l instead left two identical
-      # sweeps that XLA merged, which kept every G_l alive until the norm was known.)
-      factor = clip_factor(norm, grad_clip)
-      scaled = lambda tree: jax.tree.map(lambda x: (x * factor.astype(x.dtype)).astype(x.dtype), tree)
-      dx_top, head_grads = scaled(dx_top), scaled(head_grads)
+      # second pass starts from the loss cotangent scaled by it. (Clipping each G_l instead left two
+      # identical sweeps that XLA merged, which kept every G_l alive until the norm was known.)
+      _, from_head, dx_top = head_pass(clip_factor(norm, grad_clip))
+      head_grads, rest_from_head = head_and_rest(from_head)
 
     def update(group, g):
-      p = params["layers"][group] if group != "rest" else rest_params
-      s = opt_state["layers"][group] if group != "rest" else opt_state["rest"]
+      p = {"head": head_params, "rest": rest_params}.get(group) or params["layers"][group]
+      s = opt_state[group] if group in ("head", "rest") else opt_state["layers"][group]
       u, new_s = inner.update(g, s, p)
       return optax.apply_updates(p, u), new_s, _sum_squares(g)
 
-    new_layers, (new_rest, new_rest_state, rest_sq) = sweep(update, dx_top, head_grads)
+    new_head, new_head_state = {}, None
+    if head_params:  # updated before the sweep starts, so the head's gradient is gone by then
+      (new_head, new_head_state, _), dx_top = jax.lax.optimization_barrier((update("head", mean(head_grads)), dx_top))
+    new_layers, (new_rest, new_rest_state, rest_sq) = sweep(update, dx_top, rest_from_head)
     if grad_clip <= 0:
-      norm = jnp.sqrt(sum(v[2] for v in new_layers.values()) + rest_sq)
-    new_params = {**new_rest, "layers": {k: new_layers[k][0] for k in keys}}
+      norm = jnp.sqrt(sum(v[2] for v in new_layers.values()) + rest_sq + head_sq)
+    new_params = {**new_rest, **new_head, "layers": {k: new_layers[k][0] for k in keys}}
     new_state = {"layers": {k: new_layers[k][1] for k in keys}, "rest": new_rest_state}
+    if head_params:
+      new_state["head"] = new_head_state
     metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": norm}
     if overlap is not None:
       metrics["subspace_overlap"] = overlap(opt_state, new_state)
