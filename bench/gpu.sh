@@ -18,5 +18,5 @@ timeout ${REFRESH_S:-100} python3 bench/refresh.py --preset llama_7b --layers 32
   --exact_algorithms jacobi --fast randomized,randomized_warm --skip_quality --skip_train --repeats 1 \
   --out "$OUT/refresh-gpu-llama_7b.json"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout ${MEMORY_S:-200} python3 bench/memory.py --presets llama_7b \
-  --variants "${MEMORY_VARIANTS:-galore_adamw (fp32 states),galore_adamw_8bit,adamw (bf16 states)}" --real_step \
+  --variants "${MEMORY_VARIANTS:-galore_adamw_8bit + layerwise,galore_adamw (fp32 states) + layerwise,adamw (bf16 states)}" --real_step \
   --out "$OUT/memory-7b-gpu"

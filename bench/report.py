@@ -72,12 +72,27 @@ def quality_section() -> list[str]:
 def memory_section() -> list[str]:
   lines = []
   for path, r in load("memory-*.json"):
+    if isinstance(r, list):  # the GPU list of bench/memory.py --real_step
+      lines += ["**Memory of one real step on the GPU**", "",
+                "| model | variant | tokens | XLA peak (GPU compile) | device peak (real step) |", "|---|---|---|---|---|"]
+      for x in r:
+        peak = f"{x['device_peak_gb']:.2f} GB" if x.get("device_peak_gb") is not None else x.get("error", "–")
+        xla = f"{x['xla_peak_gb']:.2f} GB" if x.get("xla_peak_gb") is not None else "–"
+        lines.append(f"| {x.get('preset')} | {x.get('variant')} | {x.get('tokens')} | {xla} | {peak} |")
+      lines += ["", provenance(path, r[0]) if r else "", ""]
+      continue
+    if path.endswith("-full.json"):
+      continue
+    fit = next((k for x in r["results"] for k in x if k.startswith("tokens_in_")), None)
+    fit_header = f" tokens in {fit[len('tokens_in_'):-2]} GB |" if fit else ""
     lines += ["**Memory at 256 tokens/step (dry run: nothing allocated)**", "",
-              "| model | optimizer | optimizer state | analytic total | XLA peak |", "|---|---|---|---|---|"]
+              "| model | optimizer | optimizer state | gradients alive | analytic total | XLA peak |" + fit_header,
+              "|---|---|---|---|---|---|" + ("---|" if fit else "")]
     for x in r["results"]:
       variant = x.get("variant") or x["optimizer"] + (" + layerwise" if x.get("layerwise") else "")
-      lines.append(f"| {x['preset']} | {variant} | {x['optimizer_state_gb']:.2f} GB | "
-                   f"{x['analytic_total_gb']:.2f} GB | {x.get('xla_peak_gb', float('nan')):.2f} GB |")
+      xla = f"{x['xla_peak_gb']:.2f} GB" if "xla_peak_gb" in x else "not compiled"
+      lines.append(f"| {x['preset']} | {variant} | {x['optimizer_state_gb']:.2f} GB | {x['gradients_gb']:.2f} GB | "
+                   f"{x['analytic_total_gb']:.2f} GB | {xla} |" + (f" {x.get(fit, '')} |" if fit else ""))
     png = path.replace(".json", ".png")
     if os.path.exists(os.path.join(ROOT, png)):
       lines += ["", f"![memory]({png})"]

@@ -65,20 +65,54 @@ def abstract_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 def activation_estimate(cfg, model_cfg) -> int:
   """Bytes of activations kept for the backward pass of one micro-batch (a rough analytic figure).
 
-  With remat each block keeps its input (B·S·D) and recomputes the rest; without it a block keeps
-  ~ (10·D + 3·F)·B·S values plus attention probabilities when no fused kernel is used. The fp32
-  logits and their gradient (2·B·S·V·4 bytes) come on top.
+  With remat each block keeps its input (B·S·D) and the block being differentiated is recomputed, which
+  holds its ~ (10·D + 3·F)·B·S values once; without remat every block keeps those values. Attention
+  probabilities (B·H·S², fp32) are counted for one block. The fp32 logits and their gradient
+  (2·B·S·V·4 bytes) come on top.
   """
   b = cfg.train.batch_size // cfg.train.grad_accum
   s, d, f, v = cfg.data.seq_len, model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size
   item = jnp.dtype(model_cfg.dtype).itemsize
-  per_layer = b * s * d * item if model_cfg.remat else b * s * (10 * d + 3 * f) * item
-  return model_cfg.num_hidden_layers * per_layer + 2 * b * s * v * 4
+  block = b * s * (10 * d + 3 * f) * item + b * model_cfg.num_attention_heads * s * s * 4
+  kept = model_cfg.num_hidden_layers * (b * s * d * item if model_cfg.remat else block)
+  return kept + (block if model_cfg.remat else 0) + 2 * b * s * v * 4
+
+
+def analytic(cfg) -> dict[str, Any]:
+  """The analytic parts of the report (nothing compiled): weights, gradients alive, state breakdown, activations."""
+  model_cfg = training.model_config(cfg)
+  params = training.params_of(training.abstract_model(cfg))
+  opt_state = jax.eval_shape(training.build_optimizer(cfg).init, params)
+  weights, state, grads = nbytes(params), nbytes(opt_state), gradient_bytes(cfg, params)
+  activations = activation_estimate(cfg, model_cfg)
+  galore = cfg.optimizer.name.startswith("galore")
+  return {
+      "preset": cfg.model.preset, "optimizer": cfg.optimizer.name,
+      "rank": cfg.optimizer.rank if galore else None,
+      "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
+      "tokens_per_micro_batch": cfg.train.batch_size // cfg.train.grad_accum * cfg.data.seq_len,
+      "param_dtype": str(model_cfg.param_dtype), "remat": model_cfg.remat,
+      "params": training.count_params(params),
+      "layerwise": bool(cfg.train.layerwise),
+      "weights_gb": weights / GB, "gradients_gb": grads / GB, "optimizer_state_gb": state / GB,
+      **{f"{k}_gb": v / GB for k, v in optimizer_breakdown(opt_state).items()},
+      "activations_estimate_gb": activations / GB,
+      "analytic_total_gb": (weights + grads + state + activations) / GB,
+  }
+
+
+def sequences_that_fit(cfg, budget_gb: float) -> int:
+  """The most sequences per micro-batch whose analytic total stays within ``budget_gb`` (0 if none)."""
+  one = cfg.copy_and_resolve_references()
+  one.train.batch_size, one.train.grad_accum = 1, 1
+  fixed = analytic(one)
+  per_sequence = fixed["activations_estimate_gb"]
+  free = budget_gb - (fixed["analytic_total_gb"] - per_sequence)
+  return max(0, int(free // per_sequence))
 
 
 def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   """The memory report of ``cfg``'s train step; ``real_step`` (default: on GPU) also runs one step."""
-  model_cfg = training.model_config(cfg)
   abstract = training.abstract_model(cfg)
   params = training.params_of(abstract)
   tx = training.build_optimizer(cfg)
@@ -91,25 +125,7 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   device = jax.devices()[0]
-
-  weights, state, grads = nbytes(params), nbytes(opt_state), gradient_bytes(cfg, params)
-  breakdown = optimizer_breakdown(opt_state)
-  activations = activation_estimate(cfg, model_cfg)
-  report = {
-      "preset": cfg.model.preset, "optimizer": cfg.optimizer.name,
-      "rank": cfg.optimizer.rank if galore else None,
-      "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
-      "tokens_per_micro_batch": cfg.train.batch_size // cfg.train.grad_accum * cfg.data.seq_len,
-      "param_dtype": str(model_cfg.param_dtype), "remat": model_cfg.remat,
-      "params": training.count_params(params),
-      "layerwise": bool(cfg.train.layerwise),
-      "weights_gb": weights / GB, "gradients_gb": grads / GB, "optimizer_state_gb": state / GB,
-      **{f"{k}_gb": v / GB for k, v in breakdown.items()},
-      "activations_estimate_gb": activations / GB,
-      "analytic_total_gb": (weights + grads + state + activations) / GB,
-      "compile_s": compile_s,
-      "backend": jax.default_backend(), "device": device.device_kind,
-  }
+  report = {**analytic(cfg), "compile_s": compile_s, "backend": jax.default_backend(), "device": device.device_kind}
   if memory is not None:
     arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
     alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
