@@ -456,8 +456,9 @@ def galore(
       compile time of a 100-layer model near AdamW's.
     adaptive_gap: ``None`` (fixed gap) or :class:`AdaptiveGap`: each leaf keeps
       its own gap in ``GaLoreState.schedule`` and lengthens it while its
-      subspace stays put. Then every leaf has its own ``lax.cond`` and
-      ``batch_refresh`` does not apply. ``stagger`` sets the first refresh after
+      subspace stays put. Leaves are grouped and looped over as without it
+      (each leaf refreshes when its own next step comes), and ``batch_refresh``
+      does not apply. ``stagger`` sets the first refresh after
       step 0 (at the leaf's offset).
 
   A refresh on a non-finite gradient keeps the previous basis of that matrix
@@ -545,8 +546,8 @@ def galore(
     return Basis(*(None if q_old is None else jnp.where(changed[..., None, None], q_new.astype(q_old.dtype), q_old)
                    for q_new, q_old in zip(new, old)))
 
-  def refresh_fn(grads, bases, inner_state, key, warm, plans, keypaths):
-    """Refresh the leaves whose plan is not None, inline (batched per shape with ``batch_refresh``)."""
+  def batched_refresh(grads, bases, inner_state, key, warm, plans, keypaths):
+    """Refresh the leaves whose plan is not None: one batched call per group of equal shapes (``batch_refresh``)."""
     new_bases = list(bases)
     changed: list[Any] = [None] * len(plans)
     g32 = {}
@@ -554,12 +555,8 @@ def galore(
       if p is not None:
         g32[i], changed[i] = finite_fp32(g)
     keys = matrix_keys(key, plans) if "key" in refresh_keywords else [None] * len(plans)
-    if batch_refresh:
-      groups = list(_refresh_groups(plans, bases, list(g32), same_batch_shape=False).values())
-    else:
-      groups = [[i] for i in g32]
     fresh = {}
-    for group in groups:
+    for group in _refresh_groups(plans, bases, list(g32), same_batch_shape=False).values():
       rank_ = plans[group[0]].rank
       if len(group) == 1:
         i = group[0]
@@ -665,7 +662,7 @@ def galore(
           members = [p if o == offset else None for p, o in zip(plans, offsets)]
           bases, inner_state = jax.lax.cond(
               due_at[offset],
-              lambda ops, members=members: refresh_fn(*ops, members, keypaths),
+              lambda ops, members=members: batched_refresh(*ops, members, keypaths),
               lambda ops: (ops[1], ops[2]),
               (matrices, bases, inner_state, key, warm),
           )
@@ -682,16 +679,16 @@ def galore(
           )
     else:
       schedule = dict(schedule)
-      for i, p in enumerate(plans):
-        if p is None:
-          continue
-        members = [p if j == i else None for j in range(len(plans))]
-        bases, inner_state, schedule[p.path] = jax.lax.cond(
-            state.count >= schedule[p.path][1],
-            lambda ops, i=i, members=members: adaptive_refresh(ops, i, members, offsets[i], state.count, keypaths),
+      for group in _refresh_groups(plans, bases, [i for i, p in enumerate(plans) if p], same_batch_shape=True).values():
+        entries = [schedule[plans[i].path] for i in group]
+        due = {i: state.count >= entry[1] for i, entry in zip(group, entries)}
+        bases, inner_state, entries = jax.lax.cond(
+            functools.reduce(jnp.logical_or, list(due.values())),
+            lambda ops, group=group, due=due: adaptive_refresh(ops, group, due, state.count, plans, keypaths),
             lambda ops: (ops[1], ops[2], ops[5]),
-            (matrices, bases, inner_state, key, warm, schedule[p.path]),
+            (matrices, bases, inner_state, key, warm, entries),
         )
+        schedule.update({plans[i].path: entry for i, entry in zip(group, entries)})
     low = [projection.project(g, b) if p else g for p, g, b in zip(plans, matrices, bases)]
     low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
 
@@ -709,21 +706,26 @@ def galore(
         schedule=schedule,
     )
 
-  def adaptive_refresh(ops, i, members, offset, count, keypaths):
-    matrices, bases, inner_state, key, warm, entry = ops
-    new_bases, inner_state = refresh_fn(matrices, bases, inner_state, key, warm, members, keypaths)
-    p = members[i]
-    chance = [p.rank / d for d, side in ((p.m, p.sides.input), (p.n, p.sides.output)) if side]
-    chance = sum(chance) / len(chance)
-    overlap = projection.subspace_overlap(new_bases[i], bases[i])
-    normalized = (overlap - chance) / (1 - chance) if chance < 1 else jnp.float32(1)
-    gap = entry[0]
-    grown = jnp.where(normalized >= adaptive_gap.threshold,
-                      jnp.minimum(gap * adaptive_gap.factor, max_gap), update_proj_gap).astype(jnp.int32)
-    first = count == 0
-    new_gap = jnp.where(first, gap, grown)
-    next_step = jnp.where(first, offset if offset > 0 else update_proj_gap, count + new_gap)
-    return new_bases, inner_state, jnp.stack([new_gap, next_step]).astype(jnp.int32)
+  def adaptive_refresh(ops, group, due, count, plans, keypaths):
+    """The group's due leaves refreshed (:func:`looped_refresh`), and their ``[gap, next step]`` entries advanced."""
+    matrices, bases, inner_state, key, warm, entries = ops
+    new_bases, inner_state = looped_refresh((matrices, bases, inner_state, key, warm), group, due, plans, keypaths)
+    offsets = refresh_offsets(plans, update_proj_gap, stagger)
+    new_entries = []
+    for i, entry in zip(group, entries):
+      p = plans[i]
+      chance = [p.rank / d for d, side in ((p.m, p.sides.input), (p.n, p.sides.output)) if side]
+      chance = sum(chance) / len(chance)
+      overlap = projection.subspace_overlap(new_bases[i], bases[i])
+      normalized = (overlap - chance) / (1 - chance) if chance < 1 else jnp.float32(1)
+      gap = entry[0]
+      grown = jnp.where(normalized >= adaptive_gap.threshold,
+                        jnp.minimum(gap * adaptive_gap.factor, max_gap), update_proj_gap).astype(jnp.int32)
+      first = count == 0
+      new_gap = jnp.where(first, gap, grown)
+      next_step = jnp.where(first, offsets[i] if offsets[i] > 0 else update_proj_gap, count + new_gap)
+      new_entries.append(jnp.where(due[i], jnp.stack([new_gap, next_step]).astype(jnp.int32), entry))
+    return new_bases, inner_state, new_entries
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
