@@ -339,6 +339,26 @@ def randomized_svd_basis(
   return Basis(input=left if sides.input else None, output=right if sides.output else None)
 
 
+def align_signs(new: Basis, previous: Basis, warm: jax.Array | bool = True) -> Basis:
+  """Flip each column of ``new`` that points away from the same column of ``previous`` (``q_newᵀ q_old < 0``).
+
+  A singular vector's sign is arbitrary. LAPACK's exact SVD picks it by a rule that is nearly continuous
+  in the data, so consecutive refreshes mostly agree; a randomized range finder takes it from a fresh
+  random test matrix, so about half the columns would flip at every refresh, and a first moment kept
+  across the refresh (``on_refresh="keep"``) would push those coordinates backwards. ``warm`` False
+  (the first refresh, against a placeholder basis) leaves ``new`` as it is.
+  """
+
+  def flip(q, q_old):
+    if q is None:
+      return None
+    dots = jnp.sum(q.astype(jnp.float32) * q_old.astype(jnp.float32), axis=-2, keepdims=True)  # [..., 1, r]
+    sign = jnp.where(jnp.asarray(warm) & (dots < 0), -1.0, 1.0).astype(q.dtype)
+    return q * sign
+
+  return Basis(*(flip(q, q_old) for q, q_old in zip(new, previous)))
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomizedRefresh:
   """Randomized refresh (:func:`randomized_svd_basis`) as a ``refresh`` callable for :func:`galore_jax.galore`.
@@ -352,6 +372,8 @@ class RandomizedRefresh:
     svd_algorithm: algorithm of the small ``k×k`` SVD (two-sided bases only).
     stabilizer: ``"lu"`` (default, fbpca-style) or ``"qr"`` normalisation
       between power iterations; the final block is always orthonormalised by QR.
+    align: flip each new column to point the way of the previous basis's column
+      (:func:`align_signs`), so that moments kept across a refresh keep their sign.
 
   Called by the transformation as ``refresh(grad, previous, rank, key=..., warm=...)``:
   ``key`` is derived from ``galore(refresh_seed=...)``, the step count and the leaf, so
@@ -364,6 +386,7 @@ class RandomizedRefresh:
   warm_start: bool = False
   svd_algorithm: str | None = None
   stabilizer: str = "lu"
+  align: bool = True
 
   def __post_init__(self):
     if self.oversampling < 0 or self.iterations < 0:
@@ -375,10 +398,11 @@ class RandomizedRefresh:
   def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Basis:
     if key is None:
       key = jax.random.key(0)
-    return randomized_svd_basis(
+    basis = randomized_svd_basis(
         grad, rank, _sides(previous), key=key, oversampling=self.oversampling, iterations=self.iterations,
         previous=previous if self.warm_start else None, warm=warm, svd_algorithm=self.svd_algorithm,
         stabilizer=self.stabilizer)
+    return align_signs(basis, previous, warm) if self.align else basis
 
 
 def captured_energy(grad: jax.Array, basis: Basis) -> jax.Array:
