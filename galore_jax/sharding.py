@@ -150,8 +150,10 @@ def _names(path) -> list[str]:
 
 
 def _divisible(spec: tuple, shape: tuple[int, ...], fsdp_size: int) -> P:
-  """``spec`` with every axis whose size the mesh axis does not divide replicated."""
-  return P(*(None if s is not None and shape[a] % fsdp_size else s for a, s in enumerate(spec)))
+  """``spec`` with every axis whose size the mesh axis does not divide replicated (``P()`` when none is split,
+  as :func:`param_spec` writes it)."""
+  spec = [None if s is not None and shape[a] % fsdp_size else s for a, s in enumerate(spec)]
+  return P(*spec) if any(s is not None for s in spec) else P()
 
 
 def _low_rank_spec(shape, param_shape, spec) -> P | None:
@@ -181,9 +183,12 @@ def state_specs(abstract_state, abstract_params, param_specs_tree, fsdp_size: in
   path (``.../mu/layers/0/mlp/up_proj/kernel``; GaLore bases by their ``{path: Basis}`` key):
   parameter-shaped leaves (full-rank moments) take the parameter's spec; GaLore bases
   ``[..., m, r]`` (input side) and ``[..., n, r]`` (output side) take the spec of the parameter's
-  axis -2 or -1 on their axis -2 and replicate the rank axis; low-rank moments keep the spec of
-  their unprojected axis. Everything else (counts, schedules, 8-bit blocks, other shapes) is
-  replicated, and so is any axis the ``fsdp`` size does not divide.
+  axis -2 or -1 on their axis -2 and replicate the rank axis; low-rank moments ``[..., r, n]`` or
+  ``[..., m, r]`` keep the spec of their unprojected axis. Since :func:`param_spec` splits the larger
+  axis and GaLore's ``std`` rule projects the smaller one, the moments (``2·r·n`` values) are split
+  and the bases (``m·r``) replicated. Everything else (counts, schedules, 8-bit blocks,
+  factored moments) is replicated, and so is any axis the ``fsdp`` size does not divide. The rule
+  assumes the default dimension numbers (matrix = last two axes); other layouts are replicated.
 
   Args:
     abstract_state: the state's tree, e.g. ``jax.eval_shape(tx.init, params)``.
@@ -221,10 +226,9 @@ def state_specs(abstract_state, abstract_params, param_specs_tree, fsdp_size: in
     axis = -2 if side == 0 else -1  # input basis [..., m, r] ↔ param axis -2; output [..., n, r] ↔ axis -1
     if len(q.shape) != len(param_shape) or q.shape[:-2] != param_shape[:-2] or q.shape[-2] != param_shape[axis]:
       return P()
-    # The parameter is usually split on the other (larger, unprojected) axis; the basis is split over the same
-    # mesh axes anyway: it is small and gathered where it is used, and replicated it would not shrink with fsdp.
-    split = spec[axis] if spec[axis] is not None else next((s for s in spec[-2:] if s is not None), None)
-    return _divisible((*spec[:-2], split, None), q.shape, fsdp_size)
+    # Not split when the parameter is split on its other axis: then Q [m, r] @ R [r, n@fsdp] needs no
+    # communication (and is a legal type under Explicit axes, where [m@fsdp, r] @ [r, n@fsdp] is not).
+    return _divisible((*spec[:-2], spec[axis], None), q.shape, fsdp_size)
 
   return jax.tree_util.tree_map_with_path(leaf_spec, abstract_state, is_leaf=lambda x: isinstance(x, Basis))
 
