@@ -56,6 +56,16 @@ class Interrupted:
     self.flag = True
 
 
+class NoMetrics:
+  """The metrics writer of the processes other than the first."""
+
+  def write(self, step, values):
+    del step, values
+
+  def close(self):
+    pass
+
+
 def initialize_distributed() -> None:
   """``jax.distributed.initialize()`` when the environment names a coordinator (multi-host runs only)."""
   import jax
@@ -138,8 +148,10 @@ def run(cfg) -> None:
     else:  # created split: no device ever holds the whole model
       params = layout.init_params(lambda: training.params_of(training.build_model(cfg, cfg.seed)))
     opt_state = layout.init_opt_state(tx, params)
-  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  primary = jax.process_index() == 0  # with several hosts, one writes the config and the metrics
+  if primary:
+    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
 
   galore = cfg.optimizer.name.startswith("galore")
   steps = training.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
@@ -150,7 +162,7 @@ def run(cfg) -> None:
   n_params = training.count_params(params)
   flops_per_token = training.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
   peak = metrics.peak_flops(device)
-  writer = metrics.MetricsWriter(cfg.workdir, resume_step=start)
+  writer = metrics.MetricsWriter(cfg.workdir, resume_step=start) if primary else NoMetrics()
   interrupted = Interrupted()
 
   def evaluate(step):
