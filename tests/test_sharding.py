@@ -86,7 +86,8 @@ def assert_placed(tree, shardings):
   assert len(arrays) == len(expected)
   padded = lambda spec, ndim: tuple(spec) + (None,) * (ndim - len(spec))  # P() = P(None, None) on a matrix
   for x, s in zip(arrays, expected):
-    assert x.sharding.mesh == s.mesh and padded(x.sharding.spec, x.ndim) == padded(s.spec, x.ndim), (x.shape, x.sharding, s)
+    assert x.sharding.mesh == s.mesh, (x.sharding, s)
+    assert padded(x.sharding.spec, x.ndim) == padded(s.spec, x.ndim), (x.shape, x.sharding, s)
     if sharding.is_explicit(s.mesh):
       assert padded(jax.typeof(x).sharding.spec, x.ndim) == padded(s.spec, x.ndim), (jax.typeof(x), s.spec)
 
@@ -229,7 +230,8 @@ def test_checkpoint_saved_on_2x4_restores_on_1x4_and_on_one_device(tmp_path):
 
   tx = training.build_optimizer(config(name))
   params = model_and_params()[1]
-  for layout in (layout_for(name, 1, 4, "explicit", jax.devices()[:4]), layout_for(name, 1, 1, devices=jax.devices()[:1])):
+  on_four = layout_for(name, 1, 4, "explicit", jax.devices()[:4])
+  for layout in (on_four, layout_for(name, 1, 1, devices=jax.devices()[:1])):
     abstract_params = sharding.with_shardings(jax.eval_shape(lambda: params), layout.params)
     abstract_state = sharding.with_shardings(jax.eval_shape(tx.init, params), layout.opt_state)
     restored_params, restored_state, meta = ckpts.restore(2, abstract_params, abstract_state)
@@ -237,10 +239,15 @@ def test_checkpoint_saved_on_2x4_restores_on_1x4_and_on_one_device(tmp_path):
     assert_placed(restored_params, layout.params)
     assert_placed(restored_state, layout.opt_state)
     assert int(restored_state[0].count) == 2
+    saved_params = jax.device_get(restored_params)  # the step donates them
     actual, metrics, _ = run(name, 1, layout, start=(restored_params, restored_state), first=2)
     np.testing.assert_allclose(metrics[0]["loss"], expected_metrics[0]["loss"], rtol=1e-5)
     assert np.isfinite(metrics[0]["subspace_overlap"])
     assert_trees_close(actual, expected, rtol=1e-3, atol=2e-5)
+  # A target without shardings (eval.py, the layerwise path) restores onto the default device.
+  plain, _ = ckpts.restore_params(2, jax.eval_shape(lambda: params))
+  assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(plain))
+  assert_trees_close(jax.device_get(plain), saved_params, rtol=0, atol=0)
   ckpts.close()
 
 
