@@ -1,7 +1,11 @@
-"""Train a Flax Llama with GaLore (or AdamW) on one device.
+"""Train a Flax Llama with GaLore (or AdamW) on one device or a data x FSDP mesh of all devices.
 
   python train.py --config configs/tiny.py [--config.train.steps=1000 ...]
+  python train.py --config configs/llama1b.py --config.mesh.data=2 --config.mesh.fsdp=4   # 8 devices
   python train.py --config configs/llama7b.py --dry_run      # will it fit? (allocates nothing)
+
+On several hosts, start the same command on every host with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (see the README, "Multiple devices").
 
 A workdir that holds checkpoints resumes from the latest one and continues exactly where it
 stopped (same batches, same loss series). SIGTERM saves a checkpoint and exits cleanly.
@@ -52,12 +56,34 @@ class Interrupted:
     self.flag = True
 
 
+class NoMetrics:
+  """The metrics writer of the processes other than the first."""
+
+  def write(self, step, values):
+    del step, values
+
+  def close(self):
+    pass
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` when the environment names a coordinator (multi-host runs only)."""
+  import jax
+
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+
+
 def run(cfg) -> None:
   import jax
   from flax import nnx
   from tqdm import tqdm
 
-  from galore_jax import checkpoint, data, metrics, training
+  from galore_jax import checkpoint, data, metrics, sharding, training
+
+  initialize_distributed()
 
   try:
     training.validate(cfg)
@@ -87,11 +113,17 @@ def run(cfg) -> None:
     fail(message)
 
   tx = training.build_optimizer(cfg)
+  abstract = training.abstract_model(cfg)
+  abstract_params = training.params_of(abstract)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.axis_types)
+  # The layerwise step is not one jitted function: it stays on one device (validate refuses a bigger mesh).
+  layout = None if cfg.train.layerwise else sharding.Layout.build(mesh, tx, abstract_params, cfg.mesh.min_shard_size)
   start = ckpts.latest_step() or 0
   if start:
-    abstract = training.abstract_model(cfg)
-    abstract_params = training.params_of(abstract)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+    if layout is not None:  # restore onto this run's mesh, whatever mesh saved it
+      abstract_params = sharding.with_shardings(abstract_params, layout.params)
+      abstract_opt_state = sharding.with_shardings(abstract_opt_state, layout.opt_state)
     try:
       params, opt_state, meta = ckpts.restore(start, abstract_params, abstract_opt_state)
     except checkpoint.CheckpointMismatch as e:
@@ -104,29 +136,39 @@ def run(cfg) -> None:
     except (ValueError, KeyError) as e:
       abort(f"checkpoint step {start} does not fit the configured data: {e}")
     graphdef = nnx.graphdef(abstract)
-  else:
+  elif layout is None:
     model = training.build_model(cfg, cfg.seed)
     graphdef, params = nnx.graphdef(model), training.params_of(model)
     del model
     opt_state = jax.jit(tx.init)(params)
-  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  else:
+    graphdef = nnx.graphdef(abstract)
+    if cfg.model.hf_checkpoint:  # read on the host, then split
+      params = jax.device_put(training.params_of(training.build_model(cfg, cfg.seed)), layout.params)
+    else:  # created split: no device ever holds the whole model
+      params = layout.init_params(lambda: training.params_of(training.build_model(cfg, cfg.seed)))
+    opt_state = layout.init_opt_state(tx, params)
+  primary = jax.process_index() == 0  # with several hosts, one writes the config and the metrics
+  if primary:
+    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
 
   galore = cfg.optimizer.name.startswith("galore")
   steps = training.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=galore, layerwise_updates=cfg.train.layerwise)
+                              report_overlap=galore, layerwise_updates=cfg.train.layerwise, layout=layout)
+  put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))
   schedule = training.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
   n_params = training.count_params(params)
   flops_per_token = training.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
   peak = metrics.peak_flops(device)
-  writer = metrics.MetricsWriter(cfg.workdir, resume_step=start)
+  writer = metrics.MetricsWriter(cfg.workdir, resume_step=start) if primary else NoMetrics()
   interrupted = Interrupted()
 
   def evaluate(step):
     loss_sum = tokens = 0.0
     for batch in dataset.eval_batches:
-      l, t = steps.eval(params, batch)
+      l, t = steps.eval(params, put(batch))
       loss_sum, tokens = loss_sum + float(l), tokens + float(t)
     eval_loss = loss_sum / max(tokens, 1.0)
     writer.write(step, {"eval_loss": eval_loss, "eval_ppl": float(min(1e30, 2.718281828459045**eval_loss))})
@@ -136,7 +178,8 @@ def run(cfg) -> None:
     meta = {"step": step, "data": dataset.train.state(), "config": json.loads(cfg.to_json_best_effort())}
     ckpts.save(step, params, opt_state, meta, force=force)
 
-  print(f"{n_params / 1e6:.1f}M parameters on {device.device_kind}; steps {start} -> {cfg.train.steps}; "
+  where = device.device_kind if layout is None else f"{device.device_kind} x{mesh.size}, {sharding.describe(mesh)}"
+  print(f"{n_params / 1e6:.1f}M parameters on {where}; steps {start} -> {cfg.train.steps}; "
         f"workdir {cfg.workdir}", flush=True)
   bar = tqdm(total=cfg.train.steps, initial=start, dynamic_ncols=True, mininterval=1.0)
   gap = cfg.optimizer.update_proj_gap if galore else None
@@ -144,7 +187,7 @@ def run(cfg) -> None:
   step = start
   while step < cfg.train.steps and not interrupted.flag:
     batch = next(dataset.train)
-    params, opt_state, m = steps.train(params, opt_state, batch)
+    params, opt_state, m = steps.train(params, opt_state, put(batch))
     window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
     step += 1
     refreshed = gap is not None and step > 1 and (step - 1) % gap == 0

@@ -75,6 +75,12 @@ def base() -> config_dict.ConfigDict:
   c.eval.batches = 8
   c.eval.batch_size = placeholder(int)  # None: train.batch_size // train.grad_accum
 
+  c.mesh = config_dict.ConfigDict()  # data parallel x FSDP over all devices (galore_jax.sharding)
+  c.mesh.data = 1  # batch-only axis; -1 = all devices that mesh.fsdp leaves
+  c.mesh.fsdp = -1  # batch + parameters + optimizer state; -1 = all remaining devices (1 on one device)
+  c.mesh.axis_types = "auto"  # or "explicit" (the step body then runs under jax.sharding.auto_axes)
+  c.mesh.min_shard_size = 2**14  # parameters with fewer elements are replicated
+
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 1_000
   c.checkpoint.keep = 2

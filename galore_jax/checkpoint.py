@@ -47,6 +47,15 @@ def check_compatible(item: str, saved, target) -> None:
       raise CheckpointMismatch(f"checkpoint {item} has {path} {shape} that the config does not build")
 
 
+def _placed(tree):
+  """Restore targets: leaves without a sharding go to the default device (orbax would otherwise use the
+  sharding they were saved with, which names devices this process may not have)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      tree)
+
+
 class Checkpoints:
   """A run's checkpoint directory: save every ``every`` steps, keep the latest ``keep``."""
 
@@ -87,14 +96,18 @@ class Checkpoints:
     return getattr(tree, "tree", tree)
 
   def restore(self, step: int, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
-    """Parameters, optimizer state and the JSON record of ``step``, checked against the targets."""
+    """Parameters, optimizer state and the JSON record of ``step``, checked against the targets.
+
+    The targets' shardings (``jax.ShapeDtypeStruct(..., sharding=...)``) place the restored arrays, on any
+    mesh, whatever mesh saved them; leaves without one go to the default device.
+    """
     check_compatible("params", self._saved_tree(step, "params"), abstract_params)
     check_compatible("opt_state", self._saved_tree(step, "opt_state"), abstract_opt_state)
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            params=ocp.args.StandardRestore(_placed(abstract_params)),
+            opt_state=ocp.args.StandardRestore(_placed(abstract_opt_state)),
             meta=ocp.args.JsonRestore(),
         ),
     )
@@ -105,7 +118,8 @@ class Checkpoints:
     check_compatible("params", self._saved_tree(step, "params"), abstract_params)
     restored = self._manager.restore(
         step,
-        args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()),
+        args=ocp.args.Composite(params=ocp.args.StandardRestore(_placed(abstract_params)),
+                                meta=ocp.args.JsonRestore()),
     )
     return restored["params"], restored["meta"]
 

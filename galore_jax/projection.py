@@ -186,6 +186,23 @@ def subspace_overlap(new: Basis, old: Basis) -> jax.Array:
   return jnp.mean(jnp.stack(overlaps))
 
 
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` whole on every device of the current mesh, for the SVD and QR (custom calls that cannot be partitioned).
+
+  Under Explicit mesh axes a sharded operand makes them raise, so ``x`` is resharded; under Auto axes the
+  partitioner would gather it too, the constraint says so. Without a mesh (or on one device) ``x`` is returned as is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+  if mesh.explicit_axes and any(s is not None for s in spec):
+    x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  if mesh.auto_axes:
+    x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+  return x
+
+
 RefreshFn = Callable[[jax.Array, Basis, int], Basis]
 """``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``; the sides needed are those of ``previous_basis``."""
 

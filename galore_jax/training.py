@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from galore_jax import layerwise, projection
+from galore_jax import layerwise, projection, sharding
 from galore_jax.adafactor import galore_adafactor
 from galore_jax.adam8bit import galore_adamw_8bit, scale_by_adam_8bit
 from galore_jax.models import llama
@@ -63,10 +63,34 @@ def validate(cfg) -> None:
     raise ConfigError(f"optimizer.block_size must be 256 or 2048, got {cfg.optimizer.block_size}")
   if cfg.train.layerwise and cfg.model.scan_layers:
     raise ConfigError("train.layerwise=True needs model.scan_layers=False (one parameter tree per layer)")
+  _validate_mesh(cfg)
   model_cfg = model_config(cfg)
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                       f"{model_cfg.max_position_embeddings}")
+
+
+def _validate_mesh(cfg) -> None:
+  """The mesh fits the devices, and every micro-batch and eval batch splits over all of them."""
+  if "mesh" not in cfg:
+    return
+  if cfg.mesh.axis_types not in sharding.AXIS_TYPES:
+    raise ConfigError(f"mesh.axis_types must be one of {sharding.AXIS_TYPES}, got {cfg.mesh.axis_types!r}")
+  try:
+    data, fsdp = sharding.resolve_sizes(cfg.mesh.data, cfg.mesh.fsdp, jax.device_count())
+  except sharding.MeshError as e:
+    raise ConfigError(str(e)) from None
+  devices = data * fsdp
+  if devices > 1 and cfg.train.layerwise:
+    raise ConfigError(f"train.layerwise=True runs on one device, but mesh.data x mesh.fsdp = {devices}: "
+                      "set --config.mesh.fsdp=1 --config.mesh.data=1 or train.layerwise=False")
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  if micro % devices:
+    raise ConfigError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch does not split over "
+                      f"mesh.data x mesh.fsdp = {devices} devices")
+  eval_size = cfg.eval.batch_size or micro
+  if eval_size % devices:
+    raise ConfigError(f"eval.batch_size {eval_size} does not split over mesh.data x mesh.fsdp = {devices} devices")
 
 
 def model_config(cfg) -> llama.LlamaConfig:
@@ -196,13 +220,16 @@ class Steps:
 
 
 def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, packed: bool,
-               report_overlap: bool = False, layerwise_updates: bool = False) -> Steps:
+               report_overlap: bool = False, layerwise_updates: bool = False,
+               layout: sharding.Layout | None = None) -> Steps:
   """``train(params, opt_state, batch) -> (params, opt_state, metrics)``, donated; ``eval(params, batch)``.
 
   A batch of ``B`` sequences is split into ``grad_accum`` micro-batches scanned in order; the
   gradient is the per-token mean over the whole batch, as if it had been one. With
   ``layerwise_updates`` (``tx`` a :class:`~galore_jax.layerwise.ByLayer`) the step sweeps the
   backward pass layer by layer and updates each layer as soon as its gradient is complete.
+  With a :class:`~galore_jax.sharding.Layout` the steps are jitted with its shardings (inputs and
+  outputs) and run under its mesh; the metrics come back replicated.
   """
 
   def summed_loss(params, batch):
@@ -238,6 +265,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
                                  overlap=refresh_overlap if report_overlap else None)
   else:
     train = whole_tree_train
+  if layout is not None:
+    return Steps(train=layout.jit_train(train), eval=layout.jit_eval(evaluate))
   return Steps(train=jax.jit(train, donate_argnums=(0, 1)), eval=jax.jit(evaluate))
 
 

@@ -535,7 +535,8 @@ def galore(
       kwargs["key"] = keys
     if "warm" in refresh_keywords:
       kwargs["warm"] = warm
-    return refresh(g32s, olds, rank, **kwargs)
+    return refresh(projection.replicated(g32s), Basis(*(None if q is None else projection.replicated(q) for q in olds)),
+                   rank, **kwargs)
 
   def finite_fp32(g):
     """``(fp32 copy of g with non-finite matrices zeroed, per-matrix finiteness [...])``."""

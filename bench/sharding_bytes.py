@@ -1,0 +1,84 @@
+"""Parameter and optimizer-state bytes per device under FSDP, from the shardings on abstract shapes (nothing allocated).
+
+  python bench/sharding_bytes.py [--configs llama1b llama7b] [--fsdp 1 2 4 8]
+
+For each config (its dtypes, rank and gap) and each optimizer (galore_adamw, adamw), lays the
+parameters and the optimizer state out on a ``(data=1, fsdp=k)`` mesh of CPU devices with
+``galore_jax.sharding.Layout.build`` and sums, over leaves, the shard shape's bytes
+(``NamedSharding.shard_shape``); GaLore's projector bases are also reported on their own. The data
+axis only replicates these trees, so ``data`` does not change the numbers. Writes
+bench/results/sharding-state-bytes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from galore_jax import projection, sharding, training  # noqa: E402
+
+
+def basis_bytes(state, shardings) -> int:
+  """Bytes per device of the GaLore bases alone (the leaves under ``Basis`` nodes)."""
+  is_basis = lambda x: isinstance(x, projection.Basis)
+  states = [x for x in jax.tree.leaves(state, is_leaf=is_basis) if is_basis(x)]
+  specs = [x for x in jax.tree.leaves(shardings, is_leaf=is_basis) if is_basis(x)]
+  return sum(sharding.bytes_per_device(b, s) for b, s in zip(states, specs))
+
+
+def measure(config_name: str, optimizer: str, fsdp: int) -> dict:
+  cfg = importlib.import_module(f"configs.{config_name}").get_config()
+  cfg.optimizer.name = optimizer
+  tx = training.build_optimizer(cfg)
+  params = training.params_of(training.abstract_model(cfg))
+  state = jax.eval_shape(tx.init, params)
+  mesh = sharding.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
+  layout = sharding.Layout.build(mesh, tx, params, cfg.mesh.min_shard_size)
+  total = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return {
+      "config": config_name, "preset": cfg.model.preset, "optimizer": optimizer, "fsdp": fsdp,
+      "rank": cfg.optimizer.rank if optimizer.startswith("galore") else None,
+      "param_bytes_total": total(params), "param_bytes_per_device": sharding.bytes_per_device(params, layout.params),
+      "opt_state_bytes_total": total(state),
+      "opt_state_bytes_per_device": sharding.bytes_per_device(state, layout.opt_state),
+      "galore_basis_bytes_per_device": basis_bytes(state, layout.opt_state),
+  }
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--configs", nargs="+", default=["llama1b", "llama7b"])
+  ap.add_argument("--fsdp", nargs="+", type=int, default=[1, 2, 4, 8])
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                "sharding-state-bytes.json"))
+  args = ap.parse_args()
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", max(args.fsdp))
+  rows = []
+  for config_name in args.configs:
+    for optimizer in ("galore_adamw", "adamw"):
+      for fsdp in args.fsdp:
+        row = measure(config_name, optimizer, fsdp)
+        rows.append(row)
+        print(f"{config_name:9s} {optimizer:13s} fsdp {fsdp}: params {row['param_bytes_per_device'] / 2**30:7.3f} GiB, "
+              f"optimizer state {row['opt_state_bytes_per_device'] / 2**30:7.3f} GiB per device "
+              f"(bases {row['galore_basis_bytes_per_device'] / 2**30:.3f} GiB)", flush=True)
+  record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join(sys.argv), "jax": jax.__version__, "rows": rows}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
