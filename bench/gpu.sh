@@ -12,11 +12,12 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, optax, flax, torch; print('jax', jax.__version__, 'optax', optax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${SPEED_S:-230} python3 bench/speed.py --preset llama_1b --tokens 8192 \
+# Order: speed (issue 5), 7B memory (issue 7), 7B refresh (issue 6); about 12 min plus the machine's start.
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${SPEED_S:-330} python3 bench/speed.py --preset llama_1b --tokens 8192 \
   --dtype bfloat16 --steps 5 --torch --out "$OUT/speed-gpu-llama_1b-8192.json"
-timeout ${REFRESH_S:-100} python3 bench/refresh.py --preset llama_7b --layers 32 --exact_layers 1 \
-  --exact_algorithms jacobi --fast randomized,randomized_warm --skip_quality --skip_train --repeats 1 \
-  --out "$OUT/refresh-gpu-llama_7b.json"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout ${MEMORY_S:-200} python3 bench/memory.py --presets llama_7b \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout ${MEMORY_S:-250} python3 bench/memory.py --presets llama_7b \
   --variants "${MEMORY_VARIANTS:-galore_adamw_8bit + layerwise,galore_adamw (fp32 states) + layerwise,adamw (bf16 states)}" --real_step \
   --out "$OUT/memory-7b-gpu"
+timeout ${REFRESH_S:-150} python3 bench/refresh.py --preset llama_7b --layers 32 --exact_layers 1 \
+  --exact_algorithms jacobi --fast randomized,randomized_warm --skip_quality --skip_train --repeats 1 \
+  --out "$OUT/refresh-gpu-llama_7b.json"
