@@ -5,24 +5,25 @@ full gradient tree never exists. Its hooks update per micro-batch (gradient accu
 cannot clip by the global norm. Here the backward pass is swept layer by layer, top to bottom:
 
 1. forward: the input of every layer is kept for every micro-batch (``[b, S, D]`` each, small);
-2. head: the loss and its cotangent at the last layer's output, per micro-batch;
+2. head: the loss, the head's gradient (final norm and an untied lm_head) and the cotangent at the
+   last layer's output, per micro-batch; the head is updated at once, before the sweep;
 3. for ``l = L-1 … 0``: the layer is recomputed and differentiated for each micro-batch in turn, its
    parameter gradient ``G_l`` summed over the micro-batches (the exact accumulated gradient), then
    consumed at once by the layer's own optimizer state, and freed before layer ``l-1`` starts
    (``optimization_barrier`` fixes that order for XLA);
-4. the embedding, final norm and lm_head (the "rest" group) last.
+4. the embedding (the "rest" group; with tied embeddings also the final norm) last.
 
 With ``grad_clip > 0`` the clip factor needs the global norm before any update, so a first sweep
-computes only the per-layer norms; the second starts from the top cotangent scaled by the clip factor
-(gradients are linear in it), so it yields the clipped gradients directly: one more backward pass,
-correct clipping, and still one layer's gradient at a time.
-The optimizer state is one state per layer plus one for the rest (:func:`by_layer`); every GaLore
-leaf is refreshed, projected and updated exactly as in the whole-tree step (the per-leaf schedule is
-the same, ``stagger`` offsets and randomized-refresh keys are drawn per group).
+computes only the per-group norms; the second pass starts from the loss cotangent scaled by the clip
+factor (gradients are linear in it), so it yields the clipped gradients directly: one more backward
+pass, correct clipping, and still one group's gradient at a time.
+The optimizer state is one state per layer plus one for the head and one for the rest (:func:`by_layer`);
+every GaLore leaf is refreshed, projected and updated exactly as in the whole-tree step (the per-leaf
+schedule is the same; ``stagger`` offsets and randomized-refresh keys are drawn per group).
 
-Peak memory beyond weights and optimizer state: one layer's gradient, the boundary activations and
-the rest group's gradients (embedding and lm_head), instead of a full gradient tree. Micro-batches
-are unrolled (a Python loop): inside ``lax.scan`` loops XLA kept every layer's buffers live at once.
+Peak memory beyond weights and optimizer state: the largest group's gradient (a layer's, the head's or
+the embedding's) and the boundary activations, instead of a full gradient tree. Micro-batches are
+unrolled (a Python loop): inside ``lax.scan`` loops XLA kept every layer's buffers live at once.
 """
 
 from __future__ import annotations
