@@ -39,7 +39,7 @@ from galore_jax.models import llama
 
 
 class ByLayer(NamedTuple):
-  """An optax-compatible transformation with one ``inner`` state per decoder layer and one for the rest.
+  """An optax-compatible transformation with one ``inner`` state per decoder layer, one for the head, one for the rest.
 
   ``update`` on a whole gradient tree clips by the global norm, then updates every group: the
   reference the layerwise step must equal. The layerwise step itself uses ``inner`` and ``grad_clip``.
