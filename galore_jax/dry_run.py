@@ -78,11 +78,16 @@ def activation_estimate(cfg, model_cfg) -> int:
   return kept + (block if model_cfg.remat else 0) + 2 * b * s * v * 4
 
 
-def analytic(cfg) -> dict[str, Any]:
-  """The analytic parts of the report (nothing compiled): weights, gradients alive, state breakdown, activations."""
+def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
+  """The analytic parts of the report (nothing compiled): weights, gradients alive, state breakdown, activations.
+
+  ``params`` and ``opt_state`` (abstract) are built from ``cfg`` unless given.
+  """
   model_cfg = training.model_config(cfg)
-  params = training.params_of(training.abstract_model(cfg))
-  opt_state = jax.eval_shape(training.build_optimizer(cfg).init, params)
+  if params is None:
+    params = training.params_of(training.abstract_model(cfg))
+  if opt_state is None:
+    opt_state = jax.eval_shape(training.build_optimizer(cfg).init, params)
   weights, state, grads = nbytes(params), nbytes(opt_state), gradient_bytes(cfg, params)
   activations = activation_estimate(cfg, model_cfg)
   galore = cfg.optimizer.name.startswith("galore")
@@ -125,7 +130,7 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   device = jax.devices()[0]
-  report = {**analytic(cfg), "compile_s": compile_s, "backend": jax.default_backend(), "device": device.device_kind}
+  report = {**analytic(cfg, params, opt_state), "compile_s": compile_s, "backend": jax.default_backend(), "device": device.device_kind}
   if memory is not None:
     arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
     alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes

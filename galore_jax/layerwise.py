@@ -211,8 +211,9 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
       head_grads, rest_from_head = head_and_rest(from_head)
 
     def update(group, g):
-      p = {"head": head_params, "rest": rest_params}.get(group) or params["layers"][group]
-      s = opt_state[group] if group in ("head", "rest") else opt_state["layers"][group]
+      named = group in ("head", "rest")
+      p = {"head": head_params, "rest": rest_params}[group] if named else params["layers"][group]
+      s = opt_state[group] if named else opt_state["layers"][group]
       u, new_s = inner.update(g, s, p)
       return optax.apply_updates(p, u), new_s, _sum_squares(g)
 
