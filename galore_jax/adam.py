@@ -54,10 +54,12 @@ def scale_by_adam_hf(
 
     def leaf(g, m, v):
       g32 = g.astype(jnp.float32)
-      m32 = b1 * m.astype(jnp.float32) + (1.0 - b1) * g32
-      v32 = b2 * v.astype(jnp.float32) + (1.0 - b2) * g32 * g32
-      u = step_scale * m32 / (jnp.sqrt(v32) + eps)
-      return u.astype(g.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
+      m = (b1 * m.astype(jnp.float32) + (1.0 - b1) * g32).astype(m.dtype)
+      v = (b2 * v.astype(jnp.float32) + (1.0 - b2) * g32 * g32).astype(v.dtype)
+      # The step reads the stored moments (as the reference's in-place ones), not their fp32 values before
+      # rounding: then the old moments are dead once the new ones are written, and XLA needs no copy of them.
+      u = step_scale * m.astype(jnp.float32) / (jnp.sqrt(v.astype(jnp.float32)) + eps)
+      return u.astype(g.dtype), m, v
 
     flat_g, treedef = jax.tree.flatten(updates)
     flat = [leaf(g, m, v) for g, m, v in zip(flat_g, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu))]

@@ -547,17 +547,19 @@ def galore(
     return Basis(*(None if q_old is None else jnp.where(changed[..., None, None], q_new.astype(q_old.dtype), q_old)
                    for q_new, q_old in zip(new, old)))
 
-  def batched_refresh(grads, bases, inner_state, key, warm, plans, keypaths):
-    """Refresh the leaves whose plan is not None: one batched call per group of equal shapes (``batch_refresh``)."""
-    new_bases = list(bases)
-    changed: list[Any] = [None] * len(plans)
-    g32 = {}
-    for i, (g, p) in enumerate(zip(grads, plans)):
-      if p is not None:
-        g32[i], changed[i] = finite_fp32(g)
+  def batched_refresh(ops, members, plans, slots):
+    """Refresh ``members`` (plan indices): one batched call per group of equal shapes (``batch_refresh``).
+
+    ``ops`` = ``(gradients, bases, moments, key, warm)``, the first three holding
+    the members' entries only (moments by inner-state leaf index).
+    """
+    grads, bases, moments, key, warm = ops
+    changed, g32 = {}, {}
+    for i in members:
+      g32[i], changed[i] = finite_fp32(grads[i])
     keys = matrix_keys(key, plans) if "key" in refresh_keywords else [None] * len(plans)
     fresh = {}
-    for group in _refresh_groups(plans, bases, list(g32), same_batch_shape=False).values():
+    for group in _refresh_groups(plans, bases, members, same_batch_shape=False).values():
       rank_ = plans[group[0]].rank
       if len(group) == 1:
         i = group[0]
@@ -575,21 +577,19 @@ def galore(
         fresh[i] = Basis(*(None if q is None else q[start:start + size].reshape(*plans[i].batch_shape, *q.shape[-2:])
                            for q in out))
         start += size
-    for i, new in fresh.items():
-      new_bases[i] = keep_unless_changed(new, bases[i], changed[i])
-    if on_refresh != "keep":
-      inner_state = _carry_moments(inner_state, bases, new_bases, changed, plans, keypaths)
-    return new_bases, inner_state
+    new_bases = {i: keep_unless_changed(fresh[i], bases[i], changed[i]) for i in members}
+    return new_bases, _carry_moments(moments, slots, bases, new_bases, changed)
 
-  def looped_refresh(ops, group, due, plans, keypaths):
+  def looped_refresh(ops, group, due, plans, slots):
     """Refresh the leaves of one shape group by a ``fori_loop`` over them: one copy of the refresh in the program.
 
-    ``due`` holds each member's schedule predicate; a member that is not due is
-    skipped (stagger) and keeps its basis and moments. The loop picks a member's
-    gradient with ``lax.switch``, so only one fp32 gradient copy exists at a time.
+    ``ops`` = ``(gradients, bases, moments, key, warm)``, the first three holding
+    the group's entries only. ``due`` holds each member's schedule predicate; a
+    member that is not due is skipped (stagger) and keeps its basis and moments.
+    The loop picks a member's gradient with ``lax.switch``, so only one fp32
+    gradient copy exists at a time.
     """
-    grads, bases, inner_state, key, warm = ops
-    members = [p if i in group else None for i, p in enumerate(plans)]
+    grads, bases, moments, key, warm = ops
     keys = matrix_keys(key, plans) if "key" in refresh_keywords else [None] * len(plans)
     rank_ = plans[group[0]].rank
     finite = {i: jnp.all(jnp.isfinite(grads[i]), axis=(-2, -1)) for i in group}
@@ -613,22 +613,16 @@ def galore(
       outs = jax.lax.fori_loop(0, len(group), body, Basis(*(
           None if q is None else jnp.zeros((len(group), *q.shape), q.dtype) for q in template)))
       fresh = {i: Basis(*(None if o is None else o[j] for o in outs)) for j, i in enumerate(group)}
-    new_bases = list(bases)
-    changed: list[Any] = [None] * len(plans)
-    for i in group:
-      changed[i] = finite[i] & due[i]
-      new_bases[i] = keep_unless_changed(fresh[i], bases[i], changed[i])
-    if on_refresh != "keep":
-      gates = None if always_due else {i: due[i] for i in group}
-      inner_state = _carry_moments(inner_state, bases, new_bases, changed, members, keypaths, gates)
-    return new_bases, inner_state
+    changed = {i: finite[i] & due[i] for i in group}
+    new_bases = {i: keep_unless_changed(fresh[i], bases[i], changed[i]) for i in group}
+    gates = None if always_due else due
+    return new_bases, _carry_moments(moments, slots, bases, new_bases, changed, gates)
 
-  def _carry_moments(inner_state, old_bases, new_bases, changed, plans, keypaths, gates=None):
-    slots = _moment_slots(inner_state, keypaths, plans)
-    leaves, state_def = jax.tree.flatten(inner_state)
-    for i, (j, squared) in slots.items():
-      if changed[j] is None:
-        continue
+  def _carry_moments(moments, slots, old_bases, new_bases, changed, gates=None):
+    """``on_refresh`` applied to ``moments`` ({inner-state leaf index: leaf}) whose bases changed."""
+    out = dict(moments)
+    for i, moment in moments.items():
+      j, squared = slots[i]
       mask = changed[j][..., None, None]
 
       def carry(moment, j=j, squared=squared, mask=mask):
@@ -639,9 +633,9 @@ def galore(
           carried = projection.rotate(moment, rotation, squared=squared)
         return jnp.where(mask, carried, moment)
 
-      gate = None if gates is None else gates.get(j)
-      leaves[i] = carry(leaves[i]) if gate is None else jax.lax.cond(gate, carry, lambda m: m, leaves[i])
-    return state_def.unflatten(leaves)
+      gate = None if gates is None or isinstance(gates[j], bool) else gates[j]
+      out[i] = carry(moment) if gate is None else jax.lax.cond(gate, carry, lambda m: m, moment)
+    return out
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -653,43 +647,52 @@ def galore(
     offsets = refresh_offsets(plans, update_proj_gap, stagger)
     key = jax.random.fold_in(jax.random.key(refresh_seed), state.count) if "key" in refresh_keywords else None
     warm = state.count > 0
-    inner_state = state.inner_state
+    slots = {} if on_refresh == "keep" else _moment_slots(state.inner_state, keypaths, plans)
+    state_leaves, state_def = jax.tree.flatten(state.inner_state)
+
+    def refresh_under_cond(pred, members, branch, *extra):
+      """``lax.cond(pred, branch)`` whose operands are the members' gradients, bases and moments only.
+
+      Every value a conditional passes through its idle branch is copied on each
+      step; routing the whole optimizer state through the refresh cost a copy of
+      every moment (embeddings' included) on every non-refresh step.
+      """
+      moment_ids = [s for s, (j, _) in slots.items() if j in members]
+      ops = ({i: matrices[i] for i in members}, {i: bases[i] for i in members},
+             {s: state_leaves[s] for s in moment_ids}, key, warm, *extra)
+      new_bases, new_moments, *rest = jax.lax.cond(pred, branch, lambda ops: (ops[1], ops[2], *ops[5:]), ops)
+      for i in members:
+        bases[i] = new_bases[i]
+      for s in moment_ids:
+        state_leaves[s] = new_moments[s]
+      return rest
+
     schedule = state.schedule
+    targeted = [i for i, p in enumerate(plans) if p]
     if adaptive_gap is None:
       due_at = {o: _due(state.count, o, update_proj_gap) for o in set(offsets) if o is not None}
-      operands = (matrices, bases, inner_state, key, warm)
       if batch_refresh:  # one cond per offset; inside it, one batched call per shape
         for offset in sorted(due_at):
-          members = [p if o == offset else None for p, o in zip(plans, offsets)]
-          bases, inner_state = jax.lax.cond(
-              due_at[offset],
-              lambda ops, members=members: batched_refresh(*ops, members, keypaths),
-              lambda ops: (ops[1], ops[2]),
-              (matrices, bases, inner_state, key, warm),
-          )
+          members = [i for i in targeted if offsets[i] == offset]
+          refresh_under_cond(due_at[offset], members,
+                             lambda ops, members=members: batched_refresh(ops, members, plans, slots))
       else:  # one cond per shape; inside it, one loop over the members that are due
-        for group in _refresh_groups(plans, bases, [i for i, p in enumerate(plans) if p], same_batch_shape=True).values():
+        for group in _refresh_groups(plans, bases, targeted, same_batch_shape=True).values():
           group_offsets = sorted({offsets[i] for i in group})
           due = {i: True if len(group_offsets) == 1 else due_at[offsets[i]] for i in group}
           any_due = functools.reduce(jnp.logical_or, [due_at[o] for o in group_offsets])
-          bases, inner_state = jax.lax.cond(
-              any_due,
-              lambda ops, group=group, due=due: looped_refresh(ops, group, due, plans, keypaths),
-              lambda ops: (ops[1], ops[2]),
-              (matrices, bases, inner_state, key, warm),
-          )
+          refresh_under_cond(any_due, group,
+                             lambda ops, group=group, due=due: looped_refresh(ops, group, due, plans, slots))
     else:
       schedule = dict(schedule)
-      for group in _refresh_groups(plans, bases, [i for i, p in enumerate(plans) if p], same_batch_shape=True).values():
+      for group in _refresh_groups(plans, bases, targeted, same_batch_shape=True).values():
         entries = [schedule[plans[i].path] for i in group]
         due = {i: state.count >= entry[1] for i, entry in zip(group, entries)}
-        bases, inner_state, entries = jax.lax.cond(
-            functools.reduce(jnp.logical_or, list(due.values())),
-            lambda ops, group=group, due=due: adaptive_refresh(ops, group, due, state.count, plans, keypaths),
-            lambda ops: (ops[1], ops[2], ops[5]),
-            (matrices, bases, inner_state, key, warm, entries),
-        )
+        (entries,) = refresh_under_cond(
+            functools.reduce(jnp.logical_or, list(due.values())), group,
+            lambda ops, group=group, due=due: adaptive_refresh(ops, group, due, state.count, plans, slots), entries)
         schedule.update({plans[i].path: entry for i, entry in zip(group, entries)})
+    inner_state = state_def.unflatten(state_leaves)
     low = [projection.project(g, b) if p else g for p, g, b in zip(plans, matrices, bases)]
     low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
 
@@ -707,10 +710,11 @@ def galore(
         schedule=schedule,
     )
 
-  def adaptive_refresh(ops, group, due, count, plans, keypaths):
+  def adaptive_refresh(ops, group, due, count, plans, slots):
     """The group's due leaves refreshed (:func:`looped_refresh`), and their ``[gap, next step]`` entries advanced."""
-    matrices, bases, inner_state, key, warm, entries = ops
-    new_bases, inner_state = looped_refresh((matrices, bases, inner_state, key, warm), group, due, plans, keypaths)
+    *ops, entries = ops
+    bases = ops[1]
+    new_bases, moments = looped_refresh(tuple(ops), group, due, plans, slots)
     offsets = refresh_offsets(plans, update_proj_gap, stagger)
     new_entries = []
     for i, entry in zip(group, entries):
@@ -726,7 +730,7 @@ def galore(
       new_gap = jnp.where(first, gap, grown)
       next_step = jnp.where(first, offsets[i] if offsets[i] > 0 else update_proj_gap, count + new_gap)
       new_entries.append(jnp.where(due[i], jnp.stack([new_gap, next_step]).astype(jnp.int32), entry))
-    return new_bases, inner_state, new_entries
+    return new_bases, moments, new_entries
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

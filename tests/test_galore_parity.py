@@ -133,3 +133,27 @@ def test_weight_decay_matches_reference():
     assert relative_error(ours[step][0], ref[step][0]) <= 1e-3
     assert relative_error(ours[step][1], ref[step][1]) <= 1e-3
   assert relative_error(no_decay[0][0], ref[0][0]) > 1e-2  # the decay is really exercised
+
+
+def test_pure_bf16_run_tracks_the_reference_pure_bf16_run():
+  """The reference's training precision: bf16 weights, gradients, projector and moments (SVD in fp32)."""
+  out_dim, in_dim, rank = 48, 64, 8
+  grads = [1e-2 * g for g in gradient_sequence(out_dim, in_dim, GAP, seed=3)]
+  w = torch.nn.Parameter(torch.zeros(out_dim, in_dim, dtype=torch.bfloat16))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    opt = galore_torch.GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": GAP, "scale": SCALE,
+                                     "proj_type": "std"}], lr=LR)
+  params = {"attn": {"kernel": jnp.zeros((in_dim, out_dim), jnp.bfloat16)}}
+  tx = galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE, basis_dtype=jnp.bfloat16,
+                    moment_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for i, g in enumerate(grads):  # one basis: the trajectories agree up to bf16 rounding
+    w.grad = torch.tensor(g).to(torch.bfloat16)
+    opt.step()
+    updates, state = step({"attn": {"kernel": jnp.asarray(g.T, jnp.bfloat16)}}, state, params)
+    params = optax.apply_updates(params, updates)
+    assert params["attn"]["kernel"].dtype == jnp.bfloat16
+    ours = np.asarray(params["attn"]["kernel"].astype(jnp.float32)).T
+    assert relative_error(ours, w.detach().float().numpy()) <= 1.5e-2, f"weights after step {i}"
