@@ -19,8 +19,11 @@ def load(pattern: str) -> list[tuple[str, dict]]:
 
 
 def provenance(path: str, record: dict) -> str:
-  versions = ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items())
-  return f"*{record.get('device')} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → `{path}`*"
+  versions = ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items() if v)
+  device = record.get("device")
+  if isinstance(device, dict):
+    device = device.get("device_kind")
+  return f"*{device} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → `{path}`*"
 
 
 def speed_section() -> list[str]:
@@ -103,7 +106,19 @@ def memory_section() -> list[str]:
 def step_time_section() -> list[str]:
   lines = []
   for path, r in load("step_time-*.json"):
-    lines += [f"**Optimizer update alone** (`{path}`): see the file for per-optimizer refresh / non-refresh times.", ""]
+    shapes = r["shapes"]
+    lines += [f"**Optimizer update alone** (no model), {r['preset']} kernels, {shapes['layers']} of "
+              f"{shapes['preset_layers']} layers ({r['params'] / 1e6:.0f}M params, {r.get('dtype', 'float32')}), "
+              f"rank {r['settings']['rank']}, T = {r['settings']['update_proj_gap']}", "",
+              "| optimizer | refresh step | other steps | amortized vs AdamW | other steps vs AdamW | state | "
+              "state copies per step | XLA temporaries |", "|---|---|---|---|---|---|---|---|"]
+    for name, x in r["results"].items():
+      compiled = x.get("compiled", {})
+      copies = f"{compiled['entry_copy_bytes'] / 2**20:,.0f} MiB" if "entry_copy_bytes" in compiled else ""
+      temp = f"{compiled['temp_bytes'] / 2**20:,.0f} MiB" if "temp_bytes" in compiled else ""
+      lines.append(f"| {name} | {x['refresh_s']:.3f} s | {x['non_refresh_s']:.4f} s | {x['ratio_to_adamw']:.2f}× | "
+                   f"{x['non_refresh_ratio_to_adamw']:.2f}× | {x['state_bytes'] / 2**20:,.0f} MiB | {copies} | {temp} |")
+    lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
 

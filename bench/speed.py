@@ -4,7 +4,8 @@ galore-torch's GaLoreAdamW on transformers' PyTorch Llama with --torch).
   python bench/speed.py [--preset llama_20m] [--tokens 4096] [--seq_len 256] [--steps 10] [--torch]
 
 Every optimizer trains the same model (bf16 or fp32, --dtype) on the same random tokens with the real
-jitted train step of galore_jax.training. The first step after init refreshes the bases (count 0);
+jitted train step of galore_jax.training. galore_adamw runs with fp32 bases and moments (the library's
+default) and with bf16 ones (configs/llama*.py, and what galore-torch keeps for a bf16 model). The first step after init refreshes the bases (count 0);
 the following steps do not; `amortized_s` = (refresh + (T-1)·non-refresh) / T with T = update_proj_gap.
 GaLore settings are the paper's for the preset (rank, T = 200, scale 0.25) and target exactly the
 attention and MLP matrices for both GaLore implementations. Writes a JSON results file.
@@ -51,6 +52,10 @@ def attn_mlp_dims(params):
 def optimizers(rank):
   return {
       "adamw": optax.adamw(LR, eps=1e-6),
+      # configs/llama*.py's precision and galore-torch's in a bf16 model: bases and moments stored in bf16
+      "galore_jax.galore_adamw(randomized) bf16 states": galore_adamw(
+          LR, rank=rank, update_proj_gap=GAP, scale=SCALE, refresh="randomized", basis_dtype="bfloat16",
+          moment_dtype="bfloat16"),
       "galore_jax.galore_adamw(randomized)": galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
                                                           refresh="randomized"),
       "optax.contrib.galore": optax.contrib.galore(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,

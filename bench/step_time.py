@@ -1,8 +1,10 @@
 """Optimizer step time, side by side in one process: optax.adamw, optax.contrib.galore, galore_jax.galore_adamw.
 
-  python bench/step_time.py [--preset llama_350m] [--layers N] [--repeats 20] [--refresh_repeats 3] [--out PATH]
+  python bench/step_time.py [--preset llama_350m] [--layers N] [--dtype float32|bfloat16] [--repeats 20]
+                            [--refresh_repeats 3] [--out PATH]
 
-Only the optimizer is timed: `tx.update` + `optax.apply_updates` on a fixed tree of random fp32 gradients
+Only the optimizer is timed: `tx.update` + `optax.apply_updates` on a fixed tree of random gradients (fp32, or
+bf16 params and gradients with --dtype bfloat16)
 with the kernel shapes of a GaLore-paper Llama (Flax layout (in, out), paths like
 `layers/0/attn/q_proj/kernel`); there is no model forward/backward. Each optimizer gets its own copy of the
 parameters and one jitted step `(params, state, grads) -> (params, state)` with params and state donated,
@@ -27,10 +29,12 @@ results' `env`).
 
 Reported per optimizer: median (and min/max/quartiles, all samples) of the refresh and non-refresh steps,
 `amortized_s = (refresh + (T - 1) * non_refresh) / T`, `ratio_to_adamw` (of the amortized times, plus the
-refresh and non-refresh ratios), and the optimizer state's bytes (sum of `nbytes` over the state's leaves).
+refresh and non-refresh ratios), the optimizer state's bytes (sum of `nbytes` over the state's leaves), and
+XLA's figures for the compiled step (`compiled`: temporaries, bytes accessed, and the copies in the main
+program, which every step pays).
 
-GaLore settings are the paper's (rank per preset, e.g. 256 for 350M; T = 200; scale 0.25; lr 0.01; fp32;
-weight decay 0 everywhere). Both GaLore implementations project exactly the attn/mlp kernels:
+GaLore settings are the paper's (rank per preset, e.g. 256 for 350M; T = 200; scale 0.25; lr 0.01; weight
+decay 0 everywhere); galore_adamw runs with fp32 bases and moments and, as configs/llama*.py, with bf16 ones. Both GaLore implementations project exactly the attn/mlp kernels:
 galore_jax by its default target, optax.contrib.galore through `weight_dimension_numbers` (None for every
 other leaf), so embed/lm_head/norms get plain full-rank Adam in both. Note the two choose different sides
 for a non-square kernel: galore_jax follows galore-torch's 'std' rule (project the smaller dimension, low-rank
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -100,11 +105,11 @@ def nest(flat: dict[str, object]) -> dict:
   return tree
 
 
-def random_tree(table: dict[str, tuple[int, ...]], seed: int, scale: float) -> dict:
+def random_tree(table: dict[str, tuple[int, ...]], seed: int, scale: float, dtype=jnp.float32) -> dict:
   key = jax.random.key(seed)
   flat = {}
   for i, (path, shape) in enumerate(table.items()):
-    flat[path] = scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+    flat[path] = (scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
   return nest(flat)
 
 
@@ -123,7 +128,31 @@ def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
       "optax.contrib.galore": optax.contrib.galore(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
                                                    weight_dimension_numbers=contrib_dims),
       "galore_jax.galore_adamw": galore_jax.galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE),
+      # configs/llama*.py's precision, the reference's pure-bf16 run: bases and moments stored in bf16
+      "galore_jax.galore_adamw bf16 states": galore_jax.galore_adamw(
+          LR, rank=rank, update_proj_gap=GAP, scale=SCALE, basis_dtype=jnp.bfloat16, moment_dtype=jnp.bfloat16),
   }
+
+
+def compiled_figures(compiled) -> dict:
+  """XLA's own figures for the compiled step: temporaries, bytes accessed, and the copies of the main program.
+
+  Copies in the entry computation run on every step (those inside the refresh branch only when it is taken):
+  an optimizer that forces XLA to copy its state pays for it on every non-refresh step.
+  """
+  import re
+
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
+  copies = [(dt, dims) for dt, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} copy\(", entry)]
+  copy_bytes = sum(itemsize.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in copies)
+  return {"temp_bytes": memory.temp_size_in_bytes, "entry_copies": len(copies), "entry_copy_bytes": copy_bytes,
+          "bytes_accessed_all_branches": cost.get("bytes accessed"), "flops_all_branches": cost.get("flops")}
 
 
 def set_count(state, count: int):
@@ -149,7 +178,7 @@ class Runner:
   def __init__(self, name, tx, table, grads):
     self.name, self.tx, self.grads = name, tx, grads
     self.loads: list[float] = []  # 1-min load average after each step (other processes' noise)
-    self.params = random_tree(table, seed=0, scale=0.02)
+    self.params = random_tree(table, seed=0, scale=0.02, dtype=jax.tree.leaves(grads)[0].dtype)
     self.state = jax.jit(tx.init)(self.params)
     jax.block_until_ready(self.state)
     self.state_bytes = tree_bytes(self.state)
@@ -162,6 +191,7 @@ class Runner:
     start = time.perf_counter()
     self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(self.params, self.state, grads).compile()
     self.compile_s = time.perf_counter() - start
+    self.figures = compiled_figures(self.compiled)
 
   def step(self, count: int) -> float:
     state = set_count(self.state, count)
@@ -198,6 +228,7 @@ def main() -> None:
   parser.add_argument("--refresh_warmup", type=int, default=0,
                       help="untimed refresh steps per optimizer (the refresh branch is already compiled)")
   parser.add_argument("--rank", type=int, default=None, help="override the preset's paper rank")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params and gradients")
   parser.add_argument("--only", nargs="*", default=None, help="subset of optimizers (adamw is always kept)")
   parser.add_argument("--out", default=None,
                       help="default bench/results/step_time-<platform>-<preset>[-<N>layers].json")
@@ -213,7 +244,7 @@ def main() -> None:
   print(f"{args.preset}: {layers}/{n_layers} layers, {n_params / 1e6:.1f}M params, rank {rank}, T {GAP}, "
         f"device {device.platform}/{device.device_kind}, {os.cpu_count()} CPUs", flush=True)
 
-  grads = random_tree(table, seed=1, scale=1e-3)
+  grads = random_tree(table, seed=1, scale=1e-3, dtype=jnp.dtype(args.dtype))
   txs = optimizers(rank)
   if args.only:
     txs = {k: v for k, v in txs.items() if k == "adamw" or k in args.only}
@@ -242,6 +273,7 @@ def main() -> None:
         "amortized_from_min_s": (ref["min"] + (GAP - 1) * non["min"]) / GAP,
         "refresh_stats_s": ref, "non_refresh_stats_s": non,
         "compile_s": r.compile_s, "state_bytes": r.state_bytes, "state_leaves": r.state_leaves,
+        "compiled": r.figures,
     }
   base = results["adamw"]
   for r in results.values():
@@ -252,13 +284,14 @@ def main() -> None:
     r["ratio_to_adamw_from_min"] = r["amortized_from_min_s"] / base["amortized_from_min_s"]
 
   header = (f"{'optimizer':<24} {'refresh s':>10} {'non-refr s':>10} {'amort s':>9} {'x adamw':>8} "
-            f"{'refr x':>8} {'non x':>7} {'state MiB':>10} {'compile s':>9}")
+            f"{'refr x':>8} {'non x':>7} {'state MiB':>10} {'compile s':>9} {'copies MiB':>10} {'temp MiB':>9}")
   print(header)
   print("-" * len(header))
   for name, r in results.items():
     print(f"{name:<24} {r['refresh_s']:10.4f} {r['non_refresh_s']:10.4f} {r['amortized_s']:9.4f} "
           f"{r['ratio_to_adamw']:8.3f} {r['refresh_ratio_to_adamw']:8.1f} {r['non_refresh_ratio_to_adamw']:7.3f} "
-          f"{r['state_bytes'] / 2**20:10.1f} {r['compile_s']:9.1f}")
+          f"{r['state_bytes'] / 2**20:10.1f} {r['compile_s']:9.1f} {r['compiled']['entry_copy_bytes'] / 2**20:10.1f} "
+          f"{r['compiled']['temp_bytes'] / 2**20:9.1f}")
 
   import flax
 
@@ -276,12 +309,12 @@ def main() -> None:
       "preset": args.preset,
       "shapes": {"vocab": VOCAB, "hidden": hidden, "intermediate": inter, "heads": heads,
                  "layers": layers, "preset_layers": n_layers, "layers_truncated": truncated},
-      "params": n_params, "param_bytes": 4 * n_params, "dtype": "float32",
+      "params": n_params, "param_bytes": jnp.dtype(args.dtype).itemsize * n_params, "dtype": args.dtype,
       "settings": {"rank": rank, "update_proj_gap": GAP, "scale": SCALE, "learning_rate": LR, "weight_decay": 0.0,
                    "proj_type": "std", "refresh": "exact SVD (both GaLore implementations)",
                    "target": "2-D kernels whose path matches 'attn|mlp' (both GaLore implementations)"},
       "method": {
-          "timed": "tx.update + optax.apply_updates on fixed random fp32 gradients (no model), jitted, "
+          "timed": f"tx.update + optax.apply_updates on fixed random {args.dtype} gradients (no model), jitted, "
                    "params/state donated, AOT-compiled (compile excluded), block_until_ready",
           "refresh_steps": "forced: state[0].count set to a multiple of T before each timed call (real T=200)",
           "non_refresh_steps": "state[0].count set to 1 + (i mod (T-1))",
@@ -305,7 +338,7 @@ def main() -> None:
             "that many OpenBLAS threads."] if os.environ.get("OPENBLAS_NUM_THREADS") else []),
       "results": results,
   }
-  suffix = f"-{layers}layers" if truncated else ""
+  suffix = (f"-{layers}layers" if truncated else "") + ("-bf16" if args.dtype == "bfloat16" else "")
   out = args.out or f"bench/results/step_time-{device.platform}-{args.preset}{suffix}.json"
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:

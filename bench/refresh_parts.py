@@ -1,0 +1,141 @@
+"""Where a randomized subspace refresh spends its time: each kernel of one matrix's refresh, timed apart.
+
+  python bench/refresh_parts.py [--preset llama_1b] [--repeats 5] [--out PATH]
+
+For every distinct GaLore kernel shape of the preset (Flax layout, 'std' sides, the paper's rank r,
+k = r + 10 columns) the building blocks of `RandomizedRefresh` are jitted and timed alone on random fp32
+matrices: the range-finder matmuls, the LU and QR of the tall `[d, k]` blocks, the `k×k` Gram matrix and
+its `eigh` (the default, and Jacobi and QDWH where the backend has them; jax 0.10 has no top-r subset
+on CPU or GPU), a
+Cholesky of the Gram matrix, and the whole refresh of one matrix; also the exact SVD. Each time is the
+median of --repeats calls after one warm-up call, ending with `block_until_ready`. `model_refresh_s` sums
+the whole-refresh time over the preset's matrices (one refresh of every basis, done one matrix at a time as
+galore_jax's looped refresh does). Writes bench/results/refresh_parts-<backend>-<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from galore_jax import RandomizedRefresh, projection  # noqa: E402
+from galore_jax.models import llama  # noqa: E402
+
+RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
+OVERSAMPLING = 10
+
+
+def kernel_shapes(cfg: llama.LlamaConfig) -> dict[tuple[int, int], int]:
+  """(in, out) -> how many attention/MLP kernels of that shape the model has."""
+  D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+  H, N, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+  counts: dict[tuple[int, int], int] = {}
+  for shape in [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]:
+    counts[shape] = counts.get(shape, 0) + L
+  return counts
+
+
+def timed(fn, *args, repeats: int) -> float:
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def eigh_with(implementation: str, gram, repeats: int) -> float | None:
+  """Seconds of ``eigh`` with a ``jax.lax.linalg.EighImplementation`` member, or None where it does not lower."""
+  members = getattr(getattr(jax.lax.linalg, "EighImplementation", None), "__members__", {})
+  if implementation not in members:
+    return None
+  try:
+    return timed(lambda x: jax.lax.linalg.eigh(x, implementation=members[implementation]), gram, repeats=repeats)
+  except NotImplementedError:  # e.g. Jacobi on CPU
+    return None
+
+
+def parts_of(m: int, n: int, rank: int, repeats: int) -> dict[str, float | None]:
+  """Seconds per call of each refresh kernel for one gradient [m, n] (input side found when m <= n)."""
+  sides = projection.choose_sides("std", m, n)
+  rank = projection.clipped_rank(rank, m, n)
+  d, e = (m, n) if sides.input else (n, m)  # found side d, other side e
+  k = min(rank + OVERSAMPLING, d, e)
+  key = jax.random.key(0)
+  a = jax.random.normal(key, (d, e), jnp.float32)
+  omega = jax.random.normal(jax.random.fold_in(key, 1), (e, k), jnp.float32)
+  block_d = a @ omega
+  block_e = a.T @ block_d
+  gram = (block_d.T @ a) @ (a.T @ block_d) + jnp.eye(k)
+  grad = a if sides.input else a.T
+  previous = projection.identity_basis((m, n), rank, sides, jnp.float32)
+  refresh = RandomizedRefresh()
+  out = {
+      "range_matmul A@omega": timed(lambda a, o: a @ o, a, omega, repeats=repeats),
+      f"lu other side [{e},{k}]": timed(projection._lu_basis, block_e, repeats=repeats),
+      f"lu found side [{d},{k}]": timed(projection._lu_basis, block_d, repeats=repeats),
+      f"qr [{d},{k}]": timed(projection._orth, block_d, repeats=repeats),
+      f"gram [{k},{k}]": timed(lambda q, a: (q.T @ a) @ (q.T @ a).T, block_d, a, repeats=repeats),
+      f"cholesky [{k},{k}]": timed(jnp.linalg.cholesky, gram, repeats=repeats),
+      f"eigh [{k},{k}]": timed(jnp.linalg.eigh, gram, repeats=repeats),
+  }
+  for name in ("JACOBI", "QDWH"):
+    out[f"eigh {name.lower()} [{k},{k}]"] = eigh_with(name, gram, repeats)
+  out["whole randomized refresh"] = timed(
+      lambda g, p, key: refresh(g, p, rank, key=key, warm=False), grad, previous, key, repeats=repeats)
+  out["exact svd"] = timed(lambda g: projection.svd_basis(g, rank, sides), grad, repeats=max(1, repeats // 2))
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="llama_1b", choices=sorted(RANKS))
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  cfg = llama.preset(args.preset)
+  rank = RANKS[args.preset]
+  device = jax.devices()[0]
+  shapes = kernel_shapes(cfg)
+  results, model_refresh, model_svd = [], 0.0, 0.0
+  for (m, n), count in shapes.items():
+    parts = parts_of(m, n, rank, args.repeats)
+    model_refresh += count * parts["whole randomized refresh"]
+    model_svd += count * parts["exact svd"]
+    results.append({"shape": [m, n], "count": count, "seconds": parts})
+    print(f"[{m}, {n}] x{count}: " + ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}"
+                                             for k, v in parts.items()), flush=True)
+  import flax
+
+  record = {
+      "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
+      "backend": jax.default_backend(), "device": device.device_kind, "cpu_count": os.cpu_count(),
+      "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
+                   "python": platform.python_version()},
+      "preset": args.preset, "rank": rank, "oversampling": OVERSAMPLING, "repeats": args.repeats,
+      "refresh": "RandomizedRefresh() defaults: 1 LU-stabilised power iteration, QR, eigh of the k x k Gram matrix",
+      "model_refresh_s": model_refresh, "model_exact_svd_s": model_svd, "results": results,
+  }
+  out = args.out or f"bench/results/refresh_parts-{jax.default_backend()}-{args.preset}.json"
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=1)
+  print(json.dumps({"model_refresh_s": round(model_refresh, 3), "model_exact_svd_s": round(model_svd, 3), "out": out}))
+
+
+if __name__ == "__main__":
+  main()
