@@ -89,7 +89,7 @@ def parts_of(m: int, n: int, rank: int, repeats: int) -> dict[str, float | None]
       f"lu other side [{e},{k}]": timed(projection._lu_basis, block_e, repeats=repeats),
       f"lu found side [{d},{k}]": timed(projection._lu_basis, block_d, repeats=repeats),
       f"qr [{d},{k}]": timed(projection._orth, block_d, repeats=repeats),
-      f"gram [{k},{k}]": timed(lambda q, a: (q.T @ a) @ (q.T @ a).T, block_d, a, repeats=repeats),
+      f"gram (QtA)(QtA)t [{k},{k}]": timed(lambda q, a: (q.T @ a) @ (q.T @ a).T, block_d, a, repeats=repeats),
       f"cholesky [{k},{k}]": timed(jnp.linalg.cholesky, gram, repeats=repeats),
       f"eigh [{k},{k}]": timed(jnp.linalg.eigh, gram, repeats=repeats),
   }
