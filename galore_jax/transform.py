@@ -653,9 +653,8 @@ def galore(
     def refresh_under_cond(pred, members, branch, *extra):
       """``lax.cond(pred, branch)`` whose operands are the members' gradients, bases and moments only.
 
-      Every value a conditional passes through its idle branch is copied on each
-      step; routing the whole optimizer state through the refresh cost a copy of
-      every moment (embeddings' included) on every non-refresh step.
+      The rest of the optimizer state never flows through the conditional, so
+      XLA has no reason to buffer it there on a step that does not refresh.
       """
       moment_ids = [s for s, (j, _) in slots.items() if j in members]
       ops = ({i: matrices[i] for i in members}, {i: bases[i] for i in members},
