@@ -140,8 +140,6 @@ def compiled_figures(compiled) -> dict:
   Copies in the entry computation run on every step (those inside the refresh branch only when it is taken):
   an optimizer that forces XLA to copy its state pays for it on every non-refresh step.
   """
-  import re
-
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -149,7 +147,7 @@ def compiled_figures(compiled) -> dict:
   entry = text[text.index("\nENTRY"):]
   entry = entry[:entry.index("\n}")]
   itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
-  copies = [(dt, dims) for dt, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} copy\(", entry)]
+  copies = re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} copy\(", entry)
   copy_bytes = sum(itemsize.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in copies)
   return {"temp_bytes": memory.temp_size_in_bytes, "entry_copies": len(copies), "entry_copy_bytes": copy_bytes,
           "bytes_accessed_all_branches": cost.get("bytes accessed"), "flops_all_branches": cost.get("flops")}
