@@ -52,6 +52,9 @@ FAST = {  # all: oversampling 10
     "randomized(q=1,qr)": RandomizedRefresh(iterations=1, stabilizer="qr"),
     "randomized_warm": RandomizedRefresh(iterations=0, warm_start=True),  # refresh="randomized_warm"
     "warm(q=1)": RandomizedRefresh(iterations=1, warm_start=True),
+    # the default with its finish (k x k eigh) run one matrix at a time instead of batched per shape group
+    "randomized(finish unbatched)": RandomizedRefresh(batch_budget_bytes=0),
+    "randomized(jacobi eigh)": RandomizedRefresh(eigh_algorithm="jacobi"),
 }
 
 
@@ -179,7 +182,7 @@ def time_refresh(grads, rank, refresh, batch_refresh=False, repeats=2):
   """
   tx = galore(optax.identity(), rank=rank, update_proj_gap=10, refresh=refresh, batch_refresh=batch_refresh)
   new_state = jax.jit(lambda g, s: tx.update(g, s)[1])
-  fresh = new_state(grads, tx.init(grads))  # step 0: computes the bases the warm start uses
+  fresh = jax.block_until_ready(new_state(grads, tx.init(grads)))  # step 0: the bases the warm start uses
   on = fresh._replace(count=jnp.int32(10))
   out = jax.block_until_ready(new_state(grads, on))
   best = np.inf

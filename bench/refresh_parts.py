@@ -10,7 +10,10 @@ on CPU or GPU), a
 Cholesky of the Gram matrix, and the whole refresh of one matrix; also the exact SVD. Each time is the
 median of --repeats calls after one warm-up call, ending with `block_until_ready`. `model_refresh_s` sums
 the whole-refresh time over the preset's matrices (one refresh of every basis, done one matrix at a time as
-galore_jax's looped refresh does). Writes bench/results/refresh_parts-<backend>-<preset>.json.
+galore_jax's looped refresh did before the two-stage refresh); `model_refresh_batched_finish_s` sums, per
+matrix, the sketch (range finder and k×k matrix, one matrix at a time) plus its share of the finish run
+batched as galore batches it (the faster of the default and Jacobi eigh): the two-stage refresh
+that galore_jax now runs. Writes bench/results/refresh_parts-<backend>-<preset>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import optax  # noqa: E402
 
 from galore_jax import RandomizedRefresh, projection  # noqa: E402
 from galore_jax.models import llama  # noqa: E402
+from galore_jax.transform import finish_chunk  # noqa: E402
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 OVERSAMPLING = 10
@@ -69,8 +73,12 @@ def eigh_with(implementation: str, gram, repeats: int) -> float | None:
     return None
 
 
-def parts_of(m: int, n: int, rank: int, repeats: int) -> dict[str, float | None]:
-  """Seconds per call of each refresh kernel for one gradient [m, n] (input side found when m <= n)."""
+def parts_of(m: int, n: int, rank: int, count: int, repeats: int) -> dict[str, float | None]:
+  """Seconds per call of each refresh kernel for one gradient [m, n] (input side found when m <= n).
+
+  The finish (small eigh and the product with the range) is also timed batched over as many of the ``count``
+  matrices of the shape as galore's looped refresh batches (``RandomizedRefresh.batch_budget_bytes``).
+  """
   sides = projection.choose_sides("std", m, n)
   rank = projection.clipped_rank(rank, m, n)
   d, e = (m, n) if sides.input else (n, m)  # found side d, other side e
@@ -97,6 +105,21 @@ def parts_of(m: int, n: int, rank: int, repeats: int) -> dict[str, float | None]
     out[f"eigh {name.lower()} [{k},{k}]"] = eigh_with(name, gram, repeats)
   out["whole randomized refresh"] = timed(
       lambda g, p, key: refresh(g, p, rank, key=key, warm=False), grad, previous, key, repeats=repeats)
+  sketch = jax.jit(lambda g, p, key: refresh.sketch(g, p, rank, key=key, warm=False))(grad, previous, key)
+  out["sketch (everything that reads the gradient)"] = timed(
+      lambda g, p, key: refresh.sketch(g, p, rank, key=key, warm=False), grad, previous, key, repeats=repeats)
+  out["finish, one matrix"] = timed(lambda s, p: refresh.finish(s, p, rank, warm=False), sketch, previous,
+                                    repeats=repeats)
+  chunk = finish_chunk(count, sum(x.nbytes for x in jax.tree.leaves(sketch)), refresh.batch_budget_bytes)
+  stack = lambda tree: jax.tree.map(lambda x: jnp.array(jnp.broadcast_to(x, (chunk, *x.shape))), tree)
+  sketches, previous_stack = stack(sketch), stack(previous)
+  for name, fn in (("default", refresh), ("jacobi", RandomizedRefresh(eigh_algorithm="jacobi"))):
+    label = f"finish batched x{chunk}, {name} eigh, per matrix"
+    if name == "jacobi" and jax.default_backend() == "cpu":
+      out[label] = None  # no Jacobi eigh on CPU
+      continue
+    out[label] = timed(lambda s, p, fn=fn: fn.finish(s, p, rank, warm=False), sketches, previous_stack,
+                       repeats=repeats) / chunk
   out["exact svd"] = timed(lambda g: projection.svd_basis(g, rank, sides), grad, repeats=max(1, repeats // 2))
   return out
 
@@ -111,10 +134,12 @@ def main() -> None:
   rank = RANKS[args.preset]
   device = jax.devices()[0]
   shapes = kernel_shapes(cfg)
-  results, model_refresh, model_svd = [], 0.0, 0.0
+  results, model_refresh, model_two_stage, model_svd = [], 0.0, 0.0, 0.0
   for (m, n), count in shapes.items():
-    parts = parts_of(m, n, rank, args.repeats)
+    parts = parts_of(m, n, rank, count, args.repeats)
     model_refresh += count * parts["whole randomized refresh"]
+    batched = [v for k, v in parts.items() if k.startswith("finish batched") and v is not None]
+    model_two_stage += count * (parts["sketch (everything that reads the gradient)"] + min(batched))
     model_svd += count * parts["exact svd"]
     results.append({"shape": [m, n], "count": count, "seconds": parts})
     print(f"[{m}, {n}] x{count}: " + ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}"
@@ -127,14 +152,17 @@ def main() -> None:
       "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
                    "python": platform.python_version()},
       "preset": args.preset, "rank": rank, "oversampling": OVERSAMPLING, "repeats": args.repeats,
-      "refresh": "RandomizedRefresh() defaults: 1 LU-stabilised power iteration, QR, eigh of the k x k Gram matrix",
-      "model_refresh_s": model_refresh, "model_exact_svd_s": model_svd, "results": results,
+      "refresh": "RandomizedRefresh() defaults: 1 LU-stabilised power iteration, QR, eigh of the k x k Gram matrix; "
+                 "finish = eigh, the product with the range, sign alignment",
+      "model_refresh_s": model_refresh, "model_refresh_batched_finish_s": model_two_stage,
+      "model_exact_svd_s": model_svd, "results": results,
   }
   out = args.out or f"bench/results/refresh_parts-{jax.default_backend()}-{args.preset}.json"
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:
     json.dump(record, f, indent=1)
-  print(json.dumps({"model_refresh_s": round(model_refresh, 3), "model_exact_svd_s": round(model_svd, 3), "out": out}))
+  print(json.dumps({"model_refresh_s": round(model_refresh, 3), "model_refresh_batched_finish_s": round(model_two_stage, 3),
+                    "model_exact_svd_s": round(model_svd, 3), "out": out}))
 
 
 if __name__ == "__main__":

@@ -261,7 +261,19 @@ def _gaussian(key, shape: tuple[int, ...]) -> jax.Array:
   return draws.reshape(shape)
 
 
-def randomized_svd_basis(
+class Sketch(NamedTuple):
+  """The tall-matrix half of a randomized refresh (:func:`randomized_sketch`), batched over leading axes.
+
+  ``d`` is the dimension being found (the input one unless only the output
+  side is projected), ``e`` the other one, ``k`` the sketch width.
+  """
+
+  range: jax.Array  # [..., d, k] orthonormal: the range found
+  small: jax.Array  # [..., k, k]: Gram matrix B Bᵀ (B = Qᵀ A) for one side; R₂ᵀ (Aᵀ Q = Q₂ R₂) for both
+  other: jax.Array | None  # [..., e, k] orthonormal Q₂ (both sides only)
+
+
+def randomized_sketch(
     grad: jax.Array,
     rank: int,
     sides: Sides,
@@ -271,45 +283,13 @@ def randomized_svd_basis(
     iterations: int = 1,
     previous: Basis | None = None,
     warm: jax.Array | bool = True,
-    svd_algorithm: str | None = None,
     stabilizer: str = "qr",
-) -> Basis:
-  """Top-``rank`` singular subspaces of ``grad [..., m, n]`` by a randomized range finder (Halko et al. 2011).
+) -> Sketch:
+  """Everything of :func:`randomized_svd_basis` that touches ``grad``: the range finder and the small matrix.
 
-  With ``k = min(rank + oversampling, m, n)``: a test matrix ``Ω [..., n', k]``
-  (``n'`` the dimension not being found), ``Q = qr(A Ω)``, then ``iterations``
-  rounds of QR-stabilised subspace iteration ``Q = qr(A qr(Aᵀ Q))``, and a
-  finishing small factorisation: for both sides ``Aᵀ Q = Q₂ R₂`` and
-  ``svd(R₂ᵀ) = U_b S V_bᵀ`` (a ``k×k`` SVD, on GPU always on the fast Jacobi
-  path) give ``A ≈ (Q U_b) S (Q₂ V_b)ᵀ``; for one side the eigenvectors ``U_b``
-  of the ``k×k`` Gram matrix ``(QᵀA)(QᵀA)ᵀ`` give ``Q U_b`` (one matmul and a
-  small ``eigh``, no QR of the long side). Either way the bases come out in
-  singular-vector order (top ``rank`` columns kept),
-  which keeps moments kept across a refresh meaningful. ``A`` is ``grad`` when
-  the input side is wanted and ``gradᵀ`` when only the output side is, so the
-  range finder always works on the side it returns; ``full`` gets both sides
-  from the one factorisation.
-
-  Args:
-    grad: fp32 ``[..., m, n]``; leading axes are batch axes.
-    rank: columns kept (already clipped to ``min(m, n)``).
-    sides: which bases to return.
-    key: a PRNG key, or an array of keys with the batch shape ``grad.shape[:-2]``
-      (one test matrix per batch element, so stacking matrices does not change
-      their draws).
-    oversampling: ``p``, extra columns of the test matrix.
-    iterations: ``q``, power (subspace) iterations; each costs two matmuls with
-      ``grad`` and two QRs of ``[d, k]`` blocks.
-    previous: warm start: the test matrix's first ``rank`` columns are the
-      previous basis (``Aᵀ Q_prev``, or ``Q_prev`` of the other side), the last
-      ``k - rank`` stay random so that new directions can enter.
-    warm: boolean scalar (may be traced): use ``previous`` (False: fully random
-      test matrix, e.g. on the first refresh, when ``previous`` is a placeholder).
-    svd_algorithm: algorithm of the small ``k×k`` SVD of the two-sided case (see :func:`svd_basis`).
-    stabilizer: how the blocks are normalised *between* power iterations:
-      ``"qr"`` (orthonormalised, most robust) or ``"lu"`` (permuted unit-lower LU
-      factor, as fbpca; about 3-5× cheaper than a QR of the tall block on CPU).
-      The block entering the finishing step is always orthonormalised by QR.
+  What is left (:func:`finish_sketch`) is one ``k×k`` factorisation and one
+  matmul per matrix, which is what makes it worth batching across matrices.
+  Arguments as in :func:`randomized_svd_basis`.
   """
   if stabilizer not in ("qr", "lu"):
     raise ValueError(f"stabilizer={stabilizer!r} is not 'qr' or 'lu'")
@@ -340,20 +320,108 @@ def randomized_svd_basis(
   q = _orth(q)
   if sides.input and sides.output:
     q2, r2 = jnp.linalg.qr(at(a) @ q, mode="reduced")  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
-    ub, _, vbh = _svd(at(r2), svd_algorithm)
-    left = (q @ ub)[..., :, :rank]
-    right = (q2 @ at(vbh))[..., :, :rank]
+    return Sketch(range=q, small=at(r2), other=q2)
+  b = at(q) @ a
+  return Sketch(range=q, small=b @ at(b), other=None)
+
+
+EIGH_ALGORITHMS = ("jacobi",)
+"""Names accepted by ``eigh_algorithm`` besides ``None`` (the backend's default)."""
+
+
+def _eigh(x: jax.Array, algorithm: str | None = None):
+  """``eigh`` of symmetric ``x [..., k, k]``, ascending; ``"jacobi"`` = cuSOLVER's Jacobi solver on GPU, the
+  default elsewhere (jax has no Jacobi eigh on CPU; chosen per platform at lowering)."""
+  if algorithm is None:
+    return jnp.linalg.eigh(x)
+  if algorithm not in EIGH_ALGORITHMS:
+    raise ValueError(f"eigh_algorithm={algorithm!r} is not None or one of {EIGH_ALGORITHMS}")
+  jacobi = lambda a: tuple(jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI))[::-1]
+  plain = lambda a: tuple(jnp.linalg.eigh(a))
+  return jax.lax.platform_dependent(x, cpu=plain, default=jacobi)
+
+
+def finish_sketch(sketch: Sketch, rank: int, sides: Sides, svd_algorithm: str | None = None,
+                  eigh_algorithm: str | None = None) -> Basis:
+  """The bases from a :class:`Sketch`, in singular-vector order (batched over leading axes).
+
+  One side: the eigenvectors ``U_b`` of the Gram matrix ``B Bᵀ`` are ``B``'s
+  left singular vectors and ``Q U_b`` the basis. Squaring the spectrum only
+  blurs directions whose ``σ²`` are equal to working precision relative to
+  ``σ₁²``, which carry no energy that matters, and never produces NaN (``B = 0``
+  gives unit vectors). Both sides: ``svd(R₂ᵀ) = U_b S V_bᵀ`` gives
+  ``A ≈ (Q U_b) S (Q₂ V_b)ᵀ``.
+  """
+  at = lambda x: jnp.swapaxes(x, -1, -2)
+  q = sketch.range
+  if sides.input and sides.output:
+    ub, _, vbh = _svd(sketch.small, svd_algorithm)
+    left = (q @ ub[..., :, :rank])
+    right = (sketch.other @ at(vbh)[..., :, :rank])
   else:
-    # One side only: the eigenvectors of the k×k Gram matrix B Bᵀ (B = Qᵀ A) are B's left singular
-    # vectors; squaring the spectrum only blurs directions whose σ² are equal to working precision
-    # relative to σ₁², which carry no energy that matters, and never produces NaN (B = 0 gives unit vectors).
-    b = at(q) @ a
-    evals, evecs = jnp.linalg.eigh(b @ at(b))
-    left = (q @ jnp.flip(evecs, axis=-1))[..., :, :rank]
+    _, evecs = _eigh(sketch.small, eigh_algorithm)
+    left = q @ jnp.flip(evecs, axis=-1)[..., :, :rank]
     right = None
-  if transpose:
+  if sides.output and not sides.input:
     left, right = right, left
   return Basis(input=left if sides.input else None, output=right if sides.output else None)
+
+
+def randomized_svd_basis(
+    grad: jax.Array,
+    rank: int,
+    sides: Sides,
+    *,
+    key,
+    oversampling: int = 10,
+    iterations: int = 1,
+    previous: Basis | None = None,
+    warm: jax.Array | bool = True,
+    svd_algorithm: str | None = None,
+    stabilizer: str = "qr",
+    eigh_algorithm: str | None = None,
+) -> Basis:
+  """Top-``rank`` singular subspaces of ``grad [..., m, n]`` by a randomized range finder (Halko et al. 2011).
+
+  With ``k = min(rank + oversampling, m, n)``: a test matrix ``Ω [..., n', k]``
+  (``n'`` the dimension not being found), ``Q = qr(A Ω)``, then ``iterations``
+  rounds of stabilised subspace iteration ``Q = qr(A norm(Aᵀ norm(Q)))``, and a
+  finishing small factorisation: for both sides ``Aᵀ Q = Q₂ R₂`` and
+  ``svd(R₂ᵀ) = U_b S V_bᵀ`` (a ``k×k`` SVD) give ``A ≈ (Q U_b) S (Q₂ V_b)ᵀ``;
+  for one side the eigenvectors ``U_b`` of the ``k×k`` Gram matrix
+  ``(QᵀA)(QᵀA)ᵀ`` give ``Q U_b`` (one matmul and a small ``eigh``, no QR of the
+  long side). Either way the bases come out in singular-vector order (top
+  ``rank`` columns kept), which keeps moments kept across a refresh meaningful.
+  ``A`` is ``grad`` when the input side is wanted and ``gradᵀ`` when only the
+  output side is, so the range finder always works on the side it returns;
+  ``full`` gets both sides from the one factorisation. This is
+  :func:`finish_sketch` of :func:`randomized_sketch`.
+
+  Args:
+    grad: fp32 ``[..., m, n]``; leading axes are batch axes.
+    rank: columns kept (already clipped to ``min(m, n)``).
+    sides: which bases to return.
+    key: a PRNG key, or an array of keys with the batch shape ``grad.shape[:-2]``
+      (one test matrix per batch element, so stacking matrices does not change
+      their draws).
+    oversampling: ``p``, extra columns of the test matrix.
+    iterations: ``q``, power (subspace) iterations; each costs two matmuls with
+      ``grad`` and two normalisations of ``[d, k]`` blocks.
+    previous: warm start: the test matrix's first ``rank`` columns are the
+      previous basis (``Aᵀ Q_prev``, or ``Q_prev`` of the other side), the last
+      ``k - rank`` stay random so that new directions can enter.
+    warm: boolean scalar (may be traced): use ``previous`` (False: fully random
+      test matrix, e.g. on the first refresh, when ``previous`` is a placeholder).
+    svd_algorithm: algorithm of the small ``k×k`` SVD of the two-sided case (see :func:`svd_basis`).
+    stabilizer: how the blocks are normalised *between* power iterations:
+      ``"qr"`` (orthonormalised, most robust) or ``"lu"`` (permuted unit-lower LU
+      factor, as fbpca; about 3-5× cheaper than a QR of the tall block on CPU).
+      The block entering the finishing step is always orthonormalised by QR.
+    eigh_algorithm: ``None`` or ``"jacobi"`` for the small ``eigh`` of the one-sided case.
+  """
+  sketch = randomized_sketch(grad, rank, sides, key=key, oversampling=oversampling, iterations=iterations,
+                             previous=previous, warm=warm, stabilizer=stabilizer)
+  return finish_sketch(sketch, rank, sides, svd_algorithm, eigh_algorithm)
 
 
 def align_signs(new: Basis, previous: Basis, warm: jax.Array | bool = True) -> Basis:
@@ -391,11 +459,20 @@ class RandomizedRefresh:
       between power iterations; the final block is always orthonormalised by QR.
     align: flip each new column to point the way of the previous basis's column
       (:func:`align_signs`), so that moments kept across a refresh keep their sign.
+    eigh_algorithm: ``None`` (the backend's ``eigh``) or ``"jacobi"`` (cuSOLVER's
+      Jacobi solver on GPU) for the small ``k×k`` eigenproblem of one-sided bases.
+    batch_budget_bytes: :func:`galore_jax.galore` refreshes a group of
+      equal-shape matrices by looping :meth:`sketch` over them and then running
+      :meth:`finish` once on the stacked sketches, so that the ``k×k``
+      factorisations go to the solver as one batch (cuSOLVER's batched ``syev``
+      instead of one call per matrix). At most this many bytes of fp32 sketches
+      are held at once: the group is cut into equal chunks that fit.
 
-  Called by the transformation as ``refresh(grad, previous, rank, key=..., warm=...)``:
-  ``key`` is derived from ``galore(refresh_seed=...)``, the step count and the leaf, so
-  the bases are a deterministic function of the step; ``warm`` is False on the first
-  step. Hashable, so it can be a static argument.
+  Called by the transformation as ``refresh(grad, previous, rank, key=..., warm=...)``
+  (or as its two stages, which give the same bases): ``key`` is derived from
+  ``galore(refresh_seed=...)``, the step count and the leaf, so the bases are a
+  deterministic function of the step; ``warm`` is False on the first step.
+  Hashable, so it can be a static argument.
   """
 
   oversampling: int = 10
@@ -404,22 +481,35 @@ class RandomizedRefresh:
   svd_algorithm: str | None = None
   stabilizer: str = "lu"
   align: bool = True
+  eigh_algorithm: str | None = None
+  batch_budget_bytes: int = 256 << 20
 
   def __post_init__(self):
     if self.oversampling < 0 or self.iterations < 0:
       raise ValueError(f"oversampling and iterations must be >= 0, got {self.oversampling}, {self.iterations}")
     if self.stabilizer not in ("qr", "lu"):
       raise ValueError(f"stabilizer={self.stabilizer!r} is not 'qr' or 'lu'")
+    if self.eigh_algorithm is not None and self.eigh_algorithm not in EIGH_ALGORITHMS:
+      raise ValueError(f"eigh_algorithm={self.eigh_algorithm!r} is not None or one of {EIGH_ALGORITHMS}")
+    if self.batch_budget_bytes < 0:
+      raise ValueError(f"batch_budget_bytes must be >= 0, got {self.batch_budget_bytes}")
     _svd_algorithm(self.svd_algorithm)
 
-  def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Basis:
+  def sketch(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Sketch:
+    """The part that reads ``grad``: the range finder and the ``k×k`` matrix (:func:`randomized_sketch`)."""
     if key is None:
       key = jax.random.key(0)
-    basis = randomized_svd_basis(
+    return randomized_sketch(
         grad, rank, _sides(previous), key=key, oversampling=self.oversampling, iterations=self.iterations,
-        previous=previous if self.warm_start else None, warm=warm, svd_algorithm=self.svd_algorithm,
-        stabilizer=self.stabilizer)
+        previous=previous if self.warm_start else None, warm=warm, stabilizer=self.stabilizer)
+
+  def finish(self, sketch: Sketch, previous: Basis, rank: int, *, warm=True) -> Basis:
+    """The bases from sketches, batched over leading axes (:func:`finish_sketch`, then :func:`align_signs`)."""
+    basis = finish_sketch(sketch, rank, _sides(previous), self.svd_algorithm, self.eigh_algorithm)
     return align_signs(basis, previous, warm) if self.align else basis
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Basis:
+    return self.finish(self.sketch(grad, previous, rank, key=key, warm=warm), previous, rank, warm=warm)
 
 
 def captured_energy(grad: jax.Array, basis: Basis) -> jax.Array:

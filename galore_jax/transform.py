@@ -285,6 +285,16 @@ def _refresh_fn(refresh) -> RefreshFn:
   return REFRESH_METHODS[refresh]
 
 
+def finish_chunk(members: int, member_bytes: int, budget_bytes: int) -> int:
+  """Members per batched finish of a two-stage refresh: the largest divisor of ``members`` whose sketches fit the budget (≥ 1)."""
+  return max(d for d in range(1, members + 1) if members % d == 0 and (d == 1 or d * member_bytes <= budget_bytes))
+
+
+def _is_two_stage(refresh) -> bool:
+  """A refresh with ``sketch(grad, previous, rank, *, key, warm)`` and ``finish(sketches, previous, rank, *, warm)``."""
+  return callable(getattr(refresh, "sketch", None)) and callable(getattr(refresh, "finish", None))
+
+
 def _refresh_keywords(fn) -> frozenset[str]:
   """The optional keywords (``key``, ``warm``) a refresh callable accepts; plain 3-argument callables get none."""
   try:
@@ -453,7 +463,12 @@ def galore(
       equal shapes gets one ``lax.cond`` (taken when any member is due) around a
       ``fori_loop`` over its members, so the program holds one copy of the
       refresh per distinct shape, not one per leaf: that is what keeps the
-      compile time of a 100-layer model near AdamW's.
+      compile time of a 100-layer model near AdamW's. When the refresh has two
+      stages (``sketch`` and ``finish`` methods, as
+      :class:`~galore_jax.projection.RandomizedRefresh`) and every member is
+      due (no ``stagger``), the loop only sketches and the small factorisations
+      of the group run as one batched call per chunk (see
+      ``RandomizedRefresh.batch_budget_bytes``).
     adaptive_gap: ``None`` (fixed gap) or :class:`AdaptiveGap`: each leaf keeps
       its own gap in ``GaLoreState.schedule`` and lengthens it while its
       subspace stays put. Leaves are grouped and looped over as without it
@@ -594,12 +609,14 @@ def galore(
     rank_ = plans[group[0]].rank
     finite = {i: jnp.all(jnp.isfinite(grads[i]), axis=(-2, -1)) for i in group}
     always_due = all(isinstance(due[i], bool) for i in group)
+    loaders = [lambda i=i: (finite_fp32(grads[i])[0], bases[i]) for i in group]
+    stacked_keys = None if keys[group[0]] is None else jnp.stack([keys[i] for i in group])
     if len(group) == 1:
       (i,) = group
       fresh = {i: call_refresh(finite_fp32(grads[i])[0], bases[i], keys[i], warm, rank_)}
+    elif always_due and _is_two_stage(refresh):
+      fresh = dict(zip(group, sketched_refresh(loaders, stacked_keys, bases[group[0]], warm, rank_)))
     else:
-      loaders = [lambda i=i: (finite_fp32(grads[i])[0], bases[i]) for i in group]
-      stacked_keys = None if keys[group[0]] is None else jnp.stack([keys[i] for i in group])
       due_now = None if always_due else jnp.stack([jnp.asarray(due[i]) for i in group])
 
       def body(j, outs):
@@ -617,6 +634,40 @@ def galore(
     new_bases = {i: keep_unless_changed(fresh[i], bases[i], changed[i]) for i in group}
     gates = None if always_due else due
     return new_bases, _carry_moments(moments, slots, bases, new_bases, changed, gates)
+
+  def sketched_refresh(loaders, stacked_keys, template, warm, rank_):
+    """New bases of a group whose members are all due, by a two-stage refresh (``sketch`` / ``finish``).
+
+    A ``fori_loop`` sketches the members one at a time (one fp32 gradient copy
+    at a time, as :func:`looped_refresh`), and each chunk of sketches is
+    finished in one batched call: the small ``k×k`` factorisations then reach
+    the solver as a batch (on GPU cuSOLVER's batched ``syev``) instead of one
+    call per matrix. Chunks are equal and hold at most ``refresh.batch_budget_bytes``.
+    """
+    size = len(loaders)
+
+    def one_sketch(j):
+      g, old = jax.lax.switch(j, loaders)
+      key = None if stacked_keys is None else stacked_keys[j]
+      return refresh.sketch(projection.replicated(g), old, rank_, key=key, warm=warm), old
+
+    shapes = jax.eval_shape(one_sketch, 0)
+    per_member = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes[0]))
+    chunk = finish_chunk(size, per_member, getattr(refresh, "batch_budget_bytes", 256 << 20))
+
+    def chunk_body(c, outs):
+      def sketch_body(j, bufs):
+        return jax.tree.map(lambda buf, x: buf.at[j].set(x), bufs, one_sketch(c * chunk + j))
+
+      empty = jax.tree.map(lambda x: jnp.zeros((chunk, *x.shape), x.dtype), shapes)
+      sketches, olds = jax.lax.fori_loop(0, chunk, sketch_body, empty)
+      new = refresh.finish(jax.tree.map(projection.replicated, sketches), olds, rank_, warm=warm)
+      return Basis(*(None if o is None else jax.lax.dynamic_update_slice_in_dim(o, q.astype(o.dtype), c * chunk, 0)
+                     for o, q in zip(outs, new)))
+
+    outs = jax.lax.fori_loop(0, size // chunk, chunk_body, Basis(*(
+        None if q is None else jnp.zeros((size, *q.shape), q.dtype) for q in template)))
+    return [Basis(*(None if o is None else o[j] for o in outs)) for j in range(size)]
 
   def _carry_moments(moments, slots, old_bases, new_bases, changed, gates=None):
     """``on_refresh`` applied to ``moments`` ({inner-state leaf index: leaf}) whose bases changed."""

@@ -407,3 +407,69 @@ def test_adaptive_gap_with_stagger_keeps_svd_inside_cond():
   jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
   heavy = [inside for name, inside in _primitive_names(jaxpr) if name in ("svd", "qr")]
   assert heavy and all(heavy)
+
+
+# ----------------------------------------------------------------------------- two-stage refresh: batched finish
+
+
+def _eigh_batch_shapes(jaxpr, found=None):
+  """Operand shapes of every ``eigh`` in ``jaxpr`` and its sub-jaxprs (cond branches, loop bodies)."""
+  from tests.test_galore import _sub_jaxprs
+
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "eigh":
+      found.append(tuple(eqn.invars[0].aval.shape))
+    for sub in _sub_jaxprs(eqn):
+      _eigh_batch_shapes(sub, found)
+  return found
+
+
+def _four_equal_kernels():
+  return {"attn": {name: jnp.zeros((12, 20)) for name in ("q", "k", "v", "o")}}
+
+
+@pytest.mark.parametrize("members_per_batch", [1, 2, 4])
+def test_sketched_group_refresh_matches_one_matrix_at_a_time(members_per_batch):
+  """Loop-sketch-then-batched-finish gives the bases of refreshing each matrix on its own, in any chunking."""
+  params = _four_equal_kernels()
+  one = RandomizedRefresh()
+  sketch = one.sketch(jnp.zeros((12, 20)), Basis(jnp.zeros((12, 3)), None), 3)
+  per_member = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(sketch))
+  batched = RandomizedRefresh(batch_budget_bytes=members_per_batch * per_member)
+
+  def single(grad, previous, rank, *, key, warm):  # no sketch/finish: refreshed one matrix at a time
+    return one(grad, previous, rank, key=key, warm=warm)
+
+  txs = [galore(rank=3, update_proj_gap=2, refresh=r) for r in (batched, single)]
+  states = [tx.init(params) for tx in txs]
+  for t in range(3):  # step 0 (cold) and step 2 (warm: signs aligned to the previous bases)
+    g = _grads(t, params)
+    states = [jax.jit(tx.update)(g, s)[1] for tx, s in zip(txs, states)]
+  for path in states[1].bases:
+    np.testing.assert_allclose(states[0].bases[path].input, states[1].bases[path].input, atol=1e-5)
+  assert_orthonormal(states[0].bases["attn/q"].input)
+
+  jaxpr = jax.make_jaxpr(txs[0].update)(params, txs[0].init(params)).jaxpr
+  assert _eigh_batch_shapes(jaxpr) == [(members_per_batch, 12, 12)]  # one batched eigh per chunk; k = min(3 + 10, 12)
+
+
+def test_stagger_keeps_one_matrix_at_a_time():
+  """With stagger only some members are due on a step: no batched finish over members that are not due."""
+  tx = galore(rank=3, update_proj_gap=4, refresh="randomized", stagger=True)
+  params = _four_equal_kernels()
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params)).jaxpr
+  assert _eigh_batch_shapes(jaxpr) == [(12, 12)]
+
+
+def test_jacobi_eigh_algorithm_runs_everywhere_and_bad_names_fail_early():
+  g = gapped_grad(jax.random.key(3), (16, 24), rank=4)
+  prev = Basis(jnp.zeros((16, 4)), None)
+  default = RandomizedRefresh()(g, prev, 4, key=jax.random.key(0), warm=False)
+  jacobi = jax.jit(lambda g: RandomizedRefresh(eigh_algorithm="jacobi")(g, prev, 4, key=jax.random.key(0),
+                                                                       warm=False))(g)
+  assert_same_subspace(default, jacobi, atol=1e-4)  # on CPU the same LAPACK eigh; on GPU cuSOLVER's syevj
+  with pytest.raises(ValueError, match="eigh_algorithm='qdwh'"):
+    RandomizedRefresh(eigh_algorithm="qdwh")
+  with pytest.raises(ValueError, match="batch_budget_bytes"):
+    RandomizedRefresh(batch_budget_bytes=-1)
