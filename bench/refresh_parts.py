@@ -151,6 +151,7 @@ def main() -> None:
       "backend": jax.default_backend(), "device": device.device_kind, "cpu_count": os.cpu_count(),
       "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
                    "python": platform.python_version()},
+      "env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
       "preset": args.preset, "rank": rank, "oversampling": OVERSAMPLING, "repeats": args.repeats,
       "refresh": "RandomizedRefresh() defaults: 1 LU-stabilised power iteration, QR, eigh of the k x k Gram matrix; "
                  "finish = eigh, the product with the range, sign alignment",

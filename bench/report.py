@@ -66,13 +66,18 @@ def refresh_parts_section() -> list[str]:
               f"time" + ("" if "model_refresh_batched_finish_s" not in r else
                          f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per shape")
               + f" (exact SVD {r['model_exact_svd_s']:.2f} s)", "",
-              "| kernel shape | matrices | whole refresh | exact SVD | largest parts |", "|---|---|---|---|---|"]
+              "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | exact SVD | "
+              "largest kernels |", "|---|---|---|---|---|---|---|"]
+    ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
     for x in r["results"]:
       sec = x["seconds"]
-      parts = sorted(((k, v) for k, v in sec.items() if v is not None and k not in ("whole randomized refresh", "exact svd")),
-                     key=lambda kv: -kv[1])[:3]
-      lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['count']} | {sec['whole randomized refresh'] * 1e3:.1f} ms | "
-                   f"{sec['exact svd'] * 1e3:.0f} ms | " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts) + " |")
+      kernels = sorted(((k, v) for k, v in sec.items() if v is not None
+                        and not k.startswith(("whole", "exact", "sketch", "finish"))), key=lambda kv: -kv[1])[:3]
+      batched = [v for k, v in sec.items() if k.startswith("finish batched") and v is not None]
+      finish = f"{ms(sec.get('finish, one matrix'))} / {ms(min(batched) if batched else None)}"
+      lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['count']} | {ms(sec['whole randomized refresh'])} | "
+                   f"{ms(sec.get('sketch (everything that reads the gradient)'))} | {finish} | "
+                   f"{sec['exact svd'] * 1e3:.0f} ms | " + ", ".join(f"{k} {ms(v)}" for k, v in kernels) + " |")
     lines += ["", provenance(path, r), ""]
   return lines
 
