@@ -78,7 +78,7 @@ def refresh_parts_section() -> list[str]:
       lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['count']} | {ms(sec['whole randomized refresh'])} | "
                    f"{ms(sec.get('sketch (everything that reads the gradient)'))} | {finish} | "
                    f"{sec['exact svd'] * 1e3:.0f} ms | " + ", ".join(f"{k} {ms(v)}" for k, v in kernels) + " |")
-    lines += ["", provenance(path, r), ""]
+    lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
 
