@@ -356,8 +356,8 @@ def finish_sketch(sketch: Sketch, rank: int, sides: Sides, svd_algorithm: str | 
   q = sketch.range
   if sides.input and sides.output:
     ub, _, vbh = _svd(sketch.small, svd_algorithm)
-    left = (q @ ub[..., :, :rank])
-    right = (sketch.other @ at(vbh)[..., :, :rank])
+    left = q @ ub[..., :, :rank]
+    right = sketch.other @ at(vbh)[..., :, :rank]
   else:
     _, evecs = _eigh(sketch.small, eigh_algorithm)
     left = q @ jnp.flip(evecs, axis=-1)[..., :, :rank]
