@@ -6,8 +6,7 @@ For every distinct GaLore kernel shape of the preset (Flax layout, 'std' sides, 
 k = r + 10 columns) the building blocks of `RandomizedRefresh` are jitted and timed alone on random fp32
 matrices: the range-finder matmuls, the LU and QR of the tall `[d, k]` blocks, the `k×k` Gram matrix and
 its `eigh` (the default, and Jacobi and QDWH where the backend has them; jax 0.10 has no top-r subset
-on CPU or GPU), a
-Cholesky of the Gram matrix, and the whole refresh of one matrix; also the exact SVD. Each time is the
+on CPU or GPU), a Cholesky of the Gram matrix, and the whole refresh of one matrix; also the exact SVD. Each time is the
 median of --repeats calls after one warm-up call, ending with `block_until_ready`. `model_refresh_s` sums
 the whole-refresh time over the preset's matrices (one refresh of every basis, done one matrix at a time as
 galore_jax's looped refresh did before the two-stage refresh); `model_refresh_batched_finish_s` sums, per

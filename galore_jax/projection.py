@@ -329,13 +329,17 @@ EIGH_ALGORITHMS = ("jacobi",)
 """Names accepted by ``eigh_algorithm`` besides ``None`` (the backend's default)."""
 
 
+def _check_eigh_algorithm(algorithm: str | None) -> None:
+  if algorithm is not None and algorithm not in EIGH_ALGORITHMS:
+    raise ValueError(f"eigh_algorithm={algorithm!r} is not None or one of {EIGH_ALGORITHMS}")
+
+
 def _eigh(x: jax.Array, algorithm: str | None = None):
   """``eigh`` of symmetric ``x [..., k, k]``, ascending; ``"jacobi"`` = cuSOLVER's Jacobi solver on GPU, the
   default elsewhere (jax has no Jacobi eigh on CPU; chosen per platform at lowering)."""
+  _check_eigh_algorithm(algorithm)
   if algorithm is None:
     return jnp.linalg.eigh(x)
-  if algorithm not in EIGH_ALGORITHMS:
-    raise ValueError(f"eigh_algorithm={algorithm!r} is not None or one of {EIGH_ALGORITHMS}")
   jacobi = lambda a: tuple(jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI))[::-1]
   plain = lambda a: tuple(jnp.linalg.eigh(a))
   return jax.lax.platform_dependent(x, cpu=plain, default=jacobi)
@@ -444,6 +448,10 @@ def align_signs(new: Basis, previous: Basis, warm: jax.Array | bool = True) -> B
   return Basis(*(flip(q, q_old) for q, q_old in zip(new, previous)))
 
 
+BATCH_BUDGET_BYTES = 256 << 20
+"""Default cap on the sketches a two-stage refresh finishes in one batched call."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomizedRefresh:
   """Randomized refresh (:func:`randomized_svd_basis`) as a ``refresh`` callable for :func:`galore_jax.galore`.
@@ -482,15 +490,14 @@ class RandomizedRefresh:
   stabilizer: str = "lu"
   align: bool = True
   eigh_algorithm: str | None = None
-  batch_budget_bytes: int = 256 << 20
+  batch_budget_bytes: int = BATCH_BUDGET_BYTES
 
   def __post_init__(self):
     if self.oversampling < 0 or self.iterations < 0:
       raise ValueError(f"oversampling and iterations must be >= 0, got {self.oversampling}, {self.iterations}")
     if self.stabilizer not in ("qr", "lu"):
       raise ValueError(f"stabilizer={self.stabilizer!r} is not 'qr' or 'lu'")
-    if self.eigh_algorithm is not None and self.eigh_algorithm not in EIGH_ALGORITHMS:
-      raise ValueError(f"eigh_algorithm={self.eigh_algorithm!r} is not None or one of {EIGH_ALGORITHMS}")
+    _check_eigh_algorithm(self.eigh_algorithm)
     if self.batch_budget_bytes < 0:
       raise ValueError(f"batch_budget_bytes must be >= 0, got {self.batch_budget_bytes}")
     _svd_algorithm(self.svd_algorithm)

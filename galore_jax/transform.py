@@ -653,7 +653,7 @@ def galore(
 
     shapes = jax.eval_shape(one_sketch, 0)
     per_member = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes[0]))
-    chunk = finish_chunk(size, per_member, getattr(refresh, "batch_budget_bytes", 256 << 20))
+    chunk = finish_chunk(size, per_member, getattr(refresh, "batch_budget_bytes", projection.BATCH_BUDGET_BYTES))
 
     def chunk_body(c, outs):
       def sketch_body(j, bufs):
