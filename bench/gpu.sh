@@ -5,8 +5,8 @@
 #   OUT=$OUT bash bench/gpu.sh speed rows      (first call, ~8.5 min)
 #   OUT=$OUT bash bench/gpu.sh parts           (if the session has time left; then memory, refresh)
 # Parts: speed (llama_1b at 8192 tokens: AdamW, galore_adamw with bf16 states, galore-torch, optax.contrib.galore;
-# SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_350m at 8192 and 256 tokens, llama_1b
-# at 256: AdamW, galore_adamw with bf16 states, galore-torch), parts (each kernel of a llama_1b refresh timed
+# SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192 and
+# 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them), parts (each kernel of a llama_1b refresh timed
 # alone, and its finish batched per shape: where the refresh time goes), memory (Llama-7B, one real step),
 # refresh (Llama-7B subspace refresh). Wheels absent from the GPU image may sit in .whl/.
 set -u
@@ -14,6 +14,9 @@ OUT=${OUT:-bench/results}
 PARTS=${*:-speed rows parts memory refresh}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# jax's persistent cache also turns on XLA's per-fusion GEMM autotune cache: the llama_1b-256 row then reuses the
+# refresh kernels' autotuning of the llama_1b-8192 run (the GaLore step's compile took 126 s on an H100, AdamW's 16 s).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -29,9 +32,9 @@ for part in $PARTS; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${SPEED_S:-300} python3 bench/speed.py --preset llama_1b --tokens 8192 \
         --dtype bfloat16 --steps 5 --torch ${SPEED_ONLY:+--only "$SPEED_ONLY"} --out "$OUT/speed-gpu-llama_1b-8192.json" ;;
     rows)
-      for row in "llama_350m 8192" "llama_1b 256" "llama_350m 256"; do
-        set -- $row
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${ROW_S:-70} python3 bench/speed.py --preset "$1" --tokens "$2" \
+      for row in ${ROWS:-llama_1b:256:110 llama_350m:8192:120 llama_350m:256:70}; do
+        set -- ${row//:/ }
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${ROW_S:-$3} python3 bench/speed.py --preset "$1" --tokens "$2" \
           --dtype bfloat16 --steps 5 --torch --only "$HEADLINE" --out "$OUT/speed-gpu-$1-$2.json"
       done ;;
     parts)
