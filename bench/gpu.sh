@@ -5,8 +5,9 @@
 #   OUT=$OUT bash bench/gpu.sh speed rows      (first call, ~8.5 min)
 #   OUT=$OUT bash bench/gpu.sh parts           (if the session has time left; then memory, refresh)
 # Parts: speed (llama_1b at 8192 tokens: AdamW, galore_adamw with bf16 states, galore-torch, optax.contrib.galore;
-# SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192 and
-# 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them), parts (each kernel of a llama_1b refresh timed
+# SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192
+# and 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them),
+# parts (each kernel of a llama_1b refresh timed
 # alone, and its finish batched per shape: where the refresh time goes), memory (Llama-7B, one real step),
 # refresh (Llama-7B subspace refresh). Wheels absent from the GPU image may sit in .whl/.
 set -u
