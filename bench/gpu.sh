@@ -7,12 +7,14 @@
 # Parts: speed (llama_1b at 8192 tokens: AdamW, galore_adamw with bf16 states, galore-torch, optax.contrib.galore;
 # SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192
 # and 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them),
-# parts (each kernel of a llama_1b refresh timed
-# alone, and its finish batched per shape: where the refresh time goes), memory (Llama-7B, one real step),
-# refresh (Llama-7B subspace refresh). Wheels absent from the GPU image may sit in .whl/.
+# parts (each kernel of a llama_1b refresh timed alone, and its finish batched per shape: where the refresh time
+# goes), opt (the optimizer update alone at llama_1b, no model, non-refresh steps: what GaLore adds to a step),
+# scan (llama_1b at 8192 tokens with scanned layers: one batched projection per kernel type instead of one per
+# layer), memory (Llama-7B, one real step), refresh (Llama-7B subspace refresh).
+# Wheels absent from the GPU image may sit in .whl/.
 set -u
 OUT=${OUT:-bench/results}
-PARTS=${*:-speed rows parts memory refresh}
+PARTS=${*:-speed rows parts opt scan memory refresh}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # jax's persistent cache also turns on XLA's per-fusion GEMM autotune cache: the llama_1b-256 row then reuses the
@@ -40,6 +42,14 @@ for part in $PARTS; do
       done ;;
     parts)
       timeout ${PARTS_S:-150} python3 bench/refresh_parts.py --preset llama_1b --out "$OUT/refresh_parts-gpu-llama_1b.json" ;;
+    opt)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${OPT_S:-90} python3 bench/step_time.py --preset llama_1b \
+        --dtype bfloat16 --repeats 20 --refresh_repeats 0 --only "galore_jax.galore_adamw bf16 states" \
+        --out "$OUT/step_time-gpu-llama_1b-bf16.json" ;;
+    scan)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${SCAN_S:-150} python3 bench/speed.py --preset llama_1b \
+        --tokens 8192 --dtype bfloat16 --steps 5 --scan_layers --only "$HEADLINE" \
+        --out "$OUT/speed-gpu-llama_1b-8192-scan.json" ;;
     memory)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout ${MEMORY_S:-250} python3 bench/memory.py --presets llama_7b \
         --variants "${MEMORY_VARIANTS:-galore_adamw_8bit + layerwise,galore_adamw (fp32 states) + layerwise,adamw (bf16 states)}" \
@@ -48,6 +58,6 @@ for part in $PARTS; do
       timeout ${REFRESH_S:-150} python3 bench/refresh.py --preset llama_7b --layers 32 --exact_layers 1 \
         --exact_algorithms jacobi --fast randomized,randomized_warm --skip_quality --skip_train --repeats 1 \
         --out "$OUT/refresh-gpu-llama_7b.json" ;;
-    *) echo "unknown part: $part (speed, rows, parts, memory, refresh)" >&2; exit 2 ;;
+    *) echo "unknown part: $part (speed, rows, parts, opt, scan, memory, refresh)" >&2; exit 2 ;;
   esac
 done

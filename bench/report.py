@@ -29,7 +29,8 @@ def provenance(path: str, record: dict) -> str:
 def speed_section() -> list[str]:
   lines = []
   for path, r in load("speed-*.json"):
-    lines += [f"**Training step, {r['preset']} ({r['params'] / 1e6:.1f}M params, {r['dtype']}), "
+    layers = ", scanned layers" if r.get("scan_layers") else ""
+    lines += [f"**Training step, {r['preset']}{layers} ({r['params'] / 1e6:.1f}M params, {r['dtype']}), "
               f"{r['tokens_per_step']} tokens/step, rank {r['rank']}, T = {r['update_proj_gap']}, "
               f"{r['device']}**", "",
               "| optimizer | refresh step | other steps (median) | amortized | tokens/s | MFU | vs AdamW | "
@@ -140,7 +141,9 @@ def step_time_section() -> list[str]:
       compiled = x.get("compiled", {})
       copies = f"{compiled['entry_copy_bytes'] / 2**20:,.0f} MiB" if "entry_copy_bytes" in compiled else ""
       temp = f"{compiled['temp_bytes'] / 2**20:,.0f} MiB" if "temp_bytes" in compiled else ""
-      lines.append(f"| {name} | {x['refresh_s']:.3f} s | {x['non_refresh_s']:.4f} s | {x['ratio_to_adamw']:.2f}× | "
+      refresh = "–" if x["refresh_s"] is None else f"{x['refresh_s']:.3f} s"
+      amortized = "–" if x["ratio_to_adamw"] is None else f"{x['ratio_to_adamw']:.2f}×"
+      lines.append(f"| {name} | {refresh} | {x['non_refresh_s']:.4f} s | {amortized} | "
                    f"{x['non_refresh_ratio_to_adamw']:.2f}× | {x['state_bytes'] / 2**20:,.0f} MiB | {copies} | {temp} |")
     lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines

@@ -9,6 +9,10 @@ default) and with bf16 ones (configs/llama*.py, and what galore-torch keeps for 
 the following steps do not; `amortized_s` = (refresh + (T-1)·non-refresh) / T with T = update_proj_gap.
 GaLore settings are the paper's for the preset (rank, T = 200, scale 0.25) and target exactly the
 attention and MLP matrices for both GaLore implementations. Writes a JSON results file.
+
+--scan_layers stacks the layers' kernels (``[L, in, out]``, run by ``lax.scan``): galore_adamw then projects each
+stack with one batched matmul per kernel type instead of one per layer. optax.contrib.galore cannot project
+stacked kernels (it refuses batch axes), so it is left out there.
 """
 
 from __future__ import annotations
@@ -185,12 +189,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10, help="timed non-refresh steps")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--torch", action="store_true", help="also time galore-torch (needs torch + galore-torch)")
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="stack the layers and run them with lax.scan (galore-torch keeps its own loop)")
   parser.add_argument("--only", default=None, help="comma-separated subset of the JAX optimizers to time")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
   model_cfg = llama.preset(args.preset, param_dtype=args.dtype, dtype=args.dtype,
-                           max_position_embeddings=max(args.seq_len, 256))
+                           max_position_embeddings=max(args.seq_len, 256), scan_layers=args.scan_layers)
   rank = RANKS[args.preset]
   batch = random_batch(args.tokens // args.seq_len, args.seq_len, model_cfg.vocab_size)
   device = jax.devices()[0]
@@ -202,6 +208,8 @@ def main() -> None:
   chosen = optimizers(rank)
   if args.only:
     chosen = {name: tx for name, tx in chosen.items() if name in args.only.split(",")}
+  if args.scan_layers:
+    chosen.pop("optax.contrib.galore", None)
   runs = [(name, lambda tx=tx: time_jax(model_cfg, tx, batch, args.steps)) for name, tx in chosen.items()]
   if args.torch:
     runs.insert(min(2, len(runs)), ("galore-torch GaLoreAdamW", lambda: time_torch(model_cfg, rank, batch, args.steps)))
@@ -212,7 +220,7 @@ def main() -> None:
       "backend": jax.default_backend(), "device": device.device_kind, "cpu_count": os.cpu_count(),
       "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
                    "python": platform.python_version()},
-      "preset": args.preset, "params": n_params, "dtype": args.dtype, "tokens_per_step": args.tokens,
+      "preset": args.preset, "scan_layers": args.scan_layers, "params": n_params, "dtype": args.dtype, "tokens_per_step": args.tokens,
       "seq_len": args.seq_len, "rank": rank, "update_proj_gap": GAP, "timed_steps": args.steps,
       "peak_flops": peak, "results": results,
   }
@@ -220,7 +228,8 @@ def main() -> None:
     import torch
 
     record["versions"]["torch"] = torch.__version__
-  out = args.out or f"bench/results/speed-{jax.default_backend()}-{args.preset}-{args.tokens}.json"
+  scan = "-scan" if args.scan_layers else ""
+  out = args.out or f"bench/results/speed-{jax.default_backend()}-{args.preset}-{args.tokens}{scan}.json"
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   for name, timed in runs:  # the results file is rewritten after each run: a time limit keeps what finished
     compile_s, refresh, times, loss = timed()

@@ -262,34 +262,39 @@ def main() -> None:
   refresh_loads = {r.name: r.loads for r in runners}
 
   results = {}
-  for r in runners:
-    ref, non = summary(refresh[r.name]), summary(non_refresh[r.name])
-    ref["loadavg_1min"], non["loadavg_1min"] = refresh_loads[r.name], non_refresh_loads[r.name]
+  for r in runners:  # --refresh_repeats 0 times the non-refresh steps alone (refresh figures None)
+    ref = summary(refresh[r.name]) if refresh[r.name] else None
+    non = summary(non_refresh[r.name])
+    non["loadavg_1min"] = non_refresh_loads[r.name]
+    if ref:
+      ref["loadavg_1min"] = refresh_loads[r.name]
     results[r.name] = {
-        "refresh_s": ref["median"], "non_refresh_s": non["median"],
-        "amortized_s": (ref["median"] + (GAP - 1) * non["median"]) / GAP,
-        "amortized_from_min_s": (ref["min"] + (GAP - 1) * non["min"]) / GAP,
+        "refresh_s": ref and ref["median"], "non_refresh_s": non["median"],
+        "amortized_s": ref and (ref["median"] + (GAP - 1) * non["median"]) / GAP,
+        "amortized_from_min_s": ref and (ref["min"] + (GAP - 1) * non["min"]) / GAP,
         "refresh_stats_s": ref, "non_refresh_stats_s": non,
         "compile_s": r.compile_s, "state_bytes": r.state_bytes, "state_leaves": r.state_leaves,
         "compiled": r.figures,
     }
   base = results["adamw"]
+  ratio = lambda key, r: r[key] / base[key] if r[key] is not None else None
   for r in results.values():
-    r["ratio_to_adamw"] = r["amortized_s"] / base["amortized_s"]
-    r["refresh_ratio_to_adamw"] = r["refresh_s"] / base["refresh_s"]
-    r["non_refresh_ratio_to_adamw"] = r["non_refresh_s"] / base["non_refresh_s"]
-    r["state_bytes_ratio_to_adamw"] = r["state_bytes"] / base["state_bytes"]
-    r["ratio_to_adamw_from_min"] = r["amortized_from_min_s"] / base["amortized_from_min_s"]
+    r["ratio_to_adamw"] = ratio("amortized_s", r)
+    r["refresh_ratio_to_adamw"] = ratio("refresh_s", r)
+    r["non_refresh_ratio_to_adamw"] = ratio("non_refresh_s", r)
+    r["state_bytes_ratio_to_adamw"] = ratio("state_bytes", r)
+    r["ratio_to_adamw_from_min"] = ratio("amortized_from_min_s", r)
 
   header = (f"{'optimizer':<24} {'refresh s':>10} {'non-refr s':>10} {'amort s':>9} {'x adamw':>8} "
             f"{'refr x':>8} {'non x':>7} {'state MiB':>10} {'compile s':>9} {'copies MiB':>10} {'temp MiB':>9}")
   print(header)
   print("-" * len(header))
+  cell = lambda x, spec: format(x, spec) if x is not None else format("-", spec[:spec.index(".")] + "s")
   for name, r in results.items():
-    print(f"{name:<24} {r['refresh_s']:10.4f} {r['non_refresh_s']:10.4f} {r['amortized_s']:9.4f} "
-          f"{r['ratio_to_adamw']:8.3f} {r['refresh_ratio_to_adamw']:8.1f} {r['non_refresh_ratio_to_adamw']:7.3f} "
-          f"{r['state_bytes'] / 2**20:10.1f} {r['compile_s']:9.1f} {r['compiled']['entry_copy_bytes'] / 2**20:10.1f} "
-          f"{r['compiled']['temp_bytes'] / 2**20:9.1f}")
+    print(f"{name:<24} {cell(r['refresh_s'], '10.4f')} {r['non_refresh_s']:10.4f} {cell(r['amortized_s'], '9.4f')} "
+          f"{cell(r['ratio_to_adamw'], '8.3f')} {cell(r['refresh_ratio_to_adamw'], '8.1f')} "
+          f"{r['non_refresh_ratio_to_adamw']:7.3f} {r['state_bytes'] / 2**20:10.1f} {r['compile_s']:9.1f} "
+          f"{r['compiled']['entry_copy_bytes'] / 2**20:10.1f} {r['compiled']['temp_bytes'] / 2**20:9.1f}")
 
   import flax
 
