@@ -127,6 +127,18 @@ def identity_basis(shape: tuple[int, ...], rank: int, sides: Sides, dtype) -> Ba
   return Basis(input=eye(m) if sides.input else None, output=eye(n) if sides.output else None)
 
 
+def _exact_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x @ y`` in full fp32 whatever the platform's default (TF32 on recent GPUs, one bf16 pass on TPU).
+
+  For the Rayleigh–Ritz half of a randomized refresh: the Gram matrix squares
+  the spectrum, so a rounding error of ~1e-3·‖B‖² would swamp every
+  eigenvalue below it, and ``Q U`` must stay orthonormal. The range finder's
+  products keep the default: an error in the span found costs energy only
+  quadratically.
+  """
+  return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+
+
 def project(grad: jax.Array, basis: Basis) -> jax.Array:
   """Full-rank ``grad [..., m, n]`` → low-rank coordinates in ``basis``."""
   low = grad
@@ -153,7 +165,7 @@ def change_of_basis(new: Basis, old: Basis) -> Basis:
   def rotation(q_new, q_old):
     if q_new is None:
       return None
-    return jnp.swapaxes(q_new, -1, -2).astype(jnp.float32) @ q_old.astype(jnp.float32)
+    return _exact_matmul(jnp.swapaxes(q_new, -1, -2).astype(jnp.float32), q_old.astype(jnp.float32))
 
   return Basis(input=rotation(new.input, old.input), output=rotation(new.output, old.output))
 
@@ -319,10 +331,10 @@ def randomized_sketch(
     q = a @ norm(at(a) @ norm(q))
   q = _orth(q)
   if sides.input and sides.output:
-    q2, r2 = jnp.linalg.qr(at(a) @ q, mode="reduced")  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
+    q2, r2 = jnp.linalg.qr(_exact_matmul(at(a), q), mode="reduced")  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
     return Sketch(range=q, small=at(r2), other=q2)
-  b = at(q) @ a
-  return Sketch(range=q, small=b @ at(b), other=None)
+  b = _exact_matmul(at(q), a)
+  return Sketch(range=q, small=_exact_matmul(b, at(b)), other=None)
 
 
 EIGH_ALGORITHMS = ("jacobi",)
@@ -360,11 +372,11 @@ def finish_sketch(sketch: Sketch, rank: int, sides: Sides, svd_algorithm: str | 
   q = sketch.range
   if sides.input and sides.output:
     ub, _, vbh = _svd(sketch.small, svd_algorithm)
-    left = q @ ub[..., :, :rank]
-    right = sketch.other @ at(vbh)[..., :, :rank]
+    left = _exact_matmul(q, ub[..., :, :rank])
+    right = _exact_matmul(sketch.other, at(vbh)[..., :, :rank])
   else:
     _, evecs = _eigh(sketch.small, eigh_algorithm)
-    left = q @ jnp.flip(evecs, axis=-1)[..., :, :rank]
+    left = _exact_matmul(q, jnp.flip(evecs, axis=-1)[..., :, :rank])
     right = None
   if sides.output and not sides.input:
     left, right = right, left

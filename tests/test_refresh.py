@@ -473,3 +473,34 @@ def test_jacobi_eigh_algorithm_runs_everywhere_and_bad_names_fail_early():
     RandomizedRefresh(eigh_algorithm="qdwh")
   with pytest.raises(ValueError, match="batch_budget_bytes"):
     RandomizedRefresh(batch_budget_bytes=-1)
+
+
+def _dot_precisions(jaxpr, found=None):
+  """``(output shape, exact)`` of every ``dot_general`` in ``jaxpr``; exact = both operands at ``HIGHEST``."""
+  from tests.test_galore import _sub_jaxprs
+
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      precision = eqn.params.get("precision")
+      exact = isinstance(precision, tuple) and all(p == jax.lax.Precision.HIGHEST for p in precision)
+      found.append((tuple(eqn.outvars[0].aval.shape), exact))
+    for sub in _sub_jaxprs(eqn):
+      _dot_precisions(sub, found)
+  return found
+
+
+@pytest.mark.parametrize("sides", SIDES, ids=["input", "output", "both"])
+def test_rayleigh_ritz_products_run_in_full_fp32_and_the_range_finder_at_the_default(sides):
+  """On GPU (TF32) and TPU (bf16 passes) the default f32 matmul would blur the Gram matrix's small eigenvalues."""
+  g = jnp.ones((40, 56))
+  jaxpr = jax.make_jaxpr(lambda g: randomized_svd_basis(g, 6, sides, key=jax.random.key(0)))(g).jaxpr
+  dots = _dot_precisions(jaxpr)
+  k = 16  # rank 6 + oversampling 10
+  found, other = (40, 56) if sides.input else (56, 40)
+  range_finder = [((found, k), False), ((other, k), False), ((found, k), False)]
+  if sides.input and sides.output:
+    rayleigh_ritz = [((other, k), True), ((found, 6), True), ((other, 6), True)]  # Aᵀ Q; Q U_b; Q₂ V_b
+  else:
+    rayleigh_ritz = [((k, other), True), ((k, k), True), ((found, 6), True)]  # B = Qᵀ A; B Bᵀ; Q U_b
+  assert dots == range_finder + rayleigh_ritz
