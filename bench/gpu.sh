@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of one device session, in parts, each under its own time limit so that one slow part
 # cannot starve the rest; every script writes its results file as it goes. A session has 15 min of device
-# time (start-up included) and one command may run 10 min, so the first call holds what issue 5 needs most:
-#   OUT=$OUT bash bench/gpu.sh speed rows      (first call, ~8.5 min)
-#   OUT=$OUT bash bench/gpu.sh parts           (if the session has time left; then memory, refresh)
+# time (start-up included) and one command may run 10 min. speed, rows and parts ran on 2026-11-26; what is
+# left for the next session:
+#   MEMORY_S=420 MEMORY_VARIANTS="galore_adamw_8bit + layerwise,adamw (bf16 states)" OUT=$OUT bash bench/gpu.sh memory
+#   OUT=$OUT bash bench/gpu.sh opt scan        (second call, ~4 min)
 # Parts: speed (llama_1b at 8192 tokens: AdamW, galore_adamw with bf16 states, galore-torch, optax.contrib.galore;
 # SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192
 # and 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them),
