@@ -35,6 +35,7 @@ def test_speed_results_follow_from_the_timed_steps(tmp_path, scan_layers):
   assert list(results) == expected and record["scan_layers"] == scan_layers
   gap, adamw = record["update_proj_gap"], results["adamw"]
   for r in results.values():
+    assert r["first_step_s"] > 0 and r["refresh_s"] > 0
     low, high = r["non_refresh_spread_s"]
     assert low <= r["non_refresh_s"] <= high
     assert r["amortized_s"] == pytest.approx((r["refresh_s"] + (gap - 1) * r["non_refresh_s"]) / gap)
