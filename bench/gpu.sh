@@ -4,18 +4,20 @@
 # time (start-up included) and one command may run 10 min. speed, rows and parts ran on 2026-11-26; what is
 # left for the next session:
 #   MEMORY_S=420 MEMORY_VARIANTS="galore_adamw_8bit + layerwise,adamw (bf16 states)" OUT=$OUT bash bench/gpu.sh memory
-#   OUT=$OUT bash bench/gpu.sh opt scan        (second call, ~4 min)
+#   OUT=$OUT bash bench/gpu.sh warm scan       (second call, ~5 min; then opt if time is left)
 # Parts: speed (llama_1b at 8192 tokens: AdamW, galore_adamw with bf16 states, galore-torch, optax.contrib.galore;
 # SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192
 # and 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them),
 # parts (each kernel of a llama_1b refresh timed alone, and its finish batched per shape: where the refresh time
-# goes), opt (the optimizer update alone at llama_1b, no model, non-refresh steps: what GaLore adds to a step),
-# scan (llama_1b at 8192 tokens with scanned layers: one batched projection per kernel type instead of one per
-# layer), memory (Llama-7B, one real step), refresh (Llama-7B subspace refresh).
+# goes), warm (llama_1b at 8192 tokens, galore_adamw with the randomized_warm refresh, which has no LU in its
+# sketch, next to the default randomized one and AdamW), scan (llama_1b at 8192 tokens with scanned layers: one
+# batched projection per kernel type instead of one per layer), opt (the optimizer update alone at llama_1b, no
+# model, non-refresh steps: what GaLore adds to a step), memory (Llama-7B, one real step), refresh (Llama-7B
+# subspace refresh).
 # Wheels absent from the GPU image may sit in .whl/.
 set -u
 OUT=${OUT:-bench/results}
-PARTS=${*:-speed rows parts opt scan memory refresh}
+PARTS=${*:-speed rows parts warm scan opt memory refresh}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # jax's persistent cache also turns on XLA's per-fusion GEMM autotune cache: the llama_1b-256 row then reuses the
@@ -47,6 +49,11 @@ for part in $PARTS; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${OPT_S:-90} python3 bench/step_time.py --preset llama_1b \
         --dtype bfloat16 --repeats 20 --refresh_repeats 0 --only "galore_jax.galore_adamw bf16 states" \
         --out "$OUT/step_time-gpu-llama_1b-bf16.json" ;;
+    warm)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${WARM_S:-150} python3 bench/speed.py --preset llama_1b \
+        --tokens 8192 --dtype bfloat16 --steps 5 \
+        --only "$HEADLINE,galore_jax.galore_adamw(randomized_warm) bf16 states" \
+        --out "$OUT/speed-gpu-llama_1b-8192-warm.json" ;;
     scan)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${SCAN_S:-150} python3 bench/speed.py --preset llama_1b \
         --tokens 8192 --dtype bfloat16 --steps 5 --scan_layers --only "$HEADLINE" \
@@ -59,6 +66,6 @@ for part in $PARTS; do
       timeout ${REFRESH_S:-150} python3 bench/refresh.py --preset llama_7b --layers 32 --exact_layers 1 \
         --exact_algorithms jacobi --fast randomized,randomized_warm --skip_quality --skip_train --repeats 1 \
         --out "$OUT/refresh-gpu-llama_7b.json" ;;
-    *) echo "unknown part: $part (speed, rows, parts, opt, scan, memory, refresh)" >&2; exit 2 ;;
+    *) echo "unknown part: $part (speed, rows, parts, warm, scan, opt, memory, refresh)" >&2; exit 2 ;;
   esac
 done

@@ -65,6 +65,10 @@ def optimizers(rank):
       "galore_jax.galore_adamw(randomized) bf16 states": galore_adamw(
           LR, rank=rank, update_proj_gap=GAP, scale=SCALE, refresh="randomized", basis_dtype="bfloat16",
           moment_dtype="bfloat16"),
+      # the previous basis plus 10 random columns as the test matrix, no power iteration: no LU in the sketch
+      "galore_jax.galore_adamw(randomized_warm) bf16 states": galore_adamw(
+          LR, rank=rank, update_proj_gap=GAP, scale=SCALE, refresh="randomized_warm", basis_dtype="bfloat16",
+          moment_dtype="bfloat16"),
       "galore_jax.galore_adamw(randomized)": galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
                                                           refresh="randomized"),
       "optax.contrib.galore": optax.contrib.galore(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
