@@ -100,6 +100,7 @@ def time_jax(model_cfg, tx, batch, steps):
   start = time.perf_counter()
   compiled = step.lower(params, state, batch).compile()
   compile_s = time.perf_counter() - start
+
   def timed_step(params, state):
     start = time.perf_counter()
     params, state, m = compiled(params, state, batch)

@@ -128,7 +128,7 @@ def identity_basis(shape: tuple[int, ...], rank: int, sides: Sides, dtype) -> Ba
 
 
 def _exact_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``x @ y`` in full fp32 whatever the platform's default (TF32 on recent GPUs, one bf16 pass on TPU).
+  """``x @ y`` in full fp32 whatever the platform's default (which may be TF32 on a GPU, one bf16 pass on a TPU).
 
   For the Rayleigh–Ritz half of a randomized refresh: the Gram matrix squares
   the spectrum, so a rounding error of ~1e-3·‖B‖² would swamp every
