@@ -44,8 +44,8 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   import jax
   from flax import nnx
 
-  from galore_jax import checkpoint, data, training
-  from galore_jax.models import llama
+  from galore_jax.train import checkpoint, config, data, steps
+  from galore_jax.models import hf, llama
 
   cfg = load_run_config(workdir)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False)
@@ -56,19 +56,19 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   if step not in steps_saved:
     fail(f"--step {step} is not among the saved steps {sorted(steps_saved)}")
 
-  abstract = training.abstract_model(cfg)
+  abstract = config.abstract_model(cfg)
   try:
-    params, _ = ckpts.restore_params(step, training.params_of(abstract))
+    params, _ = ckpts.restore_params(step, steps.params_of(abstract))
   except checkpoint.CheckpointMismatch as e:
     fail(str(e))
   model = nnx.merge(nnx.graphdef(abstract), params)
-  model_cfg = training.model_config(cfg)
+  model_cfg = config.model_config(cfg)
   dataset = data.build_data(cfg.data, workdir=workdir, vocab_size=model_cfg.vocab_size,
                             batch_size=cfg.train.batch_size,
                             eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
                             eval_batches=cfg.eval.batches, seed=cfg.seed)
 
-  eval_step = jax.jit(lambda p, b: training.loss_and_tokens(nnx.merge(nnx.graphdef(abstract), p), b,
+  eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(nnx.graphdef(abstract), p), b,
                                                             cfg.data.packing))
   loss_sum = tokens = 0.0
   for batch in dataset.eval_batches:
@@ -80,7 +80,7 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   out = llama.generate(model, [prompt_ids], max_new_tokens=max_new_tokens)
   sample = dataset.tokenizer.decode(list(map(int, out[0])))
   if export_hf:
-    llama.to_hf(model, export_hf, tokenizer=dataset.tokenizer)
+    hf.to_hf(model, export_hf, tokenizer=dataset.tokenizer)
   ckpts.close()
   return {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700.0)), "eval_tokens": tokens,
           "sample": sample, "export_hf": export_hf}

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from galore_jax.metrics import read_metrics  # noqa: E402
+from galore_jax.train.metrics import read_metrics  # noqa: E402
 
 
 def series(rows, key):

@@ -81,23 +81,23 @@ def run(cfg) -> None:
   from flax import nnx
   from tqdm import tqdm
 
-  from galore_jax import checkpoint, data, metrics, sharding, training
+  from galore_jax.train import checkpoint, config, data, metrics, sharding, steps
 
   initialize_distributed()
 
   try:
-    training.validate(cfg)
-  except training.ConfigError as e:
+    config.validate(cfg)
+  except config.ConfigError as e:
     fail(str(e))
   if _DRY_RUN.value:
-    from galore_jax import dry_run
+    from galore_jax.train import dry_run
 
     report = dry_run.dry_run(cfg)
     print(dry_run.format_report(report))
     print(json.dumps(report))
     return
   prepare_workdir(cfg.workdir)
-  model_cfg = training.model_config(cfg)
+  model_cfg = config.model_config(cfg)
   try:
     dataset = data.build_data(cfg.data, workdir=cfg.workdir, vocab_size=model_cfg.vocab_size,
                               batch_size=cfg.train.batch_size,
@@ -112,9 +112,9 @@ def run(cfg) -> None:
     ckpts.close()
     fail(message)
 
-  tx = training.build_optimizer(cfg)
-  abstract = training.abstract_model(cfg)
-  abstract_params = training.params_of(abstract)
+  tx = config.build_optimizer(cfg)
+  abstract = config.abstract_model(cfg)
+  abstract_params = steps.params_of(abstract)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.axis_types)
   # The layerwise step is not one jitted function: it stays on one device (validate refuses a bigger mesh).
   layout = None if cfg.train.layerwise else sharding.Layout.build(mesh, tx, abstract_params, cfg.mesh.min_shard_size)
@@ -137,16 +137,16 @@ def run(cfg) -> None:
       abort(f"checkpoint step {start} does not fit the configured data: {e}")
     graphdef = nnx.graphdef(abstract)
   elif layout is None:
-    model = training.build_model(cfg, cfg.seed)
-    graphdef, params = nnx.graphdef(model), training.params_of(model)
+    model = config.build_model(cfg, cfg.seed)
+    graphdef, params = nnx.graphdef(model), steps.params_of(model)
     del model
     opt_state = jax.jit(tx.init)(params)
   else:
     graphdef = nnx.graphdef(abstract)
     if cfg.model.hf_checkpoint:  # read on the host, then split
-      params = jax.device_put(training.params_of(training.build_model(cfg, cfg.seed)), layout.params)
+      params = jax.device_put(steps.params_of(config.build_model(cfg, cfg.seed)), layout.params)
     else:  # created split: no device ever holds the whole model
-      params = layout.init_params(lambda: training.params_of(training.build_model(cfg, cfg.seed)))
+      params = layout.init_params(lambda: steps.params_of(config.build_model(cfg, cfg.seed)))
     opt_state = layout.init_opt_state(tx, params)
   primary = jax.process_index() == 0  # with several hosts, one writes the config and the metrics
   if primary:
@@ -154,13 +154,13 @@ def run(cfg) -> None:
       f.write(cfg.to_json_best_effort(indent=2))
 
   galore = cfg.optimizer.name.startswith("galore")
-  steps = training.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
+  step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=galore, layerwise_updates=cfg.train.layerwise, layout=layout)
   put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))
-  schedule = training.learning_rate_schedule(cfg.train)
+  schedule = config.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
-  n_params = training.count_params(params)
-  flops_per_token = training.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
+  n_params = steps.count_params(params)
+  flops_per_token = steps.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
   peak = metrics.peak_flops(device)
   writer = metrics.MetricsWriter(cfg.workdir, resume_step=start) if primary else NoMetrics()
   interrupted = Interrupted()
@@ -168,7 +168,7 @@ def run(cfg) -> None:
   def evaluate(step):
     loss_sum = tokens = 0.0
     for batch in dataset.eval_batches:
-      l, t = steps.eval(params, put(batch))
+      l, t = step_fns.eval(params, put(batch))
       loss_sum, tokens = loss_sum + float(l), tokens + float(t)
     eval_loss = loss_sum / max(tokens, 1.0)
     writer.write(step, {"eval_loss": eval_loss, "eval_ppl": float(min(1e30, 2.718281828459045**eval_loss))})
@@ -187,7 +187,7 @@ def run(cfg) -> None:
   step = start
   while step < cfg.train.steps and not interrupted.flag:
     batch = next(dataset.train)
-    params, opt_state, m = steps.train(params, opt_state, put(batch))
+    params, opt_state, m = step_fns.train(params, opt_state, put(batch))
     window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
     step += 1
     refreshed = gap is not None and step > 1 and (step - 1) % gap == 0

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from galore_jax import galore_adamw, training  # noqa: E402
+from galore_jax import galore_adamw  # noqa: E402
+from galore_jax.train import steps as train_steps  # noqa: E402
 from galore_jax.models import llama  # noqa: E402
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
@@ -42,7 +43,7 @@ def main() -> None:
 
   cfg = llama.preset(args.preset, vocab_size=args.vocab, max_position_embeddings=args.seq_len)
   model = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.graphdef(model), training.params_of(model)
+  graphdef, params = nnx.graphdef(model), train_steps.params_of(model)
   batch = {k: jax.ShapeDtypeStruct((1, args.seq_len), np.float32 if k == "loss_mask" else np.int32)
            for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
   rank = RANKS[args.preset]
@@ -56,7 +57,7 @@ def main() -> None:
   }
   results = {}
   for name, tx in variants.items():
-    step = training.make_steps(graphdef, tx, grad_accum=1, packed=False).train
+    step = train_steps.make_steps(graphdef, tx, grad_accum=1, packed=False).train
     start = time.perf_counter()
     step.lower(params, jax.eval_shape(tx.init, params), batch).compile()
     results[name] = {"compile_s": time.perf_counter() - start}

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from galore_jax import dry_run  # noqa: E402
+from galore_jax.train import dry_run  # noqa: E402
 
 RANKS = {"llama_7b": 1024, "llama_1b": 512, "llama_350m": 256, "llama_130m": 256, "llama_60m": 128}
 VARIANTS = {

@@ -41,9 +41,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from galore_jax import ExactRefresh, RandomizedRefresh, galore, galore_adamw, projection, training  # noqa: E402
+from galore_jax import ExactRefresh, RandomizedRefresh, galore, galore_adamw, plan_leaves  # noqa: E402
+from galore_jax.optim import basis as projection, refresh as refresh_lib  # noqa: E402
+from galore_jax.train import steps as training  # noqa: E402
 from galore_jax.models import llama  # noqa: E402
-from galore_jax.transform import plan_leaves  # noqa: E402
 
 FAST = {  # all: oversampling 10
     "randomized": RandomizedRefresh(),  # the default: q = 1, LU-stabilised
@@ -125,8 +126,8 @@ def quality(data, steps: int, gap: int, rank: int):
     if p is None:
       continue
     g_prev, g = (jnp.asarray(leaves[t][j], jnp.float32) for t in (steps - gap, steps))
-    exact = projection.svd_basis(g, p.rank, p.sides)
-    prev = projection.svd_basis(g_prev, p.rank, p.sides)
+    exact = refresh_lib.svd_basis(g, p.rank, p.sides)
+    prev = refresh_lib.svd_basis(g_prev, p.rank, p.sides)
     e_exact = float(projection.captured_energy(g, exact))
     s = np.asarray(jnp.linalg.svd(g, compute_uv=False))
     row = {"path": p.path, "shape": [p.m, p.n], "rank": p.rank, "exact_energy": e_exact,

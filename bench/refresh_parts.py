@@ -32,9 +32,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from galore_jax import RandomizedRefresh, projection  # noqa: E402
+from galore_jax import RandomizedRefresh  # noqa: E402
+from galore_jax.optim import basis as projection, linalg, refresh as refresh_lib  # noqa: E402
 from galore_jax.models import llama  # noqa: E402
-from galore_jax.transform import finish_chunk  # noqa: E402
+from galore_jax.optim.executors import finish_chunk  # noqa: E402
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 OVERSAMPLING = 10
@@ -93,9 +94,9 @@ def parts_of(m: int, n: int, rank: int, count: int, repeats: int) -> dict[str, f
   refresh = RandomizedRefresh()
   out = {
       "range_matmul A@omega": timed(lambda a, o: a @ o, a, omega, repeats=repeats),
-      f"lu other side [{e},{k}]": timed(projection._lu_basis, block_e, repeats=repeats),
-      f"lu found side [{d},{k}]": timed(projection._lu_basis, block_d, repeats=repeats),
-      f"qr [{d},{k}]": timed(projection._orth, block_d, repeats=repeats),
+      f"lu other side [{e},{k}]": timed(linalg.lu_basis, block_e, repeats=repeats),
+      f"lu found side [{d},{k}]": timed(linalg.lu_basis, block_d, repeats=repeats),
+      f"qr [{d},{k}]": timed(linalg.orth, block_d, repeats=repeats),
       f"gram (QtA)(QtA)t [{k},{k}]": timed(lambda q, a: (q.T @ a) @ (q.T @ a).T, block_d, a, repeats=repeats),
       f"cholesky [{k},{k}]": timed(jnp.linalg.cholesky, gram, repeats=repeats),
       f"eigh [{k},{k}]": timed(jnp.linalg.eigh, gram, repeats=repeats),
@@ -119,7 +120,7 @@ def parts_of(m: int, n: int, rank: int, count: int, repeats: int) -> dict[str, f
       continue
     out[label] = timed(lambda s, p, fn=fn: fn.finish(s, p, rank, warm=False), sketches, previous_stack,
                        repeats=repeats) / chunk
-  out["exact svd"] = timed(lambda g: projection.svd_basis(g, rank, sides), grad, repeats=max(1, repeats // 2))
+  out["exact svd"] = timed(lambda g: refresh_lib.svd_basis(g, rank, sides), grad, repeats=max(1, repeats // 2))
   return out
 
 

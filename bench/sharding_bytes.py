@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from galore_jax import projection, sharding, training  # noqa: E402
+from galore_jax.optim import basis as projection  # noqa: E402
+from galore_jax.train import config as training, sharding, steps  # noqa: E402
 
 
 def basis_bytes(state, shardings) -> int:
@@ -39,7 +40,7 @@ def measure(config_name: str, optimizer: str, fsdp: int) -> dict:
   cfg = importlib.import_module(f"configs.{config_name}").get_config()
   cfg.optimizer.name = optimizer
   tx = training.build_optimizer(cfg)
-  params = training.params_of(training.abstract_model(cfg))
+  params = steps.params_of(training.abstract_model(cfg))
   state = jax.eval_shape(tx.init, params)
   mesh = sharding.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
   layout = sharding.Layout.build(mesh, tx, params, cfg.mesh.min_shard_size)

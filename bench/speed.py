@@ -37,9 +37,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from galore_jax import galore_adamw, metrics, training  # noqa: E402
+from galore_jax import galore_adamw  # noqa: E402
+from galore_jax.train import metrics, steps as training  # noqa: E402
 from galore_jax.models import llama  # noqa: E402
-from galore_jax.transform import DEFAULT_TARGET, path_str  # noqa: E402
+from galore_jax.optim.plan import DEFAULT_TARGET, path_str  # noqa: E402
 from step_time import set_count  # noqa: E402
 
 RANKS = {"llama_9m": 32, "llama_20m": 64, "llama_35m": 128, "llama_60m": 128, "llama_130m": 256,

@@ -119,7 +119,7 @@ def contrib_dims(params):
 
   return jax.tree_util.tree_map_with_path(
       lambda p, x: GaLoreDimensionNumbers(0, 1)
-      if x.ndim == 2 and re.search(TARGET, galore_jax.transform.path_str(p)) else None, params)
+      if x.ndim == 2 and re.search(TARGET, galore_jax.optim.plan.path_str(p)) else None, params)
 
 
 def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:

@@ -1,6 +1,8 @@
-"""Defaults shared by every config; a config file starts from `base()` and changes what differs."""
+"""Defaults shared by every config; a config file starts from `base()` (or `paper()`) and changes what differs."""
 
 from ml_collections import config_dict
+
+from galore_jax.train import config
 
 placeholder = config_dict.placeholder
 
@@ -50,22 +52,15 @@ def base() -> config_dict.ConfigDict:
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.name = "galore_adamw"  # galore_adamw_8bit, galore_adafactor, adamw, adamw_8bit
-  c.optimizer.rank = 128
-  c.optimizer.update_proj_gap = 200
-  c.optimizer.scale = 0.25
-  c.optimizer.proj_type = "std"
+  # GaLore: every field of galore_jax.GaLoreOptions but target / dimension_numbers (docs/optimizer.md), with its
+  # default: rank 128, update_proj_gap 200, scale 0.25, proj_type "std", on_refresh "keep", basis_dtype "float32",
+  # refresh "svd", refresh_seed 0, stagger / batch_refresh / adaptive_gap False.
+  c.optimizer.update(config.galore_option_defaults())
   c.optimizer.weight_decay = 0.0
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-6
-  c.optimizer.on_refresh = "keep"
-  c.optimizer.basis_dtype = "float32"
   c.optimizer.moment_dtype = placeholder(str)
-  c.optimizer.refresh = "svd"  # or "randomized", "randomized_warm" (fast top-r range finder)
-  c.optimizer.refresh_seed = 0
-  c.optimizer.stagger = False  # spread the leaves' refreshes over the gap
-  c.optimizer.batch_refresh = False  # one batched SVD per group of equal shapes
-  c.optimizer.adaptive_gap = False  # lengthen a leaf's gap while its subspace stays put (AdaptiveGap())
   c.optimizer.adafactor_beta1 = placeholder(float)  # galore_adafactor: None = no first moment (the reference)
   c.optimizer.block_size = 256  # 8-bit states: 256 or 2048 elements per absmax block
   c.optimizer.min_8bit_size = 4096  # 8-bit states: smaller leaves keep fp32 moments
@@ -75,7 +70,7 @@ def base() -> config_dict.ConfigDict:
   c.eval.batches = 8
   c.eval.batch_size = placeholder(int)  # None: train.batch_size // train.grad_accum
 
-  c.mesh = config_dict.ConfigDict()  # data parallel x FSDP over all devices (galore_jax.sharding)
+  c.mesh = config_dict.ConfigDict()  # data parallel x FSDP over all devices (galore_jax/train/sharding.py)
   c.mesh.data = 1  # batch-only axis; -1 = all devices that mesh.fsdp leaves
   c.mesh.fsdp = -1  # batch + parameters + optimizer state; -1 = all remaining devices (1 on one device)
   c.mesh.axis_types = "auto"  # or "explicit" (the step body then runs under jax.sharding.auto_axes)
@@ -85,4 +80,28 @@ def base() -> config_dict.ConfigDict:
   c.checkpoint.every = 1_000
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
+  return c
+
+
+def paper(preset: str, *, rank: int, steps: int, grad_accum: int, lr: float = 0.01, update_proj_gap: int = 200,
+          batch_size: int = 512) -> config_dict.ConfigDict:
+  """The GaLore paper's C4 pre-training settings: bf16, seq 256, 512 sequences (131K tokens) per step,
+  scale 0.25, warmup over the first 10% of steps; padded rows as the reference (no packing)."""
+  c = base()
+  c.workdir = f"workdir/{preset.replace('_', '')}"
+  c.model.preset = preset
+  c.model.param_dtype = "bfloat16"
+  c.model.dtype = "bfloat16"
+  c.data.seq_len = 256
+  c.data.packing = False  # the reference truncates/pads each document
+  c.train.batch_size = batch_size
+  c.train.grad_accum = grad_accum
+  c.train.steps = steps
+  c.train.warmup_steps = steps // 10
+  c.train.lr = lr
+  c.optimizer.rank = rank
+  c.optimizer.update_proj_gap = update_proj_gap
+  c.optimizer.scale = 0.25
+  c.optimizer.basis_dtype = "bfloat16"
+  c.optimizer.moment_dtype = "bfloat16"
   return c

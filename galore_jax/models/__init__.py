@@ -1,18 +1,8 @@
 """Models for galore-jax: a Flax NNX Llama with Hugging Face weight interop."""
 
-from galore_jax.models import llama
-from galore_jax.models.llama import (
-    PRESETS,
-    KVCache,
-    Llama,
-    LlamaConfig,
-    count_params,
-    from_hf,
-    generate,
-    init_cache,
-    preset,
-    to_hf,
-)
+from galore_jax.models import hf, llama
+from galore_jax.models.hf import from_hf, to_hf
+from galore_jax.models.llama import PRESETS, KVCache, Llama, LlamaConfig, count_params, generate, init_cache, preset
 
 __all__ = [
     "PRESETS",
@@ -22,6 +12,7 @@ __all__ = [
     "count_params",
     "from_hf",
     "generate",
+    "hf",
     "init_cache",
     "llama",
     "preset",

@@ -38,13 +38,11 @@ __all__ = [
     "RMSNorm",
     "apply_rope",
     "count_params",
-    "from_hf",
     "generate",
     "init_cache",
     "preset",
     "rope_inv_freq",
     "segment_positions",
-    "to_hf",
 ]
 
 # flax < 0.12 has no nnx.List and takes plain lists of modules.
@@ -586,15 +584,3 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt_BP, rng, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=top_k)
-
-
-def from_hf(path, **kwargs) -> Llama:
-  """See :func:`galore_jax.models.hf.from_hf`."""
-  from galore_jax.models import hf
-  return hf.from_hf(path, **kwargs)
-
-
-def to_hf(model: Llama, path, **kwargs):
-  """See :func:`galore_jax.models.hf.to_hf`."""
-  from galore_jax.models import hf
-  return hf.to_hf(model, path, **kwargs)

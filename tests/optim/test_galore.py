@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import low_rank_grad, primitive_names
 
 from galore_jax import (
-    Basis,
     GaLoreDimensionNumbers,
     GaLoreState,
     Sides,
@@ -19,16 +19,6 @@ from galore_jax import (
     project_back,
     svd_basis,
 )
-
-
-def low_rank_grad(key, shape, rank=3):
-  """A gradient of exactly `rank` with well separated singular values."""
-  *batch, m, n = shape
-  k1, k2 = jax.random.split(key)
-  u = jnp.linalg.qr(jax.random.normal(k1, (*batch, m, rank)))[0]
-  v = jnp.linalg.qr(jax.random.normal(k2, (*batch, n, rank)))[0]
-  s = 2.0 ** -jnp.arange(rank)
-  return (u * s) @ jnp.swapaxes(v, -1, -2)
 
 
 def galore_state(state) -> GaLoreState:
@@ -84,30 +74,12 @@ def test_bases_refresh_exactly_every_gap_steps():
   assert int(state.count) == 7
 
 
-def _primitive_names(jaxpr, inside_cond=False, found=None):
-  found = [] if found is None else found
-  for eqn in jaxpr.eqns:
-    found.append((eqn.primitive.name, inside_cond))
-    for sub in _sub_jaxprs(eqn):
-      _primitive_names(sub, inside_cond or eqn.primitive.name == "cond", found)
-  return found
-
-
-def _sub_jaxprs(eqn):
-  for value in eqn.params.values():
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-      if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-        yield v.jaxpr
-      elif hasattr(v, "eqns"):
-        yield v
-
-
 def test_svd_only_inside_the_refresh_branch():
   params = {"attn": {"kernel": jnp.zeros((2, 6, 8))}, "mlp": {"kernel": jnp.zeros((8, 6))}}
   tx = galore_adamw(1e-3, rank=2, update_proj_gap=5)
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
-  svds = [inside for name, inside in _primitive_names(jaxpr) if name == "svd"]
+  svds = [inside for name, inside in primitive_names(jaxpr) if name == "svd"]
   assert svds and all(svds), "every SVD must sit inside the lax.cond refresh branch"
 
 

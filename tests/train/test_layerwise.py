@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from configs.base import base
-from galore_jax import galore_adamw, layerwise, training
-from galore_jax.adam8bit import galore_adamw_8bit
+from galore_jax import galore_adamw, galore_adamw_8bit
+from galore_jax.train import config, layerwise, steps
 from galore_jax.models import llama
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -27,14 +27,14 @@ def batch(seed, b=4, s=16, packed=False):
           "positions": np.asarray(positions)}
 
 
-def run(tx, *, layerwise_updates, grad_accum, steps=4, cfg=CFG, packed=False):
+def run(tx, *, layerwise_updates, grad_accum, n_steps=4, cfg=CFG, packed=False):
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.graphdef(model), training.params_of(model)
-  step = training.make_steps(graphdef, tx, grad_accum=grad_accum, packed=packed, report_overlap=True,
+  graphdef, params = nnx.graphdef(model), steps.params_of(model)
+  step = steps.make_steps(graphdef, tx, grad_accum=grad_accum, packed=packed, report_overlap=True,
                              layerwise_updates=layerwise_updates).train
   state = tx.init(params)
   history = []
-  for t in range(steps):
+  for t in range(n_steps):
     params, state, m = step(params, state, batch(t, packed=packed))
     history.append(jax.device_get(m))
   return params, history
@@ -75,8 +75,8 @@ def test_by_layer_equals_the_plain_chain():
 def test_layerwise_packed_tied_and_8bit():
   cfg = CFG.replace(tie_word_embeddings=True)
   tx = layerwise.by_layer(galore_adamw_8bit(1e-2, rank=4, update_proj_gap=2, min_8bit_size=256), 0.0)
-  reference, _ = run(tx, layerwise_updates=False, grad_accum=2, cfg=cfg, packed=True, steps=3)
-  swept, _ = run(tx, layerwise_updates=True, grad_accum=2, cfg=cfg, packed=True, steps=3)
+  reference, _ = run(tx, layerwise_updates=False, grad_accum=2, cfg=cfg, packed=True, n_steps=3)
+  swept, _ = run(tx, layerwise_updates=True, grad_accum=2, cfg=cfg, packed=True, n_steps=3)
   # a reassociation-sized difference can move an 8-bit moment to the neighbouring code: looser than fp32
   assert_close_trees(swept, reference, atol=1e-4)
 
@@ -87,14 +87,14 @@ def test_layerwise_step_has_no_full_gradient_tree(grad_clip):
   the layerwise step about half of one (one layer's gradient, the rest group's, activations)."""
   cfg = CFG.replace(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, vocab_size=64)
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.graphdef(model), training.params_of(model)
+  graphdef, params = nnx.graphdef(model), steps.params_of(model)
   grads_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   tx = layerwise.by_layer(galore_adamw(1e-2, rank=8, update_proj_gap=2), grad_clip)
   state = jax.eval_shape(tx.init, params)
   b = batch(0, b=2, s=8)
   temps = {}
   for swept in (False, True):
-    step = training.make_steps(graphdef, tx, grad_accum=2, packed=False, layerwise_updates=swept).train
+    step = steps.make_steps(graphdef, tx, grad_accum=2, packed=False, layerwise_updates=swept).train
     temps[swept] = step.lower(params, state, b).compile().memory_analysis().temp_size_in_bytes
   assert temps[False] > grads_bytes  # the whole-tree step holds every gradient at once
   assert temps[True] < 0.6 * grads_bytes, (temps, grads_bytes)
@@ -104,8 +104,8 @@ def test_config_wiring_and_scan_layers_refused():
   cfg = base()
   cfg.train.layerwise = True
   cfg.train.grad_clip = 1.0
-  tx = training.build_optimizer(cfg)
+  tx = config.build_optimizer(cfg)
   assert isinstance(tx, layerwise.ByLayer) and tx.grad_clip == 1.0
   cfg.model.scan_layers = True
-  with pytest.raises(training.ConfigError, match="scan_layers"):
-    training.validate(cfg)
+  with pytest.raises(config.ConfigError, match="scan_layers"):
+    config.validate(cfg)

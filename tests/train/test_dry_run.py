@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from configs import tiny
-from galore_jax import dry_run, training
+from galore_jax.train import config, dry_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = ("xla_peak_gb", "weights_gb", "optimizer_state_gb", "analytic_total_gb", "backend", "device",
         "moments_low_rank_gb", "projector_bases_gb", "full_rank_states_gb", "gradients_gb", "xla_temp_gb")
 
@@ -26,7 +26,7 @@ def small_config(**optimizer):
 def closed_form_state_bytes(cfg) -> int:
   """Projector r·min(m,n) + moments 2·r·max(m,n) per targeted matrix, fp32 Adam for the rest, and three int32
   step counts (GaLore's, Adam's, the learning-rate schedule's)."""
-  m = training.model_config(cfg)
+  m = config.model_config(cfg)
   h, f, q, kv = m.hidden_size, m.intermediate_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
   r = cfg.optimizer.rank
   matrices = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]

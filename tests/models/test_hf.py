@@ -77,13 +77,13 @@ def test_logits_parity_both_directions(case, tmp_path):
   expected = torch_logits(ref, ids)
   ref.save_pretrained(tmp_path / "in")
 
-  model = llama.from_hf(tmp_path / "in")
+  model = hf.from_hf(tmp_path / "in")
   assert model.config.tie_word_embeddings == case["tied"]
   assert model.config.num_key_value_heads == case["kv_heads"]
   assert (model.config.rope_scaling is None) == (case["rope"] is None)
   assert max_diff(model(ids), expected) <= TOL
 
-  llama.to_hf(model, tmp_path / "out")
+  hf.to_hf(model, tmp_path / "out")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   assert max_diff(torch_logits(back, ids), expected) <= TOL
   if case["tied"]:
@@ -97,12 +97,12 @@ def test_sharded_checkpoints_both_directions(tmp_path):
   ref.save_pretrained(tmp_path / "in", max_shard_size="40KB")
   assert os.path.exists(tmp_path / "in" / hf.INDEX_FILE)
   assert not os.path.exists(tmp_path / "in" / hf.SINGLE_FILE)
-  model = llama.from_hf(tmp_path / "in")
+  model = hf.from_hf(tmp_path / "in")
   assert max_diff(model(ids), expected) <= TOL
   # The tolerance discriminates: a wrong RoPE base is far outside it.
-  assert max_diff(llama.from_hf(tmp_path / "in", rope_theta=10000.0)(ids), expected) > 100 * TOL
+  assert max_diff(hf.from_hf(tmp_path / "in", rope_theta=10000.0)(ids), expected) > 100 * TOL
 
-  llama.to_hf(model, tmp_path / "out", max_shard_size="30KB")
+  hf.to_hf(model, tmp_path / "out", max_shard_size="30KB")
   files = sorted(os.listdir(tmp_path / "out"))
   shards = [f for f in files if f.startswith("model-")]
   assert len(shards) > 2 and hf.SINGLE_FILE not in files
@@ -112,9 +112,9 @@ def test_sharded_checkpoints_both_directions(tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   assert max_diff(torch_logits(back, ids), expected) <= TOL
   # Re-exporting unsharded into the same directory leaves no stale shards behind.
-  llama.to_hf(model, tmp_path / "out")
+  hf.to_hf(model, tmp_path / "out")
   assert not [f for f in os.listdir(tmp_path / "out") if f.startswith("model-")]
-  assert max_diff(llama.from_hf(tmp_path / "out")(ids), expected) <= TOL
+  assert max_diff(hf.from_hf(tmp_path / "out")(ids), expected) <= TOL
 
 
 def test_scan_layers_round_trip(tmp_path):
@@ -122,10 +122,10 @@ def test_scan_layers_round_trip(tmp_path):
   ids = token_ids()
   expected = torch_logits(ref, ids)
   ref.save_pretrained(tmp_path / "in")
-  model = llama.from_hf(tmp_path / "in", scan_layers=True, remat=True)
+  model = hf.from_hf(tmp_path / "in", scan_layers=True, remat=True)
   assert model.config.scan_layers and model.layers.attn.q_proj.kernel[...].shape == (2, 64, 64)
   assert max_diff(model(ids), expected) <= TOL
-  llama.to_hf(model, tmp_path / "out")
+  hf.to_hf(model, tmp_path / "out")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   assert max_diff(torch_logits(back, ids), expected) <= TOL
 
@@ -142,7 +142,7 @@ def test_legacy_config_spelling(tmp_path):
   config["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
   config["torch_dtype"] = config.pop("dtype")
   (tmp_path / "config.json").write_text(json.dumps(config))
-  model = llama.from_hf(tmp_path)
+  model = hf.from_hf(tmp_path)
   assert model.config.rope_theta == 500.0 and model.config.rope_scaling["factor"] == 8.0
   assert max_diff(model(ids), expected) <= TOL
 
@@ -151,7 +151,7 @@ def test_exported_config_fields(tmp_path):
   cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, rope_theta=123.0, rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5,
                     max_position_embeddings=64)
-  llama.to_hf(Llama(cfg, rngs=nnx.Rngs(0)), tmp_path)
+  hf.to_hf(Llama(cfg, rngs=nnx.Rngs(0)), tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
   assert config["rope_parameters"] == {**LLAMA3_ROPE, "rope_theta": 123.0}
@@ -167,27 +167,27 @@ def test_bfloat16_both_directions(tmp_path):
   torch = pytest.importorskip("torch")
   ref = hf_model(kv_heads=2, dtype=torch.bfloat16)
   ref.save_pretrained(tmp_path / "in")
-  model = llama.from_hf(tmp_path / "in")
+  model = hf.from_hf(tmp_path / "in")
   assert model.config.param_dtype == jnp.bfloat16 and model.config.dtype == jnp.bfloat16
   for hf_name, torch_param in ref.state_dict().items():
     spec = next(s for s in hf.hf_tensor_specs(model.config) if s.name == hf_name)
     ours = np.asarray(hf._get_param(_flat_params(model), spec)).astype(np.float32)
     theirs = torch_param.float().numpy()
     np.testing.assert_array_equal(ours.T if spec.transpose else ours, theirs)
-  fp32 = llama.from_hf(tmp_path / "in", param_dtype=jnp.float32)
+  fp32 = hf.from_hf(tmp_path / "in", param_dtype=jnp.float32)
   assert fp32.config.param_dtype == jnp.float32 and fp32.config.dtype == jnp.float32
   ids = token_ids()
   # bf16 compute vs fp32 compute of the same bf16 weights: loose, only a sanity check.
   assert max_diff(model(ids), fp32(ids)) < 0.2
 
-  llama.to_hf(model, tmp_path / "out")
+  hf.to_hf(model, tmp_path / "out")
   assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
   assert back.dtype == torch.bfloat16
   for name, tensor in ref.state_dict().items():
     assert torch.equal(back.state_dict()[name], tensor), name
   # to_hf can also cast on export.
-  llama.to_hf(fp32, tmp_path / "cast", dtype="bfloat16")
+  hf.to_hf(fp32, tmp_path / "cast", dtype="bfloat16")
   assert json.loads((tmp_path / "cast" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -221,7 +221,7 @@ def test_tokenizer_is_saved(tmp_path):
                                                    unk_token="<unk>")
   model = Llama(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                             num_attention_heads=2), rngs=nnx.Rngs(0))
-  llama.to_hf(model, tmp_path, tokenizer=tokenizer)
+  hf.to_hf(model, tmp_path, tokenizer=tokenizer)
   assert (tmp_path / "tokenizer.json").exists()
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["bos_token_id"] == 1 and config["eos_token_id"] == 2
@@ -243,21 +243,21 @@ def test_missing_tensor_is_named(tmp_path):
   hf_model().save_pretrained(tmp_path)
   _rewrite_single_file(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 def test_missing_lm_head_when_untied(tmp_path):
   hf_model().save_pretrained(tmp_path)
   _rewrite_single_file(tmp_path, lambda t: t.pop("lm_head.weight"))
   with pytest.raises(ValueError, match="missing tensors.*lm_head.weight"):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   hf_model().save_pretrained(tmp_path)
   _rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}))
   with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.0.self_attn.q_proj.bias'\]"):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 def test_ignorable_extras_are_accepted(tmp_path):
@@ -271,14 +271,14 @@ def test_ignorable_extras_are_accepted(tmp_path):
     t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
 
   _rewrite_single_file(tmp_path, add)
-  assert max_diff(llama.from_hf(tmp_path)(ids), torch_logits(ref, ids)) <= TOL
+  assert max_diff(hf.from_hf(tmp_path)(ids), torch_logits(ref, ids)) <= TOL
 
 
 def test_misshaped_tensor_is_named(tmp_path):
   hf_model().save_pretrained(tmp_path)
   _rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((64, 95), np.float32)}))
   with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 95\), expected \(64, 96\)"):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 def test_sharded_missing_tensor(tmp_path):
@@ -287,13 +287,13 @@ def test_sharded_missing_tensor(tmp_path):
   del index["weight_map"]["model.norm.weight"]
   (tmp_path / hf.INDEX_FILE).write_text(json.dumps(index))
   with pytest.raises(ValueError, match="missing tensors.*model.norm.weight"):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 def test_no_weights(tmp_path):
   hf_model().config.save_pretrained(tmp_path)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 BASE_CONFIG = dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -317,7 +317,7 @@ def test_unsupported_configs_are_refused(change, message, tmp_path):
     hf.config_from_hf(config)
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=message):
-    llama.from_hf(tmp_path)
+    hf.from_hf(tmp_path)
 
 
 def test_config_defaults_and_overrides():

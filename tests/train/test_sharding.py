@@ -9,7 +9,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.base import base
-from galore_jax import checkpoint, galore_adamw, sharding, training
+from galore_jax import galore_adamw
+from galore_jax.train import checkpoint, config, sharding, steps
 from galore_jax.models import llama
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets 8 CPU devices)")
@@ -20,7 +21,7 @@ MIN_SIZE = 256  # split the tiny model's kernels and embeddings, keep its norm s
 BATCH, GRAD_ACCUM, LR = 16, 2, 1e-3
 
 
-def config(name):
+def make_config(name):
   cfg = base()
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = LR, 0, 10
   cfg.optimizer.name, cfg.optimizer.rank, cfg.optimizer.update_proj_gap = name, 4, 2  # refreshes on steps 0, 2
@@ -34,22 +35,22 @@ def batch(seed):
 
 def model_and_params():
   model = llama.Llama(CFG, rngs=nnx.Rngs(0))
-  return nnx.graphdef(model), jax.device_get(training.params_of(model))
+  return nnx.graphdef(model), jax.device_get(steps.params_of(model))
 
 
 def run(name, n_steps, layout=None, start=None, first=0, on_step=None):
   """``n_steps`` train steps on batches ``first, first + 1, ...`` from ``start`` (params, state; default: a fresh
   init) → (host params and state, metrics, the live arrays); ``on_step(t, params, state)`` after each step."""
   graphdef, params = model_and_params()
-  tx = training.build_optimizer(config(name))
-  steps = training.make_steps(graphdef, tx, grad_accum=GRAD_ACCUM, packed=False, report_overlap=True, layout=layout)
+  tx = config.build_optimizer(make_config(name))
+  step_fns = steps.make_steps(graphdef, tx, grad_accum=GRAD_ACCUM, packed=False, report_overlap=True, layout=layout)
   params, state = start if start is not None else (params, tx.init(params))
   if layout is not None:
     params, state = jax.device_put(params, layout.params), jax.device_put(state, layout.opt_state)
   history = []
   for t in range(first, first + n_steps):
     b = batch(t) if layout is None else sharding.shard_batch(batch(t), layout.mesh)
-    params, state, metrics = steps.train(params, state, b)
+    params, state, metrics = step_fns.train(params, state, b)
     history.append(jax.device_get(metrics))
     if on_step is not None:
       on_step(t, params, state)
@@ -67,7 +68,7 @@ def reference(name):
 
 def layout_for(name, data, fsdp, axis_types="auto", devices=None):
   mesh = sharding.make_mesh(data, fsdp, axis_types, devices=devices)
-  return sharding.Layout.build(mesh, training.build_optimizer(config(name)), model_and_params()[1], MIN_SIZE)
+  return sharding.Layout.build(mesh, config.build_optimizer(make_config(name)), model_and_params()[1], MIN_SIZE)
 
 
 def assert_trees_close(actual, expected, rtol, atol):
@@ -166,13 +167,13 @@ def test_indivisible_state_axes_are_replicated():
     ({"mesh.axis_types": "manual"}, "mesh.axis_types"),
 ])
 def test_validate_refuses_meshes_that_cannot_work(overrides, needle):
-  cfg = config("galore_adamw")
+  cfg = make_config("galore_adamw")
   cfg.model.preset, cfg.data.seq_len, cfg.train.batch_size = "llama_9m", 16, 16
   for key, value in overrides.items():
     section, name = key.split(".")
     cfg[section][name] = value
-  with pytest.raises(training.ConfigError, match=needle):
-    training.validate(cfg)
+  with pytest.raises(config.ConfigError, match=needle):
+    config.validate(cfg)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -228,7 +229,7 @@ def test_checkpoint_saved_on_2x4_restores_on_1x4_and_on_one_device(tmp_path):
   ckpts.wait()
   expected_metrics = metrics[2:]
 
-  tx = training.build_optimizer(config(name))
+  tx = config.build_optimizer(make_config(name))
   params = model_and_params()[1]
   on_four = layout_for(name, 1, 4, "explicit", jax.devices()[:4])
   for layout in (on_four, layout_for(name, 1, 1, devices=jax.devices()[:1])):
@@ -256,7 +257,7 @@ def test_checkpoint_saved_on_2x4_restores_on_1x4_and_on_one_device(tmp_path):
 
 def test_optimizer_state_bytes_per_device_shrink_with_fsdp():
   """Computed from the shardings, and equal to what device 0 really holds after a split init."""
-  tx = training.build_optimizer(config("galore_adamw"))
+  tx = config.build_optimizer(make_config("galore_adamw"))
   params = model_and_params()[1]
   abstract_state = jax.eval_shape(tx.init, params)
   per_device = {}

@@ -16,21 +16,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from galore_jax.optim.plan import path_str
+
+
 class CheckpointMismatch(ValueError):
   """A checkpoint whose trees differ from what the current config builds."""
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{'layers/0/attn/q_proj/kernel': (shape, dtype)}``; orbax's metadata spells list indices as strings."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(map(_key_name, path)): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in flat}
+  return {path_str(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in flat}
 
 
 def check_compatible(item: str, saved, target) -> None:

@@ -7,7 +7,6 @@ GPU one real step is also run to read the allocator's peak.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -16,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from galore_jax import layerwise, training
-from galore_jax.transform import GaLoreState, path_str
+from galore_jax.optim.introspect import state_breakdown, tree_bytes
+from galore_jax.train import config, layerwise, steps
 
 GB = 1e9
 LIMITS = (
@@ -27,32 +26,13 @@ LIMITS = (
 )
 
 
-def nbytes(tree) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def optimizer_breakdown(opt_state) -> dict[str, int]:
-  """Bytes of the optimizer state split into low-rank moments, projector bases and full-rank states."""
-  galore = training.galore_states(opt_state)
-  bases = sum(nbytes(s.bases) for s in galore)
-  low_rank = 0
-  for s in galore:
-    targeted = set(s.bases)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(s.inner_state)[0]:
-      name = path_str(path)
-      if any(f"/{t}/" in f"/{name}/" for t in targeted):  # also 8-bit moments (.../kernel/codes)
-        low_rank += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
-  total = nbytes(opt_state)
-  return {"moments_low_rank": low_rank, "projector_bases": bases, "full_rank_states": total - low_rank - bases}
-
-
 def gradient_bytes(cfg, params) -> int:
   """Gradient bytes alive at once: a full set, or with layerwise updates the largest group's (a layer's, the
   head's, which is updated before the sweep, or the embedding's, updated after it)."""
   if not cfg.train.layerwise:
-    return nbytes(params)
+    return tree_bytes(params)
   layers, head, rest = layerwise.split_groups(params)
-  return max([nbytes(p) for p in layers.values()] + [nbytes(head), nbytes(rest)])
+  return max([tree_bytes(p) for p in layers.values()] + [tree_bytes(head), tree_bytes(rest)])
 
 
 def abstract_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
@@ -83,12 +63,12 @@ def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
 
   ``params`` and ``opt_state`` (abstract) are built from ``cfg`` unless given.
   """
-  model_cfg = training.model_config(cfg)
+  model_cfg = config.model_config(cfg)
   if params is None:
-    params = training.params_of(training.abstract_model(cfg))
+    params = steps.params_of(config.abstract_model(cfg))
   if opt_state is None:
-    opt_state = jax.eval_shape(training.build_optimizer(cfg).init, params)
-  weights, state, grads = nbytes(params), nbytes(opt_state), gradient_bytes(cfg, params)
+    opt_state = jax.eval_shape(config.build_optimizer(cfg).init, params)
+  weights, state, grads = tree_bytes(params), tree_bytes(opt_state), gradient_bytes(cfg, params)
   activations = activation_estimate(cfg, model_cfg)
   galore = cfg.optimizer.name.startswith("galore")
   return {
@@ -97,10 +77,10 @@ def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
       "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
       "tokens_per_micro_batch": cfg.train.batch_size // cfg.train.grad_accum * cfg.data.seq_len,
       "param_dtype": str(model_cfg.param_dtype), "remat": model_cfg.remat,
-      "params": training.count_params(params),
+      "params": steps.count_params(params),
       "layerwise": bool(cfg.train.layerwise),
       "weights_gb": weights / GB, "gradients_gb": grads / GB, "optimizer_state_gb": state / GB,
-      **{f"{k}_gb": v / GB for k, v in optimizer_breakdown(opt_state).items()},
+      **{f"{k}_gb": v / GB for k, v in state_breakdown(opt_state).items()},
       "activations_estimate_gb": activations / GB,
       "analytic_total_gb": (weights + grads + state + activations) / GB,
   }
@@ -118,15 +98,15 @@ def sequences_that_fit(cfg, budget_gb: float) -> int:
 
 def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   """The memory report of ``cfg``'s train step; ``real_step`` (default: on GPU) also runs one step."""
-  abstract = training.abstract_model(cfg)
-  params = training.params_of(abstract)
-  tx = training.build_optimizer(cfg)
+  abstract = config.abstract_model(cfg)
+  params = steps.params_of(abstract)
+  tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
   galore = cfg.optimizer.name.startswith("galore")
-  steps = training.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
+  step_fns = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=galore, layerwise_updates=cfg.train.layerwise)
   start = time.perf_counter()
-  compiled = steps.train.lower(params, opt_state, abstract_batch(cfg)).compile()
+  compiled = step_fns.train.lower(params, opt_state, abstract_batch(cfg)).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   device = jax.devices()[0]
@@ -143,12 +123,12 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
 
 def _one_real_step(cfg, compiled, tx) -> int:
   """Peak bytes in use on the device after one real step on random weights and tokens."""
-  model = training.build_model(cfg, cfg.seed)
-  params = training.params_of(model)
+  model = config.build_model(cfg, cfg.seed)
+  params = steps.params_of(model)
   del model
   opt_state = jax.jit(tx.init)(params)
   rng = np.random.default_rng(0)
-  vocab = training.model_config(cfg).vocab_size
+  vocab = config.model_config(cfg).vocab_size
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   batch = {"inputs": rng.integers(0, vocab, shape, dtype=np.int32), "targets": rng.integers(0, vocab, shape, dtype=np.int32),
            "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),

@@ -1,10 +1,8 @@
-"""Adafactor (galore_jax.adafactor) step for step against galore-torch 1.0's GaLoreAdafactor."""
+"""Adafactor (galore_jax.optim.adafactor) step for step against galore-torch 1.0's GaLoreAdafactor."""
 
-import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -13,7 +11,7 @@ from galore_jax import galore, galore_adafactor, scale_by_adafactor_hf
 torch = pytest.importorskip("torch")
 galore_torch = pytest.importorskip("galore_torch")
 
-from tests.test_galore_parity import SHAPES, relative_error, setup_problem  # noqa: E402
+from torch_reference import SHAPES, optax_deltas, relative_error, setup_problem, torch_deltas  # noqa: E402
 
 RANK, GAP, SCALE = 3, 4, 0.25
 CONFIGS = {
@@ -24,48 +22,27 @@ CONFIGS = {
 }
 
 
-def torch_updates(weight, bias, grads, bias_grads, proj_type, config):
-  w = torch.nn.Parameter(torch.tensor(weight))
-  b = torch.nn.Parameter(torch.tensor(bias))
-  groups = [
-      {"params": [b]},
-      {"params": [w], "rank": RANK, "update_proj_gap": GAP, "scale": SCALE, "proj_type": proj_type},
-  ]
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    opt = galore_torch.GaLoreAdafactor(groups, **config)
-  deltas = []
-  for g, gb in zip(grads, bias_grads):
-    before_w, before_b = w.detach().clone(), b.detach().clone()
-    w.grad, b.grad = torch.tensor(g), torch.tensor(gb)
-    opt.step()
-    deltas.append(((w.detach() - before_w).numpy(), (b.detach() - before_b).numpy()))
-  return deltas
+def torch_updates(problem, proj_type, config):
+  group = {"rank": RANK, "update_proj_gap": GAP, "scale": SCALE, "proj_type": proj_type}
+  return torch_deltas(lambda groups: galore_torch.GaLoreAdafactor(groups, **config), problem, group)
 
 
-def jax_updates(weight, bias, grads, bias_grads, proj_type, config):
+def jax_updates(problem, proj_type, config):
   config = dict(config)
   lr = config.pop("lr", None)
-  params = {"attn": {"kernel": jnp.asarray(weight.T)}, "norm": jnp.asarray(bias)}
-  tx = galore_adafactor(lr, rank=RANK, update_proj_gap=GAP, scale=SCALE, proj_type=proj_type, **config)
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  deltas = []
-  for g, gb in zip(grads, bias_grads):
-    updates, state = step({"attn": {"kernel": jnp.asarray(g.T)}, "norm": jnp.asarray(gb)}, state, params)
-    params = optax.apply_updates(params, updates)
-    deltas.append((np.asarray(updates["attn"]["kernel"]).T, np.asarray(updates["norm"])))
-  return deltas
+  return optax_deltas(galore_adafactor(lr, rank=RANK, update_proj_gap=GAP, scale=SCALE, proj_type=proj_type, **config),
+                      problem)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_updates_match_reference_until_second_refresh(shape_name, config):
-  weight, bias, grads, bias_grads = setup_problem(SHAPES[shape_name], steps=3 * GAP)
+  problem = setup_problem(SHAPES[shape_name], steps=3 * GAP)
   if config == "warmup":  # steps of ~1e-9: small weights, so that torch's deltas are measured exactly
-    weight, bias = weight * 1e-7, bias * 1e-7
-  ref = torch_updates(weight, bias, grads, bias_grads, "std", CONFIGS[config])
-  ours = jax_updates(weight, bias, grads, bias_grads, "std", CONFIGS[config])
+    problem = problem._replace(weight=problem.weight * 1e-7, bias=problem.bias * 1e-7)
+  ref = torch_updates(problem, "std", CONFIGS[config])
+  ours = jax_updates(problem, "std", CONFIGS[config])
+  grads = problem.grads
   for step in range(GAP):  # bases from step 0, before the second refresh at step GAP
     assert relative_error(ours[step][0], ref[step][0]) <= 1e-3, f"weight update, step {step}"
   for step in range(len(grads)):  # the non-GaLore bias: full-rank Adafactor all along
@@ -73,9 +50,9 @@ def test_updates_match_reference_until_second_refresh(shape_name, config):
 
 
 def test_weight_decay_is_exercised():
-  weight, bias, grads, bias_grads = setup_problem(SHAPES["tall"], steps=2)
-  with_wd = jax_updates(weight, bias, grads, bias_grads, "std", CONFIGS["lr_beta1_wd"])
-  without = jax_updates(weight, bias, grads, bias_grads, "std", dict(CONFIGS["lr_beta1_wd"], weight_decay=0.0))
+  problem = setup_problem(SHAPES["tall"], steps=2)
+  with_wd = jax_updates(problem, "std", CONFIGS["lr_beta1_wd"])
+  without = jax_updates(problem, "std", dict(CONFIGS["lr_beta1_wd"], weight_decay=0.0))
   assert relative_error(with_wd[0][1], without[0][1]) > 1e-3
 
 
@@ -92,13 +69,13 @@ def test_factoring_follows_the_projected_shape():
 
 
 def test_arguments():
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="Cannot combine manual `learning_rate` and `relative_step=True`"):
     galore_adafactor(1e-3, relative_step=True)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="learning_rate is required when relative_step=False"):
     galore_adafactor(None, relative_step=False)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="`warmup_init=True` requires `relative_step=True`"):
     galore_adafactor(1e-3, warmup_init=True)
   tx = galore_adafactor(rank=2)
   params = {"mlp": jnp.ones((4, 6))}
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="galore_adafactor needs params"):
     tx.update(params, tx.init(params))

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from galore_jax import GaLoreState, galore, galore_adamw
+from galore_jax import GaLoreState, galore_adamw
 
 ALL_MATRICES = lambda path, leaf: jnp.ndim(leaf) >= 2
 

@@ -20,7 +20,7 @@ average, so the learning rate cannot simply be applied after ``galore``. Hence t
   the reference). It accepts an extra argument ``leaf_scale`` (a tree of per-leaf scalars shaped like
   the updates' tree, default 1) multiplied in between, i.e. step 2's ``lr_t``. ``galore`` forwards
   extra arguments to its inner transformation.
-* :func:`galore_adafactor` — an outer transformation that computes ``lr_t`` per leaf from the full
+* :func:`galore_jax.galore_adafactor` (in ``alias.py``) — an outer transformation that computes ``lr_t`` per leaf from the full
   ``params`` and its step count, calls ``galore(scale_by_adafactor_hf(...))`` with ``leaf_scale=lr_t``,
   and then applies step 4's sign and weight decay. Its output is the additive update (use with
   :func:`optax.apply_updates`; no separate learning-rate transformation).
@@ -28,14 +28,11 @@ average, so the learning rate cannot simply be applied after ``galore``. Hence t
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from galore_jax.transform import AdaptiveGap, galore
 
 
 class ScaleByAdafactorHFState(NamedTuple):
@@ -57,7 +54,7 @@ class ScaleByAdafactorHFState(NamedTuple):
   m: Any
 
 
-def _rms(x):
+def rms(x):
   return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
@@ -129,7 +126,7 @@ def scale_by_adafactor_hf(
       else:
         v = v * beta2t + (1.0 - beta2t) * sq
         u = jax.lax.rsqrt(v) * g32
-      u = u / jnp.maximum(_rms(u) / clip_threshold, 1.0)
+      u = u / jnp.maximum(rms(u) / clip_threshold, 1.0)
       if s is not None:
         u = u * jnp.asarray(s, jnp.float32)
       if beta1 is not None:
@@ -143,116 +140,5 @@ def scale_by_adafactor_hf(
       return updates, state._replace(count=count)
     u, row, col, v, m = (treedef.unflatten(list(c)) for c in zip(*out))
     return u, ScaleByAdafactorHFState(count=count, v_row=row, v_col=col, v=v, m=m)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class GaLoreAdafactorState(NamedTuple):
-  """State of :func:`galore_adafactor`: its step count and ``galore``'s state."""
-
-  count: jax.Array
-  galore_state: Any
-
-
-def galore_adafactor(
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
-    rank: int | Callable[[str, tuple[int, ...]], int] = 128,
-    update_proj_gap: int = 200,
-    scale: float | jax.Array = 0.25,
-    proj_type: str = "std",
-    eps: tuple[float, float] = (1e-30, 1e-3),
-    clip_threshold: float = 1.0,
-    decay_rate: float = -0.8,
-    beta1: float | None = None,
-    weight_decay: float = 0.0,
-    scale_parameter: bool = True,
-    relative_step: bool | None = None,
-    warmup_init: bool = False,
-    target: Any = None,
-    dimension_numbers: Any = None,
-    on_refresh: str = "keep",
-    basis_dtype: jax.typing.DTypeLike = "float32",
-    refresh: Any = "svd",
-    refresh_seed: int = 0,
-    stagger: bool = False,
-    batch_refresh: bool = False,
-    adaptive_gap: AdaptiveGap | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""galore-torch's ``GaLoreAdafactor`` as an optax optimizer (the output is the full update).
-
-  Per leaf and step ``t``: ``lr_t = max(eps[1], RMS(p)) · ρ_t`` (without ``scale_parameter``:
-  ``ρ_t``), ``ρ_t = min(1e-2, 1/sqrt(t))`` with ``relative_step`` (``min(1e-6 t, 1/sqrt(t))`` with
-  ``warmup_init``), else ``learning_rate`` (float or schedule of the 0-based step). Then
-  ``u = galore(scale_by_adafactor_hf(...))`` with ``leaf_scale=lr_t`` (so the first moment, if any,
-  averages lr-scaled updates, as HF does) and the returned update is ``-u - weight_decay·lr_t·p``
-  (HF decays the weight before subtracting the update, which is the same sum). ``RMS(p)`` is of the
-  full parameter, before the step; ``params`` are required when ``scale_parameter`` or
-  ``weight_decay`` is on.
-
-  Args:
-    learning_rate: ``None`` (relative step, the reference's default) or a float / schedule; like
-      HF, a learning rate together with ``relative_step=True`` is an error.
-    rank, update_proj_gap, scale, proj_type, target, dimension_numbers, on_refresh, basis_dtype,
-      refresh, refresh_seed, stagger, batch_refresh, adaptive_gap: as in :func:`galore_jax.galore`
-      (leaves not targeted get full-rank Adafactor, as the reference's plain param groups).
-    eps: ``(eps added to G², floor of the parameter scale)``.
-    clip_threshold, decay_rate, beta1: as in HF ``Adafactor``.
-    weight_decay: HF's ``p -= weight_decay · lr_t · p``.
-    scale_parameter, relative_step, warmup_init: as in HF; ``relative_step`` defaults to
-      ``learning_rate is None``.
-  """
-  if relative_step is None:
-    relative_step = learning_rate is None
-  if learning_rate is not None and relative_step:
-    raise ValueError("Cannot combine manual `learning_rate` and `relative_step=True` options")
-  if learning_rate is None and not relative_step:
-    raise ValueError("learning_rate is required when relative_step=False")
-  if warmup_init and not relative_step:
-    raise ValueError("`warmup_init=True` requires `relative_step=True`")
-  eps1, eps2 = eps
-  gal = galore(
-      scale_by_adafactor_hf(decay_rate=decay_rate, eps=eps1, clip_threshold=clip_threshold, beta1=beta1),
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      target=target,
-      dimension_numbers=dimension_numbers,
-      on_refresh=on_refresh,
-      basis_dtype=basis_dtype,
-      refresh=refresh,
-      refresh_seed=refresh_seed,
-      stagger=stagger,
-      batch_refresh=batch_refresh,
-      adaptive_gap=adaptive_gap,
-  )
-  needs_params = scale_parameter or weight_decay != 0
-
-  def init_fn(params):
-    return GaLoreAdafactorState(count=jnp.zeros([], jnp.int32), galore_state=gal.init(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if needs_params and params is None:
-      raise ValueError("galore_adafactor needs params (scale_parameter / weight_decay): call update(updates, state, params)")
-    t = optax.safe_increment(state.count).astype(jnp.float32)
-    if relative_step:
-      min_step = 1e-6 * t if warmup_init else 1e-2
-      rho = jnp.minimum(min_step, 1.0 / jnp.sqrt(t))
-    else:
-      rho = jnp.asarray(learning_rate(state.count) if callable(learning_rate) else learning_rate, jnp.float32)
-
-    def leaf_lr(p):
-      if not scale_parameter:
-        return rho
-      return jnp.maximum(eps2, _rms(jnp.asarray(p, jnp.float32))) * rho
-
-    lrs = jax.tree.map(leaf_lr, params if params is not None else updates)
-    u, gal_state = gal.update(updates, state.galore_state, params, leaf_scale=lrs, **extra_args)
-    if weight_decay != 0:
-      out = jax.tree.map(lambda x, p, lr: (-x.astype(jnp.float32) - weight_decay * lr * p).astype(x.dtype), u, params, lrs)
-    else:
-      out = jax.tree.map(lambda x: -x, u)
-    return out, GaLoreAdafactorState(count=optax.safe_increment(state.count), galore_state=gal_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

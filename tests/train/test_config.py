@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from configs.base import base
-from galore_jax import training
+from galore_jax.train import config, steps
 from galore_jax.models import llama
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -23,9 +23,9 @@ def batch(seed):
 
 def steps_of(cfg, n=4):
   model = llama.Llama(CFG, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.graphdef(model), training.params_of(model)
-  tx = training.build_optimizer(cfg)
-  step = training.make_steps(graphdef, tx, grad_accum=1, packed=False, report_overlap=True,
+  graphdef, params = nnx.graphdef(model), steps.params_of(model)
+  tx = config.build_optimizer(cfg)
+  step = steps.make_steps(graphdef, tx, grad_accum=1, packed=False, report_overlap=True,
                              layerwise_updates=cfg.train.layerwise).train
   state, history = tx.init(params), []
   for t in range(n):
@@ -36,7 +36,7 @@ def steps_of(cfg, n=4):
   return history
 
 
-def config(**optimizer):
+def make_config(**optimizer):
   cfg = base()
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = 1e-2, 0, 10
   cfg.optimizer.rank, cfg.optimizer.update_proj_gap = 4, 2
@@ -45,10 +45,10 @@ def config(**optimizer):
   return cfg
 
 
-@pytest.mark.parametrize("name", training.OPTIMIZERS)
+@pytest.mark.parametrize("name", config.OPTIMIZERS)
 def test_every_optimizer_name_builds_and_moves_every_weight(name):
-  cfg = config(name=name)
-  training.validate(cfg)
+  cfg = make_config(name=name)
+  config.validate(cfg)
   history = steps_of(cfg, n=2)
   for metrics, moved in history:
     assert np.isfinite(metrics["loss"])
@@ -57,19 +57,19 @@ def test_every_optimizer_name_builds_and_moves_every_weight(name):
 
 def test_stagger_overlap_is_reported_on_the_steps_that_refresh_some_leaves():
   """With stagger (gap 2) every step after the first refreshes some leaves: a finite overlap each time."""
-  history = steps_of(config(stagger=True, refresh="randomized"), n=4)
+  history = steps_of(make_config(stagger=True, refresh="randomized"), n=4)
   overlaps = [m["subspace_overlap"] for m, _ in history]
   assert np.isnan(overlaps[0]) and all(0 < o <= 1 for o in overlaps[1:]), overlaps
 
 
 def test_plain_schedule_overlap_only_on_refresh_steps():
-  overlaps = [m["subspace_overlap"] for m, _ in steps_of(config(), n=4)]
+  overlaps = [m["subspace_overlap"] for m, _ in steps_of(make_config(), n=4)]
   assert np.isnan(overlaps[0]) and np.isnan(overlaps[1]) and 0 < overlaps[2] <= 1 and np.isnan(overlaps[3])
 
 
 @pytest.mark.parametrize("key,value,needle", [("refresh", "fastest", "optimizer.refresh"),
                                               ("block_size", 512, "optimizer.block_size")])
 def test_bad_optimizer_values_are_refused(key, value, needle):
-  cfg = config(name="galore_adamw_8bit", **{key: value})
-  with pytest.raises(training.ConfigError, match=needle):
-    training.validate(cfg)
+  cfg = make_config(name="galore_adamw_8bit", **{key: value})
+  with pytest.raises(config.ConfigError, match=needle):
+    config.validate(cfg)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
-from galore_jax import data
+from galore_jax.train import data
 
 PROSE = [
     "The quick brown fox jumps over the lazy dog.\nIt was not amused.\n",
@@ -27,7 +27,7 @@ def docs(n=40):
   return [f"# document {i}\n" + PROSE[i % len(PROSE)] * (1 + i % 3) for i in range(n)]
 
 
-def config(path=None, **overrides):
+def make_config(path=None, **overrides):
   c = config_dict.ConfigDict(dict(path=path, tokenizer=None, seq_len=16, packing=True, validation_fraction=0.2,
                                   max_documents=None, max_bytes=None, text_field="text"))
   c.update(overrides)
@@ -38,7 +38,7 @@ def build(path, workdir, **overrides):
   kwargs = dict(vocab_size=overrides.pop("vocab_size", VOCAB), batch_size=overrides.pop("batch_size", 4),
                 eval_batch_size=overrides.pop("eval_batch_size", 3), eval_batches=overrides.pop("eval_batches", 2),
                 seed=overrides.pop("seed", 0))
-  return data.build_data(config(path, **overrides), workdir=str(workdir), **kwargs)
+  return data.build_data(make_config(path, **overrides), workdir=str(workdir), **kwargs)
 
 
 @pytest.fixture
@@ -128,16 +128,16 @@ def test_caps(tmp_path):
 def stdlib_builds(tmp_path_factory):
   work = tmp_path_factory.mktemp("stdlib")
   kwargs = dict(vocab_size=512, batch_size=4, eval_batch_size=4, eval_batches=2, seed=0)
-  c = config(None, max_bytes=300_000, seq_len=64, validation_fraction=0.05)
+  c = make_config(None, max_bytes=300_000, seq_len=64, validation_fraction=0.05)
   return data.build_data(c, workdir=str(work / "a"), **kwargs), data.build_data(c, workdir=str(work / "b"), **kwargs)
 
 
 def test_embedded_corpus_is_python_source():
-  documents = data.corpus_documents(data.data_spec(config(None, max_bytes=300_000)))
+  documents = data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))
   text = "".join(documents)
   assert "def " in text and "import " in text and "class " in text
   assert 0 < len(text.encode()) <= 300_000
-  assert documents == data.corpus_documents(data.data_spec(config(None, max_bytes=300_000)))
+  assert documents == data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))
 
 
 def test_embedded_corpus_build_is_deterministic(stdlib_builds):

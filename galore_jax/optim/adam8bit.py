@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from galore_jax.adam import decay_updated_weights
-from galore_jax.transform import AdaptiveGap, galore, plan_leaves
 
 SUPPORTED_BLOCK_SIZES = (256, 2048)
 
@@ -203,9 +200,8 @@ def scale_by_adam_8bit(
 
   With :func:`galore_jax.galore`, the inner state sees the low-rank shapes, so
   whether a projected leaf is quantized depends on its *low-rank* size. Its
-  ``on_refresh='reset'|'project'`` acts only on fp32 moment leaves shaped like
-  the low-rank update; quantized moments (:class:`QuantizedMoment`) are left
-  untouched by a refresh, i.e. behave as ``on_refresh='keep'`` (the reference).
+  ``on_refresh='reset'|'project'`` dequantizes a quantized moment, resets or
+  rotates it, and requantizes it.
 
   Args:
     b1, b2: decays of the first and second moment.
@@ -281,106 +277,3 @@ def scale_by_adam_8bit(
 
 def _zero_code(code: np.ndarray) -> int:
   return int(np.flatnonzero(code == 0)[0])
-
-
-def state_bytes(state) -> int:
-  """Total bytes of the arrays in ``state`` (any pytree)."""
-  return sum(int(np.prod(jnp.shape(x))) * jnp.asarray(x).dtype.itemsize for x in jax.tree.leaves(state))
-
-
-# ----------------------------------------------------------------------------- GaLore alias
-
-
-def _and_masks(a, b):
-  """Combine two optax masks (trees of bools, callables or None) into a callable mask."""
-
-  def resolve(mask, params):
-    if mask is None:
-      return jax.tree.map(lambda _: True, params)
-    return mask(params) if callable(mask) else mask
-
-  def mask(params):
-    return jax.tree.map(lambda x, y: bool(x) and bool(y), resolve(a, params), resolve(b, params))
-
-  return mask
-
-
-def galore_adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    rank: int | Callable[[str, tuple[int, ...]], int] = 128,
-    update_proj_gap: int = 200,
-    scale: float | jax.Array = 0.25,
-    proj_type: str = "std",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    target: Any = None,
-    dimension_numbers: Any = None,
-    on_refresh: str = "keep",
-    basis_dtype: jax.typing.DTypeLike = "float32",
-    refresh: Any = "svd",
-    refresh_seed: int = 0,
-    stagger: bool = False,
-    batch_refresh: bool = False,
-    adaptive_gap: AdaptiveGap | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""galore-torch's ``GaLoreAdamW8bit`` as an optax optimizer.
-
-  ``galore(scale_by_adam_8bit(b1, b2, eps, block_size=..., min_8bit_size=...))``
-  then the learning rate. Weight decay follows the reference exactly: on
-  GaLore (targeted) leaves it decays the *already updated* weight
-  (:func:`galore_jax.decay_updated_weights`, the reference's
-  ``p.add_(p, alpha=-lr*wd)`` after the projected step); on the other leaves
-  bitsandbytes' kernel decays the weight *before* the step
-  (``p *= 1 - lr·wd; p -= lr·u``), i.e. :func:`optax.add_decayed_weights` before
-  the learning rate. ``weight_decay_mask`` restricts both.
-
-  Defaults follow :func:`galore_jax.galore_adamw` except ``eps=1e-8`` (bnb's
-  default; added after bias correction, see :func:`scale_by_adam_8bit`).
-  The reference's default ``weight_decay`` is 1e-2; here it is 0.0 like
-  ``galore_adamw``. ``on_refresh`` other than ``'keep'`` leaves quantized
-  moments untouched (see :func:`scale_by_adam_8bit`).
-
-  Args:
-    learning_rate: a float or an optax schedule.
-    block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
-    Others: as in :func:`galore_jax.galore_adamw`.
-  """
-  gal = galore(
-      scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      target=target,
-      dimension_numbers=dimension_numbers,
-      on_refresh=on_refresh,
-      basis_dtype=basis_dtype,
-      refresh=refresh,
-      refresh_seed=refresh_seed,
-      stagger=stagger,
-      batch_refresh=batch_refresh,
-      adaptive_gap=adaptive_gap,
-  )
-  if isinstance(weight_decay, numbers.Number) and weight_decay == 0:
-    return optax.chain(gal, optax.scale_by_learning_rate(learning_rate))
-
-  def targeted(params):
-    treedef, plans, _ = plan_leaves(params, target=target, rank=rank, dimension_numbers=dimension_numbers,
-                                    proj_type=proj_type)
-    return treedef.unflatten([p is not None for p in plans])
-
-  def not_targeted(params):
-    return jax.tree.map(lambda t: not t, targeted(params))
-
-  return optax.chain(
-      gal,
-      optax.masked(optax.add_decayed_weights(weight_decay), _and_masks(not_targeted, weight_decay_mask)),
-      optax.scale_by_learning_rate(learning_rate),
-      optax.masked(decay_updated_weights(learning_rate, weight_decay), _and_masks(targeted, weight_decay_mask)),
-  )

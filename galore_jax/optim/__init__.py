@@ -1,0 +1,75 @@
+"""The GaLore optimizer library: optax transformations that need only jax, optax, chex and numpy.
+
+Modules, in the order a step uses them: ``plan`` (which leaves, as which matrices), ``schedule``
+(when each refreshes), ``refresh`` and ``linalg`` (how a basis is recomputed), ``executors`` (how
+the due refreshes run inside a ``lax.cond``), ``moments`` (the inner state carried across a
+refresh), ``basis`` (project and project back), ``transform`` (``galore`` itself). Inner
+optimizers: ``adam``, ``adam8bit``, ``adafactor``; ready optimizers: ``alias``. ``options`` holds
+the options every one of them shares; ``introspect`` and ``partition`` read a state from outside.
+"""
+
+from galore_jax.optim.adafactor import ScaleByAdafactorHFState, scale_by_adafactor_hf
+from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf
+from galore_jax.optim.adam8bit import QuantizedMoment, ScaleByAdam8bitState, scale_by_adam_8bit
+from galore_jax.optim.alias import GaLoreAdafactorState, galore_adafactor, galore_adamw, galore_adamw_8bit
+from galore_jax.optim.basis import (
+    Basis,
+    Sides,
+    align_signs,
+    captured_energy,
+    choose_sides,
+    project,
+    project_back,
+    subspace_overlap,
+)
+from galore_jax.optim.options import GaLoreOptions
+from galore_jax.optim.plan import GaLoreDimensionNumbers, plan_leaves
+from galore_jax.optim.refresh import (
+    ExactRefresh,
+    RandomizedRefresh,
+    Sketch,
+    exact_refresh,
+    finish_sketch,
+    randomized_sketch,
+    randomized_svd_basis,
+    svd_basis,
+)
+from galore_jax.optim.schedule import AdaptiveGap, refresh_offsets
+from galore_jax.optim.transform import GaLoreState, galore
+
+__all__ = [
+    "AdaptiveGap",
+    "Basis",
+    "ExactRefresh",
+    "GaLoreAdafactorState",
+    "GaLoreDimensionNumbers",
+    "GaLoreOptions",
+    "GaLoreState",
+    "QuantizedMoment",
+    "RandomizedRefresh",
+    "ScaleByAdafactorHFState",
+    "ScaleByAdam8bitState",
+    "Sides",
+    "Sketch",
+    "align_signs",
+    "captured_energy",
+    "choose_sides",
+    "decay_updated_weights",
+    "exact_refresh",
+    "finish_sketch",
+    "galore",
+    "galore_adafactor",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "plan_leaves",
+    "project",
+    "project_back",
+    "randomized_sketch",
+    "randomized_svd_basis",
+    "refresh_offsets",
+    "scale_by_adafactor_hf",
+    "scale_by_adam_8bit",
+    "scale_by_adam_hf",
+    "subspace_overlap",
+    "svd_basis",
+]

@@ -1,0 +1,225 @@
+"""Ready optimizers with a learning rate: galore-torch's ``GaLoreAdamW``, ``GaLoreAdamW8bit``, ``GaLoreAdafactor``.
+
+Each takes the :class:`~galore_jax.GaLoreOptions` fields as keyword arguments besides its own.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax.optim.adafactor import rms, scale_by_adafactor_hf
+from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf
+from galore_jax.optim.adam8bit import scale_by_adam_8bit
+from galore_jax.optim.options import GaLoreOptions, takes_galore_options
+from galore_jax.optim.plan import plan_leaves
+from galore_jax.optim.transform import galore
+
+
+def _is_zero(x) -> bool:
+  return isinstance(x, numbers.Number) and x == 0
+
+
+@takes_galore_options
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""galore-torch's ``GaLoreAdamW`` as an optax optimizer.
+
+  ``chain(galore(scale_by_adam_hf(b1, b2, eps)), scale_by_learning_rate(learning_rate),
+  decay_updated_weights(learning_rate, weight_decay))``: Adam in the subspace with
+  the reference's epsilon placement (:func:`galore_jax.scale_by_adam_hf`), plain
+  AdamW for non-targeted leaves, and decoupled weight decay on every parameter
+  (or ``weight_decay_mask``) applied, as in the reference, to the already
+  updated weight: :math:`W \leftarrow (W - \eta U)(1 - \eta\lambda)`.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps: Adam's constants; ``eps`` defaults to the reference's 1e-6.
+    weight_decay: decoupled weight decay :math:`\lambda`.
+    weight_decay_mask: a tree of bools or callable, as in :func:`optax.adamw`.
+    moment_dtype: storage dtype of Adam's moments (``None``: the low-rank
+      gradient's dtype).
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, as in :func:`galore_jax.galore`.
+
+  Example:
+    >>> import optax, jax.numpy as jnp
+    >>> from galore_jax import galore_adamw
+    >>> tx = galore_adamw(optax.cosine_decay_schedule(0.01, 1000), rank=2)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates['attn']['kernel'].shape
+    (8, 4)
+  """
+  parts = [galore(scale_by_adam_hf(b1, b2, eps, moment_dtype=moment_dtype), **options),
+           optax.scale_by_learning_rate(learning_rate)]
+  if not _is_zero(weight_decay):
+    decay = decay_updated_weights(learning_rate, weight_decay)
+    parts.append(decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask))
+  return optax.chain(*parts)
+
+
+def _and_masks(a, b):
+  """Combine two optax masks (trees of bools, callables or None) into a callable mask."""
+
+  def resolve(mask, params):
+    if mask is None:
+      return jax.tree.map(lambda _: True, params)
+    return mask(params) if callable(mask) else mask
+
+  def mask(params):
+    return jax.tree.map(lambda x, y: bool(x) and bool(y), resolve(a, params), resolve(b, params))
+
+  return mask
+
+
+@takes_galore_options
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""galore-torch's ``GaLoreAdamW8bit`` as an optax optimizer.
+
+  ``galore(scale_by_adam_8bit(b1, b2, eps, block_size=..., min_8bit_size=...))``
+  then the learning rate. Weight decay follows the reference exactly: on
+  GaLore (targeted) leaves it decays the *already updated* weight
+  (:func:`galore_jax.decay_updated_weights`, the reference's
+  ``p.add_(p, alpha=-lr*wd)`` after the projected step); on the other leaves
+  bitsandbytes' kernel decays the weight *before* the step
+  (``p *= 1 - lr·wd; p -= lr·u``), i.e. :func:`optax.add_decayed_weights` before
+  the learning rate. ``weight_decay_mask`` restricts both.
+
+  Defaults follow :func:`galore_jax.galore_adamw` except ``eps=1e-8`` (bnb's
+  default; added after bias correction, see :func:`galore_jax.scale_by_adam_8bit`).
+  The reference's default ``weight_decay`` is 1e-2; here it is 0.0 like
+  ``galore_adamw``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    block_size, min_8bit_size: see :func:`galore_jax.scale_by_adam_8bit`.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, as in :func:`galore_jax.galore`.
+    Others: as in :func:`galore_adamw`.
+  """
+  gal = galore(scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size), **options)
+  if _is_zero(weight_decay):
+    return optax.chain(gal, optax.scale_by_learning_rate(learning_rate))
+  opts = GaLoreOptions(**options)
+
+  def targeted(params):
+    plan = plan_leaves(params, target=opts.target, rank=opts.rank, dimension_numbers=opts.dimension_numbers,
+                       proj_type=opts.proj_type)
+    return plan.treedef.unflatten([p is not None for p in plan.leaves])
+
+  def not_targeted(params):
+    return jax.tree.map(lambda t: not t, targeted(params))
+
+  return optax.chain(
+      gal,
+      optax.masked(optax.add_decayed_weights(weight_decay), _and_masks(not_targeted, weight_decay_mask)),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.masked(decay_updated_weights(learning_rate, weight_decay), _and_masks(targeted, weight_decay_mask)),
+  )
+
+
+class GaLoreAdafactorState(NamedTuple):
+  """State of :func:`galore_adafactor`: its step count and ``galore``'s state."""
+
+  count: jax.Array
+  galore_state: Any
+
+
+def _relative_step_size(count, learning_rate, relative_step: bool, warmup_init: bool) -> jax.Array:
+  """HF Adafactor's ``ρ_t`` for the 0-based step ``count``."""
+  t = optax.safe_increment(count).astype(jnp.float32)
+  if relative_step:
+    min_step = 1e-6 * t if warmup_init else 1e-2
+    return jnp.minimum(min_step, 1.0 / jnp.sqrt(t))
+  return jnp.asarray(learning_rate(count) if callable(learning_rate) else learning_rate, jnp.float32)
+
+
+@takes_galore_options
+def galore_adafactor(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    eps: tuple[float, float] = (1e-30, 1e-3),
+    clip_threshold: float = 1.0,
+    decay_rate: float = -0.8,
+    beta1: float | None = None,
+    weight_decay: float = 0.0,
+    scale_parameter: bool = True,
+    relative_step: bool | None = None,
+    warmup_init: bool = False,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""galore-torch's ``GaLoreAdafactor`` as an optax optimizer (the output is the full update).
+
+  Per leaf and step ``t``: ``lr_t = max(eps[1], RMS(p)) · ρ_t`` (without ``scale_parameter``:
+  ``ρ_t``), ``ρ_t = min(1e-2, 1/sqrt(t))`` with ``relative_step`` (``min(1e-6 t, 1/sqrt(t))`` with
+  ``warmup_init``), else ``learning_rate`` (float or schedule of the 0-based step). Then
+  ``u = galore(scale_by_adafactor_hf(...))`` with ``leaf_scale=lr_t`` (so the first moment, if any,
+  averages lr-scaled updates, as HF does) and the returned update is ``-u - weight_decay·lr_t·p``
+  (HF decays the weight before subtracting the update, which is the same sum). ``RMS(p)`` is of the
+  full parameter, before the step; ``params`` are required when ``scale_parameter`` or
+  ``weight_decay`` is on. Leaves not targeted get full-rank Adafactor, as the reference's plain
+  param groups.
+
+  Args:
+    learning_rate: ``None`` (relative step, the reference's default) or a float / schedule; like
+      HF, a learning rate together with ``relative_step=True`` is an error.
+    eps: ``(eps added to G², floor of the parameter scale)``.
+    clip_threshold, decay_rate, beta1: as in HF ``Adafactor``.
+    weight_decay: HF's ``p -= weight_decay · lr_t · p``.
+    scale_parameter, relative_step, warmup_init: as in HF; ``relative_step`` defaults to
+      ``learning_rate is None``.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, as in :func:`galore_jax.galore`.
+  """
+  if relative_step is None:
+    relative_step = learning_rate is None
+  if learning_rate is not None and relative_step:
+    raise ValueError("Cannot combine manual `learning_rate` and `relative_step=True` options")
+  if learning_rate is None and not relative_step:
+    raise ValueError("learning_rate is required when relative_step=False")
+  if warmup_init and not relative_step:
+    raise ValueError("`warmup_init=True` requires `relative_step=True`")
+  eps1, eps2 = eps
+  gal = galore(scale_by_adafactor_hf(decay_rate=decay_rate, eps=eps1, clip_threshold=clip_threshold, beta1=beta1),
+               **options)
+  needs_params = scale_parameter or weight_decay != 0
+
+  def init_fn(params):
+    return GaLoreAdafactorState(count=jnp.zeros([], jnp.int32), galore_state=gal.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if needs_params and params is None:
+      raise ValueError("galore_adafactor needs params (scale_parameter / weight_decay): call update(updates, state, params)")
+    rho = _relative_step_size(state.count, learning_rate, relative_step, warmup_init)
+    leaf_lr = lambda p: jnp.maximum(eps2, rms(jnp.asarray(p, jnp.float32))) * rho if scale_parameter else rho
+    lrs = jax.tree.map(leaf_lr, params if params is not None else updates)
+    u, gal_state = gal.update(updates, state.galore_state, params, leaf_scale=lrs, **extra_args)
+    if weight_decay != 0:
+      out = jax.tree.map(lambda x, p, lr: (-x.astype(jnp.float32) - weight_decay * lr * p).astype(x.dtype), u, params, lrs)
+    else:
+      out = jax.tree.map(lambda x: -x, u)
+    return out, GaLoreAdafactorState(count=optax.safe_increment(state.count), galore_state=gal_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

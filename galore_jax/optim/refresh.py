@@ -1,0 +1,315 @@
+"""How a basis is recomputed from the current gradient: exact SVD or a randomized range finder.
+
+A refresh is a callable ``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis`` (optionally
+accepting the keywords ``key`` and ``warm``); :func:`galore_jax.galore` takes one as ``refresh=`` or
+by name (:data:`REFRESH_METHODS`). A two-stage refresh also has ``sketch`` (the part that reads the
+gradient) and ``finish`` (small factorisations, batched across matrices), as :class:`RandomizedRefresh`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from galore_jax.optim import linalg
+from galore_jax.optim.basis import Basis, Sides, align_signs, sides_of
+from galore_jax.optim.linalg import exact_matmul
+
+
+def svd_basis(grad: jax.Array, rank: int, sides: Sides, algorithm: str | None = None) -> Basis:
+  """Top-``rank`` singular vectors of ``grad [..., m, n]``, computed in fp32 (batched over leading axes).
+
+  ``algorithm``: ``None`` (``jnp.linalg.svd``: on GPU cuSOLVER's Jacobi solver
+  only when both dimensions are ≤ 1024, the slow QR-based one otherwise) or one
+  of :data:`~galore_jax.optim.linalg.SVD_ALGORITHMS` for ``jax.lax.linalg.svd``.
+  """
+  u, _, vh = linalg.svd(grad.astype(jnp.float32), algorithm)
+  return Basis(
+      input=u[..., :, :rank] if sides.input else None,
+      output=jnp.swapaxes(vh[..., :rank, :], -1, -2) if sides.output else None,
+  )
+
+
+RefreshFn = Callable[[jax.Array, Basis, int], Basis]
+"""``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``; the sides needed are those of ``previous_basis``."""
+
+
+def exact_refresh(grad: jax.Array, previous: Basis, rank: int) -> Basis:
+  """The reference's refresh: an exact SVD of the current gradient."""
+  return svd_basis(grad, rank, sides_of(previous))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactRefresh:
+  """Exact SVD refresh with a chosen ``jax.lax.linalg.svd`` algorithm (see :func:`svd_basis`).
+
+  ``ExactRefresh()`` is :func:`exact_refresh`; ``ExactRefresh("jacobi")`` uses
+  cuSOLVER's Jacobi SVD on GPU for any size (and the default one on CPU).
+  Hashable, so it can be a static argument.
+  """
+
+  svd_algorithm: str | None = None
+
+  def __post_init__(self):
+    linalg.svd_algorithm(self.svd_algorithm)  # fail at construction on an unknown name
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int) -> Basis:
+    return svd_basis(grad, rank, sides_of(previous), self.svd_algorithm)
+
+
+class Sketch(NamedTuple):
+  """The tall-matrix half of a randomized refresh (:func:`randomized_sketch`), batched over leading axes.
+
+  ``d`` is the dimension being found (the input one unless only the output
+  side is projected), ``e`` the other one, ``k`` the sketch width.
+  """
+
+  range: jax.Array  # [..., d, k] orthonormal: the range found
+  small: jax.Array  # [..., k, k]: Gram matrix B Bᵀ (B = Qᵀ A) for one side; R₂ᵀ (Aᵀ Q = Q₂ R₂) for both
+  other: jax.Array | None  # [..., e, k] orthonormal Q₂ (both sides only)
+
+
+def randomized_sketch(
+    grad: jax.Array,
+    rank: int,
+    sides: Sides,
+    *,
+    key,
+    oversampling: int = 10,
+    iterations: int = 1,
+    previous: Basis | None = None,
+    warm: jax.Array | bool = True,
+    stabilizer: str = "qr",
+) -> Sketch:
+  """Everything of :func:`randomized_svd_basis` that touches ``grad``: the range finder and the small matrix.
+
+  What is left (:func:`finish_sketch`) is one ``k×k`` factorisation and one
+  matmul per matrix, which is what makes it worth batching across matrices.
+  Arguments as in :func:`randomized_svd_basis`.
+  """
+  if stabilizer not in ("qr", "lu"):
+    raise ValueError(f"stabilizer={stabilizer!r} is not 'qr' or 'lu'")
+  norm = linalg.orth if stabilizer == "qr" else linalg.lu_basis
+  a = grad.astype(jnp.float32)
+  transpose = sides.output and not sides.input
+  if transpose:
+    a = jnp.swapaxes(a, -1, -2)
+  *batch, m, n = a.shape
+  k = min(rank + oversampling, m, n)
+  at = lambda x: jnp.swapaxes(x, -1, -2)
+  omega = linalg.gaussian(key, (*batch, n, k))
+  if previous is not None:
+    q_left, q_right = (previous.output, previous.input) if transpose else (previous.input, previous.output)
+    if q_right is not None:
+      seed = q_right.astype(jnp.float32)
+    elif q_left is not None:
+      seed = at(a) @ q_left.astype(jnp.float32)
+    else:
+      seed = None
+    if seed is not None:
+      r = min(seed.shape[-1], k)
+      warm_omega = jnp.concatenate([seed[..., :r], omega[..., r:]], axis=-1)
+      omega = jnp.where(jnp.asarray(warm), warm_omega, omega)
+  q = a @ omega
+  for _ in range(iterations):
+    q = a @ norm(at(a) @ norm(q))
+  q = linalg.orth(q)
+  if sides.input and sides.output:
+    q2, r2 = jnp.linalg.qr(exact_matmul(at(a), q), mode="reduced")  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
+    return Sketch(range=q, small=at(r2), other=q2)
+  b = exact_matmul(at(q), a)
+  return Sketch(range=q, small=exact_matmul(b, at(b)), other=None)
+
+
+def finish_sketch(sketch: Sketch, rank: int, sides: Sides, svd_algorithm: str | None = None,
+                  eigh_algorithm: str | None = None) -> Basis:
+  """The bases from a :class:`Sketch`, in singular-vector order (batched over leading axes).
+
+  One side: the eigenvectors ``U_b`` of the Gram matrix ``B Bᵀ`` are ``B``'s
+  left singular vectors and ``Q U_b`` the basis. Squaring the spectrum only
+  blurs directions whose ``σ²`` are equal to working precision relative to
+  ``σ₁²``, which carry no energy that matters, and never produces NaN (``B = 0``
+  gives unit vectors). Both sides: ``svd(R₂ᵀ) = U_b S V_bᵀ`` gives
+  ``A ≈ (Q U_b) S (Q₂ V_b)ᵀ``.
+  """
+  at = lambda x: jnp.swapaxes(x, -1, -2)
+  q = sketch.range
+  if sides.input and sides.output:
+    ub, _, vbh = linalg.svd(sketch.small, svd_algorithm)
+    left = exact_matmul(q, ub[..., :, :rank])
+    right = exact_matmul(sketch.other, at(vbh)[..., :, :rank])
+  else:
+    _, evecs = linalg.eigh(sketch.small, eigh_algorithm)
+    left = exact_matmul(q, jnp.flip(evecs, axis=-1)[..., :, :rank])
+    right = None
+  if sides.output and not sides.input:
+    left, right = right, left
+  return Basis(input=left if sides.input else None, output=right if sides.output else None)
+
+
+def randomized_svd_basis(
+    grad: jax.Array,
+    rank: int,
+    sides: Sides,
+    *,
+    key,
+    oversampling: int = 10,
+    iterations: int = 1,
+    previous: Basis | None = None,
+    warm: jax.Array | bool = True,
+    svd_algorithm: str | None = None,
+    stabilizer: str = "qr",
+    eigh_algorithm: str | None = None,
+) -> Basis:
+  """Top-``rank`` singular subspaces of ``grad [..., m, n]`` by a randomized range finder (Halko et al. 2011).
+
+  With ``k = min(rank + oversampling, m, n)``: a test matrix ``Ω [..., n', k]``
+  (``n'`` the dimension not being found), ``Q = qr(A Ω)``, then ``iterations``
+  rounds of stabilised subspace iteration ``Q = qr(A norm(Aᵀ norm(Q)))``, and a
+  finishing small factorisation: for both sides ``Aᵀ Q = Q₂ R₂`` and
+  ``svd(R₂ᵀ) = U_b S V_bᵀ`` (a ``k×k`` SVD) give ``A ≈ (Q U_b) S (Q₂ V_b)ᵀ``;
+  for one side the eigenvectors ``U_b`` of the ``k×k`` Gram matrix
+  ``(QᵀA)(QᵀA)ᵀ`` give ``Q U_b`` (one matmul and a small ``eigh``, no QR of the
+  long side). Either way the bases come out in singular-vector order (top
+  ``rank`` columns kept), which keeps moments kept across a refresh meaningful.
+  ``A`` is ``grad`` when the input side is wanted and ``gradᵀ`` when only the
+  output side is, so the range finder always works on the side it returns;
+  ``full`` gets both sides from the one factorisation. This is
+  :func:`finish_sketch` of :func:`randomized_sketch`.
+
+  Args:
+    grad: fp32 ``[..., m, n]``; leading axes are batch axes.
+    rank: columns kept (already clipped to ``min(m, n)``).
+    sides: which bases to return.
+    key: a PRNG key, or an array of keys with the batch shape ``grad.shape[:-2]``
+      (one test matrix per batch element, so stacking matrices does not change
+      their draws).
+    oversampling: ``p``, extra columns of the test matrix.
+    iterations: ``q``, power (subspace) iterations; each costs two matmuls with
+      ``grad`` and two normalisations of ``[d, k]`` blocks.
+    previous: warm start: the test matrix's first ``rank`` columns are the
+      previous basis (``Aᵀ Q_prev``, or ``Q_prev`` of the other side), the last
+      ``k - rank`` stay random so that new directions can enter.
+    warm: boolean scalar (may be traced): use ``previous`` (False: fully random
+      test matrix, e.g. on the first refresh, when ``previous`` is a placeholder).
+    svd_algorithm: algorithm of the small ``k×k`` SVD of the two-sided case (see :func:`svd_basis`).
+    stabilizer: how the blocks are normalised *between* power iterations:
+      ``"qr"`` (orthonormalised, most robust) or ``"lu"`` (permuted unit-lower LU
+      factor, as fbpca; about 3-5× cheaper than a QR of the tall block on CPU).
+      The block entering the finishing step is always orthonormalised by QR.
+    eigh_algorithm: ``None`` or ``"jacobi"`` for the small ``eigh`` of the one-sided case.
+  """
+  sketch = randomized_sketch(grad, rank, sides, key=key, oversampling=oversampling, iterations=iterations,
+                             previous=previous, warm=warm, stabilizer=stabilizer)
+  return finish_sketch(sketch, rank, sides, svd_algorithm, eigh_algorithm)
+
+
+BATCH_BUDGET_BYTES = 256 << 20
+"""Default cap on the sketches a two-stage refresh finishes in one batched call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomizedRefresh:
+  """Randomized refresh (:func:`randomized_svd_basis`) as a ``refresh`` callable for :func:`galore_jax.galore`.
+
+  Attributes:
+    oversampling: ``p`` extra test columns (default 10).
+    iterations: ``q`` power iterations (default 1; on real Llama gradients at
+      rank 64 q = 1 keeps ≥ 99.99% of the exact basis's energy, see bench/refresh.py).
+    warm_start: seed the test matrix with the previous basis (subspace iteration
+      across refreshes); the first refresh is always cold. Worth it with ``iterations=0``.
+    svd_algorithm: algorithm of the small ``k×k`` SVD (two-sided bases only).
+    stabilizer: ``"lu"`` (default, fbpca-style) or ``"qr"`` normalisation
+      between power iterations; the final block is always orthonormalised by QR.
+    align: flip each new column to point the way of the previous basis's column
+      (:func:`align_signs`), so that moments kept across a refresh keep their sign.
+    eigh_algorithm: ``None`` (the backend's ``eigh``) or ``"jacobi"`` (cuSOLVER's
+      Jacobi solver on GPU) for the small ``k×k`` eigenproblem of one-sided bases.
+    batch_budget_bytes: :func:`galore_jax.galore` refreshes a group of
+      equal-shape matrices by looping :meth:`sketch` over them and then running
+      :meth:`finish` once on the stacked sketches, so that the ``k×k``
+      factorisations go to the solver as one batch (cuSOLVER's batched ``syev``
+      instead of one call per matrix). At most this many bytes of fp32 sketches
+      are held at once: the group is cut into equal chunks that fit.
+
+  Called by the transformation as ``refresh(grad, previous, rank, key=..., warm=...)``
+  (or as its two stages, which give the same bases): ``key`` is derived from
+  ``galore(refresh_seed=...)``, the step count and the leaf, so the bases are a
+  deterministic function of the step; ``warm`` is False on the first step.
+  Hashable, so it can be a static argument.
+  """
+
+  oversampling: int = 10
+  iterations: int = 1
+  warm_start: bool = False
+  svd_algorithm: str | None = None
+  stabilizer: str = "lu"
+  align: bool = True
+  eigh_algorithm: str | None = None
+  batch_budget_bytes: int = BATCH_BUDGET_BYTES
+
+  def __post_init__(self):
+    if self.oversampling < 0 or self.iterations < 0:
+      raise ValueError(f"oversampling and iterations must be >= 0, got {self.oversampling}, {self.iterations}")
+    if self.stabilizer not in ("qr", "lu"):
+      raise ValueError(f"stabilizer={self.stabilizer!r} is not 'qr' or 'lu'")
+    linalg.check_eigh_algorithm(self.eigh_algorithm)
+    if self.batch_budget_bytes < 0:
+      raise ValueError(f"batch_budget_bytes must be >= 0, got {self.batch_budget_bytes}")
+    linalg.svd_algorithm(self.svd_algorithm)
+
+  def sketch(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Sketch:
+    """The part that reads ``grad``: the range finder and the ``k×k`` matrix (:func:`randomized_sketch`)."""
+    if key is None:
+      key = jax.random.key(0)
+    return randomized_sketch(
+        grad, rank, sides_of(previous), key=key, oversampling=self.oversampling, iterations=self.iterations,
+        previous=previous if self.warm_start else None, warm=warm, stabilizer=self.stabilizer)
+
+  def finish(self, sketch: Sketch, previous: Basis, rank: int, *, warm=True) -> Basis:
+    """The bases from sketches, batched over leading axes (:func:`finish_sketch`, then :func:`align_signs`)."""
+    basis = finish_sketch(sketch, rank, sides_of(previous), self.svd_algorithm, self.eigh_algorithm)
+    return align_signs(basis, previous, warm) if self.align else basis
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> Basis:
+    return self.finish(self.sketch(grad, previous, rank, key=key, warm=warm), previous, rank, warm=warm)
+
+
+REFRESH_METHODS = {
+    "svd": exact_refresh,
+    "randomized": RandomizedRefresh(),
+    "randomized_warm": RandomizedRefresh(iterations=0, warm_start=True),
+}
+"""The refreshes :func:`galore_jax.galore` accepts by name."""
+
+REFRESH_KEYWORDS = ("key", "warm")
+
+
+def resolve(refresh: str | RefreshFn) -> RefreshFn:
+  """A refresh callable from a name in :data:`REFRESH_METHODS` or a callable."""
+  if callable(refresh):
+    return refresh
+  if refresh not in REFRESH_METHODS:
+    raise ValueError(f"refresh={refresh!r} is not one of {tuple(REFRESH_METHODS)} or a callable")
+  return REFRESH_METHODS[refresh]
+
+
+def accepted_keywords(fn) -> frozenset[str]:
+  """The optional keywords (``key``, ``warm``) a refresh callable accepts; plain 3-argument callables get none."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return frozenset()
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    return frozenset(REFRESH_KEYWORDS)
+  return frozenset(p.name for p in params if p.name in REFRESH_KEYWORDS and p.kind in (
+      inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
+def is_two_stage(refresh) -> bool:
+  """A refresh with ``sketch(grad, previous, rank, *, key, warm)`` and ``finish(sketches, previous, rank, *, warm)``."""
+  return callable(getattr(refresh, "sketch", None)) and callable(getattr(refresh, "finish", None))

@@ -1,0 +1,107 @@
+"""The jitted train and eval steps of a run, and the figures a run reports about them.
+
+Parameters travel as plain nested dicts (``nnx.State.to_pure_dict``), so optimizer states and
+checkpoints have the model's paths (``layers/0/attn/q_proj/kernel``) and nothing NNX-specific.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from galore_jax.models import llama
+from galore_jax.optim.introspect import refresh_overlap
+from galore_jax.train import layerwise, sharding
+
+
+def loss_and_tokens(model: llama.Llama, batch: dict[str, jax.Array], packed: bool) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy (fp32) over unmasked targets, and their number."""
+  segments = (batch["segment_ids"], batch["positions"]) if packed else (None, None)
+  logits_BSV = model(batch["inputs"], *segments)
+  losses_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV.astype(jnp.float32), batch["targets"])
+  mask_BS = batch["loss_mask"].astype(jnp.float32)
+  return jnp.sum(losses_BS * mask_BS), jnp.sum(mask_BS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted train and eval steps of a run."""
+
+  train: Callable[..., Any]
+  eval: Callable[..., Any]
+
+
+def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, packed: bool,
+               report_overlap: bool = False, layerwise_updates: bool = False,
+               layout: sharding.Layout | None = None) -> Steps:
+  """``train(params, opt_state, batch) -> (params, opt_state, metrics)``, donated; ``eval(params, batch)``.
+
+  A batch of ``B`` sequences is split into ``grad_accum`` micro-batches scanned in order; the
+  gradient is the per-token mean over the whole batch, as if it had been one. With
+  ``layerwise_updates`` (``tx`` a :class:`~galore_jax.train.layerwise.ByLayer`) the step sweeps the
+  backward pass layer by layer and updates each layer as soon as its gradient is complete.
+  With a :class:`~galore_jax.train.sharding.Layout` the steps are jitted with its shardings (inputs and
+  outputs) and run under its mesh; the metrics come back replicated.
+  """
+
+  def summed_loss(params, batch):
+    return loss_and_tokens(nnx.merge(graphdef, params), batch, packed)
+
+  def grads_of(params, batch):
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, micro_batch):
+      (loss, tokens), grads = jax.value_and_grad(summed_loss, has_aux=True)(params, micro_batch)
+      return jax.tree.map(jnp.add, carry, (loss, tokens, grads)), None
+
+    zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+    (loss, tokens, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    tokens = jnp.maximum(tokens, 1.0)
+    return loss / tokens, tokens, jax.tree.map(lambda g: (g / tokens).astype(g.dtype), grads)
+
+  def whole_tree_train(params, opt_state, batch):
+    loss, tokens, grads = grads_of(params, batch)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": _global_norm(grads)}
+    if report_overlap:
+      metrics["subspace_overlap"] = refresh_overlap(opt_state, new_opt_state)
+    return optax.apply_updates(params, updates), new_opt_state, metrics
+
+  def evaluate(params, batch):
+    return summed_loss(params, batch)
+
+  if layerwise_updates:
+    if not isinstance(tx, layerwise.ByLayer):
+      raise TypeError("layerwise_updates needs a layerwise.ByLayer optimizer (train.layerwise=True)")
+    train = layerwise.make_train(graphdef, tx, grad_accum=grad_accum, packed=packed,
+                                 overlap=refresh_overlap if report_overlap else None)
+  else:
+    train = whole_tree_train
+  if layout is not None:
+    return Steps(train=layout.jit_train(train), eval=layout.jit_eval(evaluate))
+  return Steps(train=jax.jit(train, donate_argnums=(0, 1)), eval=jax.jit(evaluate))
+
+
+def _global_norm(tree) -> jax.Array:
+  return optax.tree.norm(tree) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(tree)
+
+
+def params_of(model: llama.Llama) -> dict:
+  state = nnx.state(model, nnx.Param)
+  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def flops_per_token(model_cfg: llama.LlamaConfig, n_params: int, seq_len: int) -> float:
+  """Training FLOPs per token: 6·N for the matmuls plus the attention scores (PaLM appendix B)."""
+  attention = 12 * model_cfg.num_hidden_layers * model_cfg.num_attention_heads * model_cfg.head_dim * seq_len
+  return 6.0 * n_params + attention
+
+
+def count_params(params) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
