@@ -7,22 +7,25 @@ PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: test train install bench clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_FLAGS) -e '.[test]'
+
+# One stamp per extra: `make train` installs the app only, `make test` adds the reference implementations.
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q $(PIP_FLAGS) -e '.[$*]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-train
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 tests
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --doctest-modules galore_jax/optim tests
 
-train: $(VENV)/.installed
+train: $(VENV)/.installed-train
 	$(PY) train.py --config configs/tiny.py
 
-bench: $(VENV)/.installed
-	$(PY) bench/step_time.py
+bench: $(VENV)/.installed-train
+	$(PY) -m bench.step_time
 
 clean:
 	rm -rf $(VENV) .pytest_cache

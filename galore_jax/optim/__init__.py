@@ -10,8 +10,17 @@ the options every one of them shares; ``introspect`` and ``partition`` read a st
 
 from galore_jax.optim.adafactor import ScaleByAdafactorHFState, scale_by_adafactor_hf
 from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf
-from galore_jax.optim.adam8bit import QuantizedMoment, ScaleByAdam8bitState, scale_by_adam_8bit
-from galore_jax.optim.alias import GaLoreAdafactorState, galore_adafactor, galore_adamw, galore_adamw_8bit
+from galore_jax.optim.adam8bit import (
+    QuantizedMoment,
+    ScaleByAdam8bitState,
+    scale_by_adam_8bit,
+)
+from galore_jax.optim.alias import (
+    GaLoreAdafactorState,
+    galore_adafactor,
+    galore_adamw,
+    galore_adamw_8bit,
+)
 from galore_jax.optim.basis import (
     Basis,
     Sides,
@@ -23,7 +32,11 @@ from galore_jax.optim.basis import (
     subspace_overlap,
 )
 from galore_jax.optim.options import GaLoreOptions
-from galore_jax.optim.plan import GaLoreDimensionNumbers, plan_leaves
+from galore_jax.optim.plan import (
+    GaLoreDimensionNumbers,
+    NothingTargetedWarning,
+    plan_leaves,
+)
 from galore_jax.optim.refresh import (
     ExactRefresh,
     RandomizedRefresh,
@@ -45,6 +58,7 @@ __all__ = [
     "GaLoreDimensionNumbers",
     "GaLoreOptions",
     "GaLoreState",
+    "NothingTargetedWarning",
     "QuantizedMoment",
     "RandomizedRefresh",
     "ScaleByAdafactorHFState",

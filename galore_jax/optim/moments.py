@@ -14,7 +14,13 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from galore_jax.optim.adam8bit import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment, dequantize_blockwise, quantize_blockwise
+from galore_jax.optim.adam8bit import (
+  SIGNED_MAP,
+  UNSIGNED_MAP,
+  QuantizedMoment,
+  dequantize_blockwise,
+  quantize_blockwise,
+)
 from galore_jax.optim.basis import Basis, change_of_basis, rotate
 from galore_jax.optim.plan import LeafPlan, path_str
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -18,6 +19,13 @@ import jax.numpy as jnp
 from galore_jax.optim.basis import Sides, choose_sides, clipped_rank
 
 DEFAULT_TARGET = r"attn|mlp"
+
+
+class NothingTargetedWarning(UserWarning):
+  """GaLore was given a tree in which its ``target`` selects no leaf: it then only runs the inner transformation.
+
+  Silence it where that is intended: ``warnings.filterwarnings("ignore", category=NothingTargetedWarning)``.
+  """
 
 
 class GaLoreDimensionNumbers(NamedTuple):
@@ -112,13 +120,15 @@ def _default_target(path: str, leaf) -> bool:
 
 
 def _target_flags(target, paths: list[str], leaves: list, treedef) -> list[bool]:
+  """Whether each leaf is targeted. Patterns (the default too) select matrices only: a ``bias`` under a
+  matching path is not an error; a callable or a tree of bools selects exactly what it says."""
   if target is None:
     return [_default_target(p, x) for p, x in zip(paths, leaves)]
   if isinstance(target, str):
     target = [target]
   if isinstance(target, (list, tuple)) and all(isinstance(t, str) for t in target):
     patterns = [re.compile(t) for t in target]
-    return [any(p.search(path) for p in patterns) for path in paths]
+    return [jnp.ndim(x) >= 2 and any(p.search(path) for p in patterns) for path, x in zip(paths, leaves)]
   if callable(target):
     return [bool(target(p, x)) for p, x in zip(paths, leaves)]
   try:
@@ -197,3 +207,14 @@ def plan_leaves(tree, *, target=None, rank=128, dimension_numbers=None, proj_typ
   if len(set(targeted)) < len(targeted):
     raise ValueError(f"targeted leaves must have distinct '/'-joined paths, got {targeted}")
   return TreePlan(treedef, plans, [k for k, _ in keyed])
+
+
+def warn_if_nothing_targeted(plan: TreePlan, tree, target) -> None:
+  """Say so when a tree with matrices has none selected (e.g. the default ``attn|mlp`` on other path names)."""
+  if plan.targeted or not any(jnp.ndim(x) >= 2 for x in jax.tree.leaves(tree)):
+    return
+  paths = [path_str(k) for k in plan.keypaths][:4]
+  shown = f"target {target!r}" if target is not None else f"the default target {DEFAULT_TARGET!r}"
+  warnings.warn(f"galore: {shown} selects no leaf of this tree (paths like {paths}), so nothing is projected; "
+                "pass target= (a regex, a list of them, a callable or a tree of bools)", NothingTargetedWarning,
+                stacklevel=4)

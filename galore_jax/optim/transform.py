@@ -14,11 +14,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax.optim import executors, moments, refresh as refresh_lib, schedule as schedule_lib
-from galore_jax.optim.basis import identity_basis, project, project_back, subspace_overlap
+from galore_jax.optim import executors, moments
+from galore_jax.optim import refresh as refresh_lib
+from galore_jax.optim import schedule as schedule_lib
+from galore_jax.optim.basis import (
+  identity_basis,
+  project,
+  project_back,
+  subspace_overlap,
+)
 from galore_jax.optim.executors import Fresh, Refresher, RefreshOps
 from galore_jax.optim.options import GaLoreOptions, takes_galore_options
-from galore_jax.optim.plan import TreePlan, plan_leaves
+from galore_jax.optim.plan import TreePlan, plan_leaves, warn_if_nothing_targeted
 
 
 class GaLoreState(NamedTuple):
@@ -224,6 +231,7 @@ def galore(inner: optax.GradientTransformation | None = None, **options) -> opta
       return GaLoreState(count=jnp.zeros([], jnp.int32), bases=_NotParams(), inner_state=_NotParams(),
                          schedule=None if adaptive is None else _NotParams())
     plan = plan_tree(params, options)
+    warn_if_nothing_targeted(plan, params, options.target)
     leaves = plan.treedef.flatten_up_to(params)
     bases = {p.path: identity_basis(p.matrix_shape, p.rank, p.sides, basis_dtype) for p in plan.leaves if p}
     low = [jnp.zeros(p.low_rank_shape, jnp.result_type(x.dtype, basis_dtype)) if p else x

@@ -1,5 +1,7 @@
 """Behaviour of the GaLore transformation: refresh schedule, layouts, guards, moments, dtypes, errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from helpers import low_rank_grad, primitive_names
 from galore_jax import (
     GaLoreDimensionNumbers,
     GaLoreState,
+    NothingTargetedWarning,
     Sides,
     choose_sides,
     galore,
@@ -155,6 +158,20 @@ def test_target_forms():
   assert targeted(target=lambda path, leaf: leaf.shape[0] == 9) == ["embed"]
   flags = {"attn": {"kernel": True, "bias": False}, "embed": False, "mlp": {"kernel": False}}
   assert targeted(target=flags) == ["attn/kernel"]
+  assert targeted(target=r"attn") == ["attn/kernel"]  # a pattern selects matrices: attn/bias is skipped
+  with pytest.raises(ValueError, match="'attn/bias' of shape \\(4,\\): GaLore needs ndim >= 2"):
+    targeted(target=lambda path, leaf: path.startswith("attn"))  # a callable selects exactly what it says
+
+
+def test_a_target_that_selects_nothing_is_said_once_at_init():
+  params = {"dense": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}
+  with pytest.warns(NothingTargetedWarning, match=r"default target 'attn\|mlp' selects no leaf .*'dense/bias'"):
+    state = galore(rank=2).init(params)
+  assert state.bases == {}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    galore(rank=2, target="dense").init(params)  # selects dense/kernel: no warning
+    galore(rank=2).init({"norm": jnp.zeros(4)})  # no matrix at all: nothing to say
 
 
 # ----------------------------------------------------------------------------- non-finite guard
@@ -284,7 +301,7 @@ def test_traced_rank_is_refused_with_a_hint():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"target": r"bias"}, "attn/bias"),
+        ({"target": lambda path, leaf: "bias" in path}, "attn/bias"),  # a pattern would skip the vector
         ({"dimension_numbers": GaLoreDimensionNumbers(0, 0)}, "attn/kernel"),
         ({"dimension_numbers": GaLoreDimensionNumbers(0, 5)}, "attn/kernel"),
         ({"rank": lambda path, shape: 0}, "attn/kernel"),

@@ -3,6 +3,7 @@ nnx.Optimizer and the state size of a Llama-7B-shaped tree."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,12 +61,19 @@ def test_accepts_extra_args_and_does_not_recompile():
   assert jax.tree.structure(state) == jax.tree.structure(opt.init(initial))
 
 
-def test_tree_map_params_works():
-  initial, _, _ = matrix_parabola()
-  opt = galore_adamw(1e-2, rank=2, target=ALL_MATRICES, weight_decay=0.1)
-  state = opt.init(initial)
-  mapped = optax.tree_utils.tree_map_params(opt, lambda v: v, state)
+def test_tree_map_params_maps_parameter_shaped_state_and_leaves_bases_alone():
+  """optax.tree_map_params (used to derive a state's shardings from the parameters') maps only state leaves
+  shaped like the parameters: here the trace in front of GaLore, never the bases or low-rank moments."""
+  initial, _, objective = matrix_parabola()
+  opt = optax.chain(optax.trace(0.9), galore_adamw(1e-2, rank=2, target=ALL_MATRICES, weight_decay=0.1))
+  state = opt.update(jax.grad(objective)(initial), opt.init(initial), initial)[1]
+  mapped = optax.tree_utils.tree_map_params(opt, jnp.zeros_like, state)
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(state[0].trace))
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(mapped[0].trace))
+  galore_before, galore_after = state[1][0], mapped[1][0]
+  assert isinstance(galore_after, GaLoreState) and galore_before.bases
+  chex.assert_trees_all_equal(galore_after, galore_before)
 
 
 def test_inject_hyperparams_learning_rate_and_scale():

@@ -1,6 +1,7 @@
 """Data parallel + FSDP on 8 CPU devices: sharded steps equal the single-device step, shardings are
 stable, checkpoints restore onto other meshes, and the optimizer state per device shrinks with fsdp."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,15 +70,6 @@ def reference(name):
 def layout_for(name, data, fsdp, axis_types="auto", devices=None):
   mesh = sharding.make_mesh(data, fsdp, axis_types, devices=devices)
   return sharding.Layout.build(mesh, config.build_optimizer(make_config(name)), model_and_params()[1], MIN_SIZE)
-
-
-def assert_trees_close(actual, expected, rtol, atol):
-  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(actual)
-  flat_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
-  assert tree_a == tree_e
-  for (path, a), (_, e) in zip(flat_a, flat_e):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
 
 
 def assert_placed(tree, shardings):
@@ -194,8 +186,8 @@ def test_sharded_steps_equal_the_single_device_steps(name, data, fsdp, axis_type
   if name.startswith("galore"):
     assert np.isfinite(metrics[2]["subspace_overlap"])  # the third step refreshed
     np.testing.assert_allclose(metrics[2]["subspace_overlap"], expected_metrics[2]["subspace_overlap"], rtol=1e-4)
-  assert_trees_close(actual[0], expected[0], rtol=1e-4, atol=2e-5)  # lr 1e-3: updates are ~1e-3 per step
-  assert_trees_close(actual[1], expected[1], rtol=1e-3, atol=1e-5)
+  chex.assert_trees_all_close(actual[0], expected[0], rtol=1e-4, atol=2e-5)  # lr 1e-3: updates are ~1e-3 per step
+  chex.assert_trees_all_close(actual[1], expected[1], rtol=1e-3, atol=1e-5)
 
 
 def test_galore_update_under_explicit_axes_without_auto_axes():
@@ -215,7 +207,7 @@ def test_galore_update_under_explicit_axes_without_auto_axes():
       actual, split_state = update(jax.device_put(g, layout.params), split_state)
       assert_placed(actual, layout.params)
       assert_placed(split_state, layout.opt_state)
-      assert_trees_close(jax.device_get(actual), jax.device_get(expected), rtol=1e-4, atol=1e-6)
+      chex.assert_trees_all_close(jax.device_get(actual), jax.device_get(expected), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -244,11 +236,11 @@ def test_checkpoint_saved_on_2x4_restores_on_1x4_and_on_one_device(tmp_path):
     actual, metrics, _ = run(name, 1, layout, start=(restored_params, restored_state), first=2)
     np.testing.assert_allclose(metrics[0]["loss"], expected_metrics[0]["loss"], rtol=1e-5)
     assert np.isfinite(metrics[0]["subspace_overlap"])
-    assert_trees_close(actual, expected, rtol=1e-3, atol=2e-5)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-3, atol=2e-5)
   # A target without shardings (eval.py, the layerwise path) restores onto the default device.
   plain, _ = ckpts.restore_params(2, jax.eval_shape(lambda: params))
   assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(plain))
-  assert_trees_close(jax.device_get(plain), saved_params, rtol=0, atol=0)
+  chex.assert_trees_all_close(jax.device_get(plain), saved_params, rtol=0, atol=0)
   ckpts.close()
 
 
