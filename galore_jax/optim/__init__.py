@@ -3,13 +3,14 @@
 Modules, in the order a step uses them: ``plan`` (which leaves, as which matrices), ``schedule``
 (when each refreshes), ``refresh`` and ``linalg`` (how a basis is recomputed), ``executors`` (how
 the due refreshes run inside a ``lax.cond``), ``moments`` (the inner state carried across a
-refresh), ``basis`` (project and project back), ``transform`` (``galore`` itself). Inner
+refresh), ``basis`` (project and project back), ``rules`` (the full-rank update from the inner
+one), ``transform`` (``galore`` itself). Inner
 optimizers: ``adam``, ``adam8bit``, ``adafactor``; ready optimizers: ``alias``. ``options`` holds
 the options every one of them shares; ``introspect`` and ``partition`` read a state from outside.
 """
 
 from galore_jax.optim.adafactor import ScaleByAdafactorHFState, scale_by_adafactor_hf
-from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf
+from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf, scale_by_bias_correction
 from galore_jax.optim.adam8bit import (
     QuantizedMoment,
     ScaleByAdam8bitState,
@@ -84,6 +85,7 @@ __all__ = [
     "scale_by_adafactor_hf",
     "scale_by_adam_8bit",
     "scale_by_adam_hf",
+    "scale_by_bias_correction",
     "subspace_overlap",
     "svd_basis",
 ]

@@ -13,6 +13,7 @@ def scale_by_adam_hf(
     eps: float = 1e-6,
     *,
     moment_dtype: jax.typing.DTypeLike | None = None,
+    bias_correction: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adam with ``eps`` added to :math:`\sqrt{v}` *before* bias correction.
 
@@ -32,6 +33,11 @@ def scale_by_adam_hf(
     moment_dtype: storage dtype of both moments (``None``: the parameter's
       dtype). Arithmetic is always fp32; ``jnp.bfloat16`` reproduces the
       reference's pure-bf16 runs.
+    bias_correction: multiply by the step size factor
+      :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`. Off, the output is the
+      *normalized* update :math:`m_t/(\sqrt{v_t}+\epsilon)` that Fira and APOLLO
+      measure norms of; :func:`scale_by_bias_correction` then applies the factor
+      to the whole update, as their references do.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is
@@ -49,8 +55,7 @@ def scale_by_adam_hf(
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    step_scale = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+    step_scale = _step_size_factor(b1, b2, count) if bias_correction else 1.0
 
     def leaf(g, m, v):
       g32 = g.astype(jnp.float32)
@@ -65,6 +70,32 @@ def scale_by_adam_hf(
     flat = [leaf(g, m, v) for g, m, v in zip(flat_g, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu))]
     u, mu, nu = (treedef.unflatten(column) for column in zip(*flat)) if flat else (updates, state.mu, state.nu)
     return u, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _step_size_factor(b1: float, b2: float, count: jax.Array) -> jax.Array:
+  t = count.astype(jnp.float32)
+  return jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+
+
+def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+  r"""Multiply the update by HF AdamW's step size factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` (``t`` from 1).
+
+  After ``scale_by_adam_hf(bias_correction=False)`` (possibly with a rule in between that
+  rescales the normalized update) this is the reference's ``p.add_(update, alpha=-step_size)``.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    factor = _step_size_factor(b1, b2, count)
+    updates = jax.tree.map(lambda u: (factor * u.astype(jnp.float32)).astype(u.dtype), updates)
+    return updates, optax.ScaleByScheduleState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -17,15 +17,11 @@ import optax
 from galore_jax.optim import executors, moments
 from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim import schedule as schedule_lib
-from galore_jax.optim.basis import (
-  identity_basis,
-  project,
-  project_back,
-  subspace_overlap,
-)
+from galore_jax.optim.basis import identity_basis, project, subspace_overlap
 from galore_jax.optim.executors import Fresh, Refresher, RefreshOps
 from galore_jax.optim.options import GaLoreOptions, takes_galore_options
 from galore_jax.optim.plan import TreePlan, plan_leaves, warn_if_nothing_targeted
+from galore_jax.optim.rules import ProjectBack, UpdateRule
 
 
 class GaLoreState(NamedTuple):
@@ -43,12 +39,15 @@ class GaLoreState(NamedTuple):
       have their low-rank shapes.
     schedule: ``None``, or with ``adaptive_gap`` ``{path: int32[2]}`` holding
       each targeted leaf's current gap and the step of its next refresh.
+    rule_state: ``None``, or ``{path: state}`` of an update rule that keeps one
+      (e.g. a norm-growth limiter's previous norm).
   """
 
   count: jax.Array
   bases: Any
   inner_state: optax.OptState
   schedule: Any = None
+  rule_state: Any = None
 
 
 class _NotParams:
@@ -155,15 +154,27 @@ def refresh_due(state: GaLoreState, plan: TreePlan, matrices: list, bases: list,
   return bases, inner_leaves, schedule
 
 
-def _project_back(plan, low_update, basis, grad, scale):
-  if plan is None:
-    return low_update
-  full = project_back(low_update, basis)
-  return plan.from_matrix((scale * full.astype(jnp.float32)).astype(grad.dtype))
+def _rule_states(rule: UpdateRule, plan: TreePlan) -> dict | None:
+  return {p.path: rule.init(p) for p in plan.leaves if p} if rule.stateful else None
+
+
+def _updates_back(rule: UpdateRule, plan: TreePlan, grads, matrices, bases, low, low_updates, rule_state, count, scale):
+  """Each leaf's full-rank update (targeted leaves through ``rule``) and the rule's new state."""
+  out, new_state = [], {} if rule_state is not None else None
+  for p, g, mat, b, r, n in zip(plan.leaves, grads, matrices, bases, low, low_updates):
+    if p is None:
+      out.append(n)
+      continue
+    update, leaf_state = rule(p, mat, b, r, n, None if rule_state is None else rule_state[p.path], count, scale)
+    out.append(p.from_matrix(update.astype(g.dtype)))
+    if new_state is not None:
+      new_state[p.path] = leaf_state
+  return out, new_state
 
 
 @takes_galore_options
-def galore(inner: optax.GradientTransformation | None = None, **options) -> optax.GradientTransformationExtraArgs:
+def galore(inner: optax.GradientTransformation | None = None, *, update_rule: UpdateRule | None = None,
+           **options) -> optax.GradientTransformationExtraArgs:
   r"""Gradient low-rank projection (GaLore) around an inner transformation.
 
   For each targeted leaf with gradient :math:`G_t \in \mathbb{R}^{m\times n}`
@@ -195,6 +206,10 @@ def galore(inner: optax.GradientTransformation | None = None, **options) -> opta
     inner: the transformation run in the subspace; default
       :func:`optax.scale_by_adam`. It receives no ``params`` (their shapes differ
       from the low-rank updates): put weight decay after ``galore`` in the chain.
+    update_rule: how a targeted leaf's full-rank update is formed from the
+      gradient, the basis and the inner update (:mod:`galore_jax.optim.rules`);
+      default :class:`~galore_jax.optim.rules.ProjectBack`, GaLore's
+      :math:`\alpha Q\,\mathrm{inner}(R)`.
     **options: the fields of :class:`~galore_jax.GaLoreOptions`: ``rank`` (128),
       ``update_proj_gap`` (200), ``scale`` (0.25), ``proj_type`` ("std"),
       ``target``, ``dimension_numbers``, ``on_refresh`` ("keep"), ``basis_dtype``,
@@ -223,13 +238,15 @@ def galore(inner: optax.GradientTransformation | None = None, **options) -> opta
   r_static = lambda plan: Refresher(refresh, refresh_lib.accepted_keywords(refresh), plan.leaves)
   basis_dtype = jnp.dtype(options.basis_dtype)
   inner = optax.with_extra_args_support(inner if inner is not None else optax.scale_by_adam())
+  rule = update_rule if update_rule is not None else ProjectBack()
   adaptive = options.adaptive_gap
 
   def init_fn(params):
     if _is_params_placeholder(params):
       # optax.tree_map_params probes init with a placeholder: no leaf of this state is parameter-shaped.
       return GaLoreState(count=jnp.zeros([], jnp.int32), bases=_NotParams(), inner_state=_NotParams(),
-                         schedule=None if adaptive is None else _NotParams())
+                         schedule=None if adaptive is None else _NotParams(),
+                         rule_state=_NotParams() if rule.stateful else None)
     plan = plan_tree(params, options)
     warn_if_nothing_targeted(plan, params, options.target)
     leaves = plan.treedef.flatten_up_to(params)
@@ -239,7 +256,7 @@ def galore(inner: optax.GradientTransformation | None = None, **options) -> opta
     schedule = None if adaptive is None else {
         p.path: adaptive.initial_entry(options.update_proj_gap) for p in plan.leaves if p}
     return GaLoreState(count=jnp.zeros([], jnp.int32), bases=bases, inner_state=inner.init(plan.treedef.unflatten(low)),
-                       schedule=schedule)
+                       schedule=schedule, rule_state=_rule_states(rule, plan))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -254,13 +271,14 @@ def galore(inner: optax.GradientTransformation | None = None, **options) -> opta
     low = [project(g, b) if p else g for p, g, b in zip(plan.leaves, matrices, bases)]
     low_updates, inner_state = inner.update(plan.treedef.unflatten(low), inner_def.unflatten(inner_leaves), None,
                                             **extra_args)
-    out = [_project_back(p, u, b, g, options.scale)
-           for p, u, b, g in zip(plan.leaves, plan.treedef.flatten_up_to(low_updates), bases, grads)]
+    out, rule_state = _updates_back(rule, plan, grads, matrices, bases, low, plan.treedef.flatten_up_to(low_updates),
+                                    state.rule_state, state.count, options.scale)
     return plan.treedef.unflatten(out), GaLoreState(
         count=optax.safe_increment(state.count),
         bases={p.path: b for p, b in zip(plan.leaves, bases) if p},
         inner_state=inner_state,
         schedule=schedule,
+        rule_state=rule_state,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
