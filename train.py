@@ -153,7 +153,7 @@ def run(cfg) -> None:
     with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
-  galore = cfg.optimizer.name.startswith("galore")
+  galore = cfg.optimizer.name in config.LOW_RANK
   step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=galore, layerwise_updates=cfg.train.layerwise, layout=layout)
   put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))

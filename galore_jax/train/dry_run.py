@@ -70,7 +70,7 @@ def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
     opt_state = jax.eval_shape(config.build_optimizer(cfg).init, params)
   weights, state, grads = tree_bytes(params), tree_bytes(opt_state), gradient_bytes(cfg, params)
   activations = activation_estimate(cfg, model_cfg)
-  galore = cfg.optimizer.name.startswith("galore")
+  galore = cfg.optimizer.name in config.LOW_RANK
   return {
       "preset": cfg.model.preset, "optimizer": cfg.optimizer.name,
       "rank": cfg.optimizer.rank if galore else None,
@@ -102,7 +102,7 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   params = steps.params_of(abstract)
   tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
-  galore = cfg.optimizer.name.startswith("galore")
+  galore = cfg.optimizer.name in config.LOW_RANK
   step_fns = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=galore, layerwise_updates=cfg.train.layerwise)
   start = time.perf_counter()

@@ -45,7 +45,7 @@ def make_config(**optimizer):
   return cfg
 
 
-@pytest.mark.parametrize("name", config.OPTIMIZERS)
+@pytest.mark.parametrize("name", list(config.BUILDERS))
 def test_every_optimizer_name_builds_and_moves_every_weight(name):
   cfg = make_config(name=name)
   config.validate(cfg)
