@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -34,8 +35,6 @@ from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_flags
-
-from galore_jax.train import signals
 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstract shapes and print a memory "
                               "breakdown; allocates nothing, reads no data, writes nothing.")
@@ -83,6 +82,63 @@ def prepare_workdir(workdir: str, lock: bool):
   return held
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+  """The handlers of Ctrl-C (SIGINT) and SIGTERM; ``requested`` once a signal asked the training loop to stop.
+
+  During start-up (before the first step) a signal ends the run at once with one line: nothing was trained,
+  so nothing is saved (what start-up writes is written whole, by renames, or is a temporary). During
+  training the first signal stops the loop at the next step boundary and the run saves that step; a second
+  exits at once without it (the earlier checkpoints are complete: orbax renames a checkpoint into place
+  only when it is whole). Installed before the heavy imports, so Ctrl-C during ``import jax`` is one line too.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.training = False
+    for signum in STOP_SIGNALS:
+      signal.signal(signum, self._handle)
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+  def start_training(self) -> None:
+    """From now on a first signal stops the loop at a step boundary instead of ending the process."""
+    self.training = True
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if not self.training:
+      _exit(128 + signum, f"stopped by {name} during start-up, before the first step: nothing was saved")
+    if self.requested:
+      _exit(128 + signum, f"stopped by a second {name}: exiting at once without a checkpoint of this step "
+            "(the earlier checkpoints are complete)")
+    self.signum = signum
+    _say(f"{name}: stopping after this step with a checkpoint ({name} again exits at once)")
+
+
+def _say(message: str) -> None:
+  # os.write, not print: a handler may run while the main thread is inside print, which is not reentrant.
+  os.write(2, (message + "\n").encode())
+
+
+def _exit(code: int, message: str) -> None:
+  _say(message)
+  os._exit(code)
+
+
 class NoMetrics:
   """The metrics writer of the processes other than the first."""
 
@@ -121,7 +177,7 @@ class Run:
   step: int = 0
 
 
-def run(cfg, stop: signals.StopRequests) -> None:
+def run(cfg, stop: StopRequests) -> None:
   import jax
 
   from galore_jax.train import checkpoint, config, divergence
@@ -254,7 +310,7 @@ def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):
   return 0, nnx.graphdef(abstract), params, layout.init_opt_state(tx, params), {}
 
 
-def train_loop(r: Run, stop: signals.StopRequests) -> None:
+def train_loop(r: Run, stop: StopRequests) -> None:
   """Steps until ``train.steps`` or a stop request, then a checkpoint of the last step (if finite).
 
   Raises :class:`~galore_jax.train.divergence.Diverged` and :class:`~galore_jax.train.checkpoint.SaveFailed`.
@@ -270,7 +326,6 @@ def train_loop(r: Run, stop: signals.StopRequests) -> None:
   model_cfg = config.model_config(cfg)
   flops_per_token = steps.flops_per_token(model_cfg, steps.count_params(r.params), cfg.data.seq_len)
   peak = metrics.peak_flops(device)
-  all_finite = jax.jit(steps.all_finite)
 
   def report_nonfinite(step, loss, grad_norm):
     r.nonfinite_steps += 1
@@ -282,23 +337,6 @@ def train_loop(r: Run, stop: signals.StopRequests) -> None:
 
   guard = divergence.NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps, report_nonfinite)
   collapse = divergence.CollapseWatch(model_cfg.vocab_size)
-
-  def evaluate(step):
-    loss_sum = tokens = 0.0
-    for batch in r.dataset.eval_batches:
-      l, t = r.step_fns.eval(r.params, r.put(batch))
-      loss_sum, tokens = loss_sum + float(l), tokens + float(t)
-    eval_loss = loss_sum / max(tokens, 1.0)
-    r.writer.write(step, {"eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss)})
-
-  def save(step, force=False):
-    if not bool(all_finite((r.params, r.opt_state))):
-      raise divergence.Diverged(f"step {step}: its loss and gradients were finite, but its parameters or optimizer "
-                                "state are not")
-    meta = {"step": step, "data": r.dataset.train.state(), "config": json.loads(cfg.to_json_best_effort()),
-            "nonfinite_steps": r.nonfinite_steps}
-    r.ckpts.save(step, r.params, r.opt_state, meta, force=force)
-
   bar = tqdm(total=cfg.train.steps, initial=r.start, dynamic_ncols=True, mininterval=1.0)
   gap = cfg.optimizer.update_proj_gap if cfg.optimizer.name.startswith("galore") else None
   window_tokens, window_start, logged_step = 0.0, time.perf_counter(), r.start
@@ -309,7 +347,6 @@ def train_loop(r: Run, stop: signals.StopRequests) -> None:
       window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
       r.step = step = r.step + 1
       guard.push(step, m)  # checks the step before, which has finished by now, while this one runs
-      r.ckpts.check_saved()  # a background save that failed ends the run here
       refreshed = gap is not None and step > 1 and (step - 1) % gap == 0
       if (step % cfg.train.log_every == 0 or step == cfg.train.steps or refreshed) and guard.settle():
         m, tokens = jax.device_get((m, window_tokens))
@@ -331,15 +368,39 @@ def train_loop(r: Run, stop: signals.StopRequests) -> None:
         window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
       bar.update(1)
       if step % cfg.eval.every == 0 or step == cfg.train.steps:
-        evaluate(step)
+        evaluate(r, step)
         window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
       if r.ckpts.due(step) and guard.settle():  # a non-finite step is never saved
-        save(step)
+        save(r, step)
+      r.ckpts.check_saved()  # a background save that has failed ends the run here
     if guard.settle() and r.step > r.start and r.step not in r.ckpts.all_steps():
-      save(r.step, force=True)
+      save(r, r.step, force=True)
     r.ckpts.close()
   finally:
     bar.close()
+
+
+def evaluate(r: Run, step: int) -> None:
+  from galore_jax.train import metrics
+
+  loss_sum = tokens = 0.0
+  for batch in r.dataset.eval_batches:
+    l, t = r.step_fns.eval(r.params, r.put(batch))
+    loss_sum, tokens = loss_sum + float(l), tokens + float(t)
+  eval_loss = loss_sum / max(tokens, 1.0)
+  r.writer.write(step, {"eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss)})
+
+
+def save(r: Run, step: int, force: bool = False) -> None:
+  """Start saving ``step``; a state with a non-finite entry is never saved (it ends the run as diverged)."""
+  from galore_jax.train import divergence, steps
+
+  if not bool(steps.all_finite((r.params, r.opt_state))):
+    raise divergence.Diverged(f"step {step}: its loss and gradients were finite, but its parameters or optimizer "
+                              "state are not")
+  meta = {"step": step, "data": r.dataset.train.state(), "config": json.loads(r.cfg.to_json_best_effort()),
+          "nonfinite_steps": r.nonfinite_steps}
+  r.ckpts.save(step, r.params, r.opt_state, meta, force=force)
 
 
 def end_with_error(r: Run, message: str, code: int) -> None:
@@ -356,7 +417,7 @@ def end_with_error(r: Run, message: str, code: int) -> None:
        f"{message}; there is no checkpoint", code)
 
 
-def finish(r: Run, stop: signals.StopRequests) -> None:
+def finish(r: Run, stop: StopRequests) -> None:
   """The last line of a run that ended as planned: done, or stopped by a signal (exit 128 + its number)."""
   r.writer.close()
   latest = r.ckpts.latest_step()
@@ -391,7 +452,7 @@ def parse_config():
 
 
 def main() -> None:
-  stop = signals.StopRequests()  # first: a signal during start-up ends the run with one line
+  stop = StopRequests()  # before the heavy imports: a signal during start-up ends the run with one line
   run(parse_config(), stop)
 
 

@@ -202,7 +202,7 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 
 def run_signals(body):
-  code = ("import os, signal, time; from galore_jax.train import signals; stop = signals.StopRequests(); " + body +
+  code = ("import os, signal, time; import train; stop = train.StopRequests(); " + body +
           "; time.sleep(30); print('not reached', flush=True)")
   return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
