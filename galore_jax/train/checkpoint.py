@@ -186,17 +186,16 @@ class Checkpoints:
   def check_files(self, step: int) -> None:
     """:class:`CheckpointDamaged` naming the first file of ``step`` that is missing or not JSON where orbax
     needs one (orbax itself reads a missing tree's metadata as an absent item, and bad JSON without a path)."""
-    root = self.step_dir(step)
+    root, where = self.step_dir(step), f"checkpoint step {step} in {self.directory} is damaged"
     for name in (f"params/{TREE_METADATA}", f"opt_state/{TREE_METADATA}", f"meta/{META_FILE}"):
       path = os.path.join(root, name)
       try:
         with open(path) as f:
           json.load(f)
       except FileNotFoundError:
-        raise CheckpointDamaged(step, f"checkpoint step {step} in {self.directory} is damaged: {name} is missing") from None
+        raise CheckpointDamaged(step, f"{where}: {name} is missing") from None
       except (OSError, ValueError) as e:
-        raise CheckpointDamaged(step, f"checkpoint step {step} in {self.directory} is damaged: {name} is not "
-                                      f"readable JSON ({one_line(e)})") from None
+        raise CheckpointDamaged(step, f"{where}: {name} is not readable JSON ({one_line(e)})") from None
 
   def _saved_tree(self, step: int, item: str):
     try:

@@ -283,7 +283,8 @@ def first_file(root, pattern):
     (lambda s: (s / "opt_state" / "_METADATA").write_text("{"), r"opt_state/_METADATA is not readable JSON"),
     (lambda s: (s / "meta" / "metadata").unlink(), r"meta/metadata is missing"),
     (lambda s: [p.unlink() for p in (s / "opt_state" / "d").iterdir()], r"NOT_FOUND: .*opt_state/d/[0-9a-f]+"),
-    (lambda s: open(s / "params" / "manifest.ocdbt", "r+b").truncate(10), r"DATA_LOSS: .*params/manifest.ocdbt.*Encoded length"),
+    (lambda s: open(s / "params" / "manifest.ocdbt", "r+b").truncate(10),
+     r"DATA_LOSS: .*params/manifest.ocdbt.*Encoded length"),
 ])
 def test_a_damaged_checkpoint_is_one_line_naming_the_step_and_the_file(tmp_path, damage, named):
   ckpts = saved_checkpoints(tmp_path / "ck")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -122,9 +123,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, corpus):
 
 def test_eval_restores_reports_and_exports_to_transformers(tmp_path, finished_run):
   export = str(tmp_path / "hf")
+  before = snapshot(pathlib.Path(finished_run))
   result = run([sys.executable, "eval.py", f"--workdir={finished_run}", f"--export_hf={export}",
                 "--max_new_tokens=8"])
   assert result.returncode == 0, result.stderr[-3000:]
+  assert snapshot(pathlib.Path(finished_run)) == before  # eval writes nothing in the workdir
   report = json.loads(result.stdout.strip().splitlines()[-1])
   _, evals = train_lines(finished_run)
   assert report["step"] == 40
