@@ -3,13 +3,14 @@
   python eval.py --workdir workdir/tiny [--step N] [--prompt "def main("] [--export_hf DIR]
 
 Restores the parameters only (no optimizer state is read) against the model the run's saved
-config builds.
+config builds. Reads the workdir and writes nothing there (only ``--export_hf``'s directory). Any
+problem with the workdir (no config.json or an unreadable one, no checkpoint, a damaged one) is one
+line ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -34,8 +35,11 @@ def load_run_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     fail(f"workdir {workdir!r} has no config.json: not a training run")
-  with open(path) as f:
-    cfg = config_dict.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      cfg = config_dict.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    fail(f"{path} is not a readable config: {e}")
   cfg.workdir = workdir
   return cfg
 
@@ -44,29 +48,30 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   import jax
   from flax import nnx
 
-  from galore_jax.train import checkpoint, config, data, steps
+  from galore_jax.train import checkpoint, config, data, metrics, steps
   from galore_jax.models import hf, llama
 
   cfg = load_run_config(workdir)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False)
+  checkpoint.quiet_orbax_logging()
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=1, read_only=True)
   steps_saved = ckpts.all_steps()
   if not steps_saved:
     fail(f"workdir {workdir!r} has no checkpoint")
   step = max(steps_saved) if step is None else step
   if step not in steps_saved:
-    fail(f"--step {step} is not among the saved steps {sorted(steps_saved)}")
+    fail(f"--step {step} is not among the saved steps {steps_saved}")
 
-  abstract = config.abstract_model(cfg)
   try:
+    abstract = config.abstract_model(cfg)
     params, _ = ckpts.restore_params(step, steps.params_of(abstract))
-  except checkpoint.CheckpointMismatch as e:
+    model_cfg = config.model_config(cfg)
+    dataset = data.build_data(cfg.data, workdir=workdir, vocab_size=model_cfg.vocab_size,
+                              batch_size=cfg.train.batch_size,
+                              eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
+                              eval_batches=cfg.eval.batches, seed=cfg.seed)
+  except (config.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointDamaged, ValueError) as e:
     fail(str(e))
   model = nnx.merge(nnx.graphdef(abstract), params)
-  model_cfg = config.model_config(cfg)
-  dataset = data.build_data(cfg.data, workdir=workdir, vocab_size=model_cfg.vocab_size,
-                            batch_size=cfg.train.batch_size,
-                            eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
-                            eval_batches=cfg.eval.batches, seed=cfg.seed)
 
   eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(nnx.graphdef(abstract), p), b,
                                                             cfg.data.packing))
@@ -82,7 +87,7 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   if export_hf:
     hf.to_hf(model, export_hf, tokenizer=dataset.tokenizer)
   ckpts.close()
-  return {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700.0)), "eval_tokens": tokens,
+  return {"step": step, "eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss), "eval_tokens": tokens,
           "sample": sample, "export_hf": export_hf}
 
 

@@ -7,18 +7,31 @@
 On several hosts, start the same command on every host with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set (see the README, "Multiple devices").
 
-A workdir that holds checkpoints resumes from the latest one and continues exactly where it
-stopped (same batches, same loss series). SIGTERM saves a checkpoint and exits cleanly.
+A workdir that holds checkpoints resumes from the latest one (or from ``checkpoint.resume_step``) and
+continues exactly where it stopped (same batches, same loss series). One run at a time holds a workdir.
+
+Every way a run ends is one line and an exit code:
+  0    done (all train.steps run)
+  2    bad input: a config value, a workdir in use or not writable, a checkpoint that does not fit or is
+       damaged, an unreadable metrics file; nothing in the workdir was changed
+  3    diverged: non-finite loss or gradients (train.nonfinite, train.max_nonfinite_steps); the steps since
+       the last finite one are not saved
+  4    a checkpoint could not be written (full disk...); the earlier checkpoints are intact
+  130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM: a checkpoint of the last step when there was
+       one to save (a second signal exits at once without it)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
+from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -26,34 +39,104 @@ from ml_collections import config_flags
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstract shapes and print a memory "
                               "breakdown; allocates nothing, reads no data, writes nothing.")
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 4
 
 
-def fail(message: str) -> None:
-  """Bad input: one line on stderr, exit code 2, nothing in the workdir touched."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_BAD_INPUT)
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+  """One line on stderr and the exit code; bad input (code 2) has touched nothing in the workdir."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
-def prepare_workdir(workdir: str) -> None:
+def warn(message: str) -> None:
+  from tqdm import tqdm
+
+  tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def prepare_workdir(workdir: str, lock: bool):
+  """Create ``workdir``, take its lock (``lock``: the first process of a run) and check it is writable.
+
+  Returns the :class:`~galore_jax.train.workdir.WorkdirLock` (or None); another live run's lock is bad input.
+  """
+  from galore_jax.train import workdir as workdir_lib
+
+  held = None
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    if lock:
+      held = workdir_lib.WorkdirLock(workdir)
+      held.acquire()
+    probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")  # one per process
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
+  except workdir_lib.WorkdirBusy as e:
+    fail(str(e))
   except OSError as e:
     fail(f"workdir {workdir!r} is not writable: {e.strerror}")
+  if held is not None and held.stale_pid is not None:
+    print(f"workdir lock of process {held.stale_pid} was stale (that run ended without releasing it); taken over",
+          flush=True)
+  return held
 
 
-class Interrupted:
-  """Set by SIGTERM; the loop checkpoints and stops at the next step boundary."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+  """The handlers of Ctrl-C (SIGINT) and SIGTERM; ``requested`` once a signal asked the training loop to stop.
+
+  During start-up (before the first step) a signal ends the run at once with one line: nothing was trained,
+  so nothing is saved (what start-up writes is written whole, by renames, or is a temporary). During
+  training the first signal stops the loop at the next step boundary and the run saves that step; a second
+  exits at once without it (the earlier checkpoints are complete: orbax renames a checkpoint into place
+  only when it is whole). Installed before the heavy imports, so Ctrl-C during ``import jax`` is one line too.
+  """
 
   def __init__(self):
-    self.flag = False
-    signal.signal(signal.SIGTERM, self._set)
+    self.signum: int | None = None
+    self.training = False
+    for signum in STOP_SIGNALS:
+      signal.signal(signum, self._handle)
 
-  def _set(self, *_):
-    self.flag = True
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+  def start_training(self) -> None:
+    """From now on a first signal stops the loop at a step boundary instead of ending the process."""
+    self.training = True
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if not self.training:
+      _exit(128 + signum, f"stopped by {name} during start-up, before the first step: nothing was saved")
+    if self.requested:
+      _exit(128 + signum, f"stopped by a second {name}: exiting at once without a checkpoint of this step "
+            "(the earlier checkpoints are complete)")
+    self.signum = signum
+    _say(f"{name}: stopping after this step with a checkpoint ({name} again exits at once)")
+
+
+def _say(message: str) -> None:
+  # os.write, not print: a handler may run while the main thread is inside print, which is not reentrant.
+  os.write(2, (message + "\n").encode())
+
+
+def _exit(code: int, message: str) -> None:
+  _say(message)
+  os._exit(code)
 
 
 class NoMetrics:
@@ -76,15 +159,30 @@ def initialize_distributed() -> None:
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
-def run(cfg) -> None:
-  import jax
-  from flax import nnx
-  from tqdm import tqdm
+@dataclasses.dataclass
+class Run:
+  """What the training loop works on, from start-up to exit."""
 
-  from galore_jax.train import checkpoint, config, data, metrics, sharding, steps
+  cfg: Any
+  dataset: Any
+  ckpts: Any
+  step_fns: Any
+  put: Callable
+  writer: Any
+  primary: bool
+  start: int
+  params: Any
+  opt_state: Any
+  nonfinite_steps: int = 0  # non-finite steps so far, carried in the checkpoints
+  step: int = 0
+
+
+def run(cfg, stop: StopRequests) -> None:
+  import jax
+
+  from galore_jax.train import checkpoint, config, divergence
 
   initialize_distributed()
-
   try:
     config.validate(cfg)
   except config.ConfigError as e:
@@ -96,7 +194,31 @@ def run(cfg) -> None:
     print(dry_run.format_report(report))
     print(json.dumps(report))
     return
-  prepare_workdir(cfg.workdir)
+  primary = jax.process_index() == 0  # with several hosts, one locks the workdir and writes config and metrics
+  lock = prepare_workdir(cfg.workdir, lock=primary)
+  checkpoint.quiet_orbax_logging()
+  try:
+    r = start_up(cfg, primary)
+    stop.start_training()
+    try:
+      train_loop(r, stop)
+    except divergence.Diverged as e:
+      end_with_error(r, f"{e}; not saved since the last finite step", EXIT_DIVERGED)
+    except checkpoint.SaveFailed as e:
+      end_with_error(r, f"{e}; stopped at step {r.step}", EXIT_SAVE_FAILED)
+    finish(r, stop)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def start_up(cfg, primary: bool) -> Run:
+  """Data, model and optimizer state (restored or new), metrics: every check passes before the workdir changes."""
+  import jax
+
+  from galore_jax.train import checkpoint, config, data, metrics, sharding, steps
+  from galore_jax.train.workdir import write_text_atomic
+
   model_cfg = config.model_config(cfg)
   try:
     dataset = data.build_data(cfg.data, workdir=cfg.workdir, vocab_size=model_cfg.vocab_size,
@@ -107,19 +229,54 @@ def run(cfg) -> None:
     fail(str(e))
   ckpts = checkpoint.Checkpoints(os.path.join(cfg.workdir, "checkpoints"), every=cfg.checkpoint.every,
                                  keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-
-  def abort(message):
-    ckpts.close()
-    fail(message)
-
   tx = config.build_optimizer(cfg)
   abstract = config.abstract_model(cfg)
-  abstract_params = steps.params_of(abstract)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.axis_types)
   # The layerwise step is not one jitted function: it stays on one device (validate refuses a bigger mesh).
-  layout = None if cfg.train.layerwise else sharding.Layout.build(mesh, tx, abstract_params, cfg.mesh.min_shard_size)
-  start = ckpts.latest_step() or 0
+  layout = None if cfg.train.layerwise else sharding.Layout.build(mesh, tx, steps.params_of(abstract),
+                                                                  cfg.mesh.min_shard_size)
+  start, graphdef, params, opt_state, meta = restore_or_init(cfg, ckpts, dataset, tx, abstract, layout)
+  try:
+    writer = metrics.MetricsWriter(cfg.workdir, resume_step=start, on_torn_line=lambda line: warn(
+        f"metrics.jsonl: dropped its last line, which a killed run left half-written: {line[:60]!r}")) if primary \
+        else NoMetrics()
+  except metrics.MetricsFileError as e:
+    ckpts.close()
+    fail(str(e))
+  moved = ckpts.set_aside_after(start, move=primary)
+  if moved:
+    print(f"resuming from step {start} (checkpoint.resume_step); the later checkpoints are moved to "
+          f"{os.path.dirname(moved[0])}, not deleted", flush=True)
+  if primary:
+    write_text_atomic(os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
+  step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
+                              report_overlap=cfg.optimizer.name in config.LOW_RANK,
+                              layerwise_updates=cfg.train.layerwise, layout=layout,
+                              skip_nonfinite=cfg.train.nonfinite == "skip")
+  put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))
+  device = jax.devices()[0]
+  where = device.device_kind if layout is None else f"{device.device_kind} x{mesh.size}, {sharding.describe(mesh)}"
+  print(f"{steps.count_params(params) / 1e6:.1f}M parameters on {where}; steps {start} -> {cfg.train.steps}; "
+        f"workdir {cfg.workdir}", flush=True)
+  return Run(cfg, dataset, ckpts, step_fns, put, writer, primary, start, params, opt_state,
+             nonfinite_steps=meta.get("nonfinite_steps", 0), step=start)
+
+
+def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):
+  """``(start, graphdef, params, opt_state, meta)``: from the checkpoint to resume from, else a new model."""
+  import jax
+  from flax import nnx
+
+  from galore_jax.train import checkpoint, config, sharding, steps
+
+  saved = ckpts.all_steps()
+  resume_step = cfg.checkpoint.resume_step
+  if resume_step is not None and resume_step not in saved:
+    ckpts.close()
+    fail(f"checkpoint.resume_step={resume_step} is not a saved step (saved: {saved or 'none'} in {ckpts.directory})")
+  start = saved[-1] if saved and resume_step is None else (resume_step or 0)
   if start:
+    abstract_params = steps.params_of(abstract)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
     if layout is not None:  # restore onto this run's mesh, whatever mesh saved it
       abstract_params = sharding.with_shardings(abstract_params, layout.params)
@@ -127,96 +284,149 @@ def run(cfg) -> None:
     try:
       params, opt_state, meta = ckpts.restore(start, abstract_params, abstract_opt_state)
     except checkpoint.CheckpointMismatch as e:
-      abort(f"{e} (workdir {cfg.workdir})")
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds on unreadable files
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      abort(f"checkpoint step {start} in {ckpts.directory} cannot be read: {reason}")
+      ckpts.close()
+      fail(f"{e} (workdir {cfg.workdir})")
+    except checkpoint.CheckpointDamaged as e:
+      ckpts.close()
+      earlier = [s for s in saved if s < e.step]
+      fail(f"{e}; to resume from an earlier step: --config.checkpoint.resume_step={earlier[-1]} (the later steps are "
+           f"moved to {ckpts.directory}.set_aside, not deleted)" if earlier else
+           f"{e}; there is no earlier checkpoint: move {ckpts.step_dir(e.step)} away to start over")
     try:
       dataset.train.restore(meta["data"])
     except (ValueError, KeyError) as e:
-      abort(f"checkpoint step {start} does not fit the configured data: {e}")
-    graphdef = nnx.graphdef(abstract)
-  elif layout is None:
+      ckpts.close()
+      fail(f"checkpoint step {start} does not fit the configured data: {e}")
+    return start, nnx.graphdef(abstract), params, opt_state, meta
+  if layout is None:
     model = config.build_model(cfg, cfg.seed)
     graphdef, params = nnx.graphdef(model), steps.params_of(model)
     del model
-    opt_state = jax.jit(tx.init)(params)
-  else:
-    graphdef = nnx.graphdef(abstract)
-    if cfg.model.hf_checkpoint:  # read on the host, then split
-      params = jax.device_put(steps.params_of(config.build_model(cfg, cfg.seed)), layout.params)
-    else:  # created split: no device ever holds the whole model
-      params = layout.init_params(lambda: steps.params_of(config.build_model(cfg, cfg.seed)))
-    opt_state = layout.init_opt_state(tx, params)
-  primary = jax.process_index() == 0  # with several hosts, one writes the config and the metrics
-  if primary:
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    return 0, graphdef, params, jax.jit(tx.init)(params), {}
+  if cfg.model.hf_checkpoint:  # read on the host, then split
+    params = jax.device_put(steps.params_of(config.build_model(cfg, cfg.seed)), layout.params)
+  else:  # created split: no device ever holds the whole model
+    params = layout.init_params(lambda: steps.params_of(config.build_model(cfg, cfg.seed)))
+  return 0, nnx.graphdef(abstract), params, layout.init_opt_state(tx, params), {}
 
-  galore = cfg.optimizer.name in config.LOW_RANK
-  step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=galore, layerwise_updates=cfg.train.layerwise, layout=layout)
-  put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))
+
+def train_loop(r: Run, stop: StopRequests) -> None:
+  """Steps until ``train.steps`` or a stop request, then a checkpoint of the last step (if finite).
+
+  Raises :class:`~galore_jax.train.divergence.Diverged` and :class:`~galore_jax.train.checkpoint.SaveFailed`.
+  """
+  import jax
+  from tqdm import tqdm
+
+  from galore_jax.train import config, divergence, metrics, steps
+
+  cfg = r.cfg
   schedule = config.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
-  n_params = steps.count_params(params)
-  flops_per_token = steps.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
+  model_cfg = config.model_config(cfg)
+  flops_per_token = steps.flops_per_token(model_cfg, steps.count_params(r.params), cfg.data.seq_len)
   peak = metrics.peak_flops(device)
-  writer = metrics.MetricsWriter(cfg.workdir, resume_step=start) if primary else NoMetrics()
-  interrupted = Interrupted()
 
-  def evaluate(step):
-    loss_sum = tokens = 0.0
-    for batch in dataset.eval_batches:
-      l, t = step_fns.eval(params, put(batch))
-      loss_sum, tokens = loss_sum + float(l), tokens + float(t)
-    eval_loss = loss_sum / max(tokens, 1.0)
-    writer.write(step, {"eval_loss": eval_loss, "eval_ppl": float(min(1e30, 2.718281828459045**eval_loss))})
-    return eval_loss
+  def report_nonfinite(step, loss, grad_norm):
+    r.nonfinite_steps += 1
+    r.writer.write(step, {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
+                          "nonfinite_steps": r.nonfinite_steps})
+    if r.primary and cfg.train.nonfinite == "skip":
+      warn(f"step {step}: loss {loss}, grad_norm {grad_norm} are not finite: the step was skipped "
+           f"({guard.in_a_row} in a row; {cfg.train.max_nonfinite_steps} in a row end the run)")
 
-  def save(step, force=False):
-    meta = {"step": step, "data": dataset.train.state(), "config": json.loads(cfg.to_json_best_effort())}
-    ckpts.save(step, params, opt_state, meta, force=force)
+  guard = divergence.NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps, report_nonfinite)
+  collapse = divergence.CollapseWatch(model_cfg.vocab_size)
+  bar = tqdm(total=cfg.train.steps, initial=r.start, dynamic_ncols=True, mininterval=1.0)
+  gap = cfg.optimizer.update_proj_gap if cfg.optimizer.name in config.LOW_RANK else None
+  window_tokens, window_start, logged_step = 0.0, time.perf_counter(), r.start
+  try:
+    while r.step < cfg.train.steps and not stop.requested:
+      batch = next(r.dataset.train)
+      r.params, r.opt_state, m = r.step_fns.train(r.params, r.opt_state, r.put(batch))
+      window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
+      r.step = step = r.step + 1
+      guard.push(step, m)  # checks the step before, which has finished by now, while this one runs
+      refreshed = gap is not None and step > 1 and (step - 1) % gap == 0
+      if (step % cfg.train.log_every == 0 or step == cfg.train.steps or refreshed) and guard.settle():
+        m, tokens = jax.device_get((m, window_tokens))
+        elapsed = time.perf_counter() - window_start
+        tokens_per_sec = float(tokens) / elapsed
+        line = {"loss": m["loss"], "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
+                "tokens_per_sec": tokens_per_sec, "step_time": elapsed / (step - logged_step)}
+        if "subspace_overlap" in m and math.isfinite(m["subspace_overlap"]):  # this step refreshed some leaves
+          line["subspace_overlap"] = m["subspace_overlap"]
+        if r.nonfinite_steps:
+          line["nonfinite_steps"] = r.nonfinite_steps
+        if peak:
+          line["mfu"] = flops_per_token * tokens_per_sec / peak
+        line.update(metrics.memory_gb(device))
+        r.writer.write(step, line)
+        if (collapsed := collapse.observe(step, float(m["loss"]), float(m["grad_norm"]))) and r.primary:
+          warn(collapsed)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
+      bar.update(1)
+      if step % cfg.eval.every == 0 or step == cfg.train.steps:
+        evaluate(r, step)
+        window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
+      if r.ckpts.due(step) and guard.settle():  # a non-finite step is never saved
+        save(r, step)
+      r.ckpts.check_saved()  # a background save that has failed ends the run here
+    if guard.settle() and r.step > r.start and r.step not in r.ckpts.all_steps():
+      save(r, r.step, force=True)
+    r.ckpts.close()
+  finally:
+    bar.close()
 
-  where = device.device_kind if layout is None else f"{device.device_kind} x{mesh.size}, {sharding.describe(mesh)}"
-  print(f"{n_params / 1e6:.1f}M parameters on {where}; steps {start} -> {cfg.train.steps}; "
-        f"workdir {cfg.workdir}", flush=True)
-  bar = tqdm(total=cfg.train.steps, initial=start, dynamic_ncols=True, mininterval=1.0)
-  gap = cfg.optimizer.update_proj_gap if galore else None
-  window_tokens, window_start, logged_step = 0.0, time.perf_counter(), start
-  step = start
-  while step < cfg.train.steps and not interrupted.flag:
-    batch = next(dataset.train)
-    params, opt_state, m = step_fns.train(params, opt_state, put(batch))
-    window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
-    step += 1
-    refreshed = gap is not None and step > 1 and (step - 1) % gap == 0
-    if step % cfg.train.log_every == 0 or step == cfg.train.steps or refreshed:
-      m, tokens = jax.device_get((m, window_tokens))
-      elapsed = time.perf_counter() - window_start
-      tokens_per_sec = float(tokens) / elapsed
-      line = {"loss": m["loss"], "lr": float(schedule(step - 1)), "grad_norm": m["grad_norm"],
-              "tokens_per_sec": tokens_per_sec, "step_time": elapsed / (step - logged_step)}
-      if "subspace_overlap" in m and math.isfinite(m["subspace_overlap"]):  # this step refreshed some leaves
-        line["subspace_overlap"] = m["subspace_overlap"]
-      if peak:
-        line["mfu"] = flops_per_token * tokens_per_sec / peak
-      line.update(metrics.memory_gb(device))
-      writer.write(step, line)
-      bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tokens_per_sec:,.0f}")
-      window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
-    bar.update(1)
-    if step % cfg.eval.every == 0 or step == cfg.train.steps:
-      evaluate(step)
-      window_tokens, window_start, logged_step = 0.0, time.perf_counter(), step
-    save(step)
-  bar.close()
-  if step > start:
-    save(step, force=step not in ckpts.all_steps())
-  ckpts.close()
-  writer.close()
-  print(f"{'stopped by SIGTERM' if interrupted.flag else 'done'} at step {step}; checkpoint in "
-        f"{ckpts.directory}", flush=True)
+
+def evaluate(r: Run, step: int) -> None:
+  from galore_jax.train import metrics
+
+  loss_sum = tokens = 0.0
+  for batch in r.dataset.eval_batches:
+    l, t = r.step_fns.eval(r.params, r.put(batch))
+    loss_sum, tokens = loss_sum + float(l), tokens + float(t)
+  eval_loss = loss_sum / max(tokens, 1.0)
+  r.writer.write(step, {"eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss)})
+
+
+def save(r: Run, step: int, force: bool = False) -> None:
+  """Start saving ``step``; a state with a non-finite entry is never saved (it ends the run as diverged)."""
+  from galore_jax.train import divergence, steps
+
+  if not bool(steps.all_finite((r.params, r.opt_state))):
+    raise divergence.Diverged(f"step {step}: its loss and gradients were finite, but its parameters or optimizer "
+                              "state are not")
+  meta = {"step": step, "data": r.dataset.train.state(), "config": json.loads(r.cfg.to_json_best_effort()),
+          "nonfinite_steps": r.nonfinite_steps}
+  r.ckpts.save(step, r.params, r.opt_state, meta, force=force)
+
+
+def end_with_error(r: Run, message: str, code: int) -> None:
+  """Wait for a save in flight, close the metrics, say where the latest checkpoint is, exit with ``code``."""
+  from galore_jax.train import checkpoint
+
+  try:
+    r.ckpts.close()
+  except checkpoint.SaveFailed as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+  r.writer.close()
+  latest = r.ckpts.latest_step()
+  fail(f"{message}; the latest checkpoint is step {latest} in {r.ckpts.directory}" if latest is not None else
+       f"{message}; there is no checkpoint", code)
+
+
+def finish(r: Run, stop: StopRequests) -> None:
+  """The last line of a run that ended as planned: done, or stopped by a signal (exit 128 + its number)."""
+  r.writer.close()
+  latest = r.ckpts.latest_step()
+  saved = f"checkpoint step {latest} in {r.ckpts.directory}" if latest is not None else "no checkpoint"
+  if r.step >= r.cfg.train.steps or not stop.requested:
+    print(f"done at step {r.step}; {saved}", flush=True)
+    return
+  print(f"stopped by {stop.name} at step {r.step}; {saved}; run the same command to resume", flush=True)
+  sys.exit(stop.exit_code)
 
 
 def parse_config():
@@ -242,7 +452,8 @@ def parse_config():
 
 
 def main() -> None:
-  run(parse_config())
+  stop = StopRequests()  # before the heavy imports: a signal during start-up ends the run with one line
+  run(parse_config(), stop)
 
 
 if __name__ == "__main__":

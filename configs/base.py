@@ -49,6 +49,10 @@ def base() -> config_dict.ConfigDict:
   c.train.grad_clip = 0.0  # global-norm clipping; 0 = off (the reference's default)
   c.train.layerwise = False  # update each layer as soon as its gradient exists (no full gradient tree)
   c.train.log_every = 10
+  # A step whose loss or gradient norm is NaN/inf: "skip" (the step changes nothing: weights, moments, GaLore
+  # bases) or "stop" (the run ends at the first one). Either way it is logged and never checkpointed.
+  c.train.nonfinite = "skip"
+  c.train.max_nonfinite_steps = 3  # "skip": this many non-finite steps in a row end the run (exit code 3)
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.name = "galore_adamw"  # galore_adamw_8bit, galore_adafactor, adamw, adamw_8bit
@@ -80,6 +84,9 @@ def base() -> config_dict.ConfigDict:
   c.checkpoint.every = 1_000
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
+  # None: resume from the latest checkpoint. N: resume from saved step N (e.g. when the latest is damaged, or
+  # to retry after a divergence); the later steps are moved to <workdir>/checkpoints.set_aside, not deleted.
+  c.checkpoint.resume_step = placeholder(int)
   return c
 
 

@@ -3,6 +3,6 @@
 ``config`` (a run's config → model, schedule, optimizer), ``data`` (corpus, tokenizer, batches),
 ``steps`` (the jitted train / eval steps), ``layerwise`` (updates inside the backward sweep),
 ``sharding`` (data × FSDP mesh), ``checkpoint`` (orbax), ``metrics`` (metrics.jsonl), ``dry_run``
-(will it fit). The app depends on :mod:`galore_jax.optim` and :mod:`galore_jax.models`, never the
-reverse.
+(will it fit), ``divergence`` (non-finite steps, collapse), ``workdir`` (one run per workdir, atomic files).
+The app depends on :mod:`galore_jax.optim` and :mod:`galore_jax.models`, never the reverse.
 """

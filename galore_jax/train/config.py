@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 from flax import nnx
 
 from galore_jax.models import llama
 from galore_jax.optim import AdaptiveGap, GaLoreOptions, galore_adafactor, galore_adamw, galore_adamw_8bit
 from galore_jax.optim import scale_by_adam_8bit
-from galore_jax.train import layerwise, sharding
+from galore_jax.train import divergence, layerwise, sharding
 
 # GaLoreOptions' fields a command line can set (target and dimension_numbers are code: use the library for those).
 GALORE_KEYS = tuple(f.name for f in dataclasses.fields(GaLoreOptions) if f.name not in ("target", "dimension_numbers"))
@@ -36,8 +38,28 @@ def _positive(name: str, value) -> None:
     raise ConfigError(f"{name} must be positive, got {value!r}")
 
 
+def _finite_numbers(cfg, prefix: str = "") -> None:
+  """Every float of the config is finite: ``--config.train.lr=nan`` passes every comparison (NaN <= 0 is False)."""
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _finite_numbers(value, f"{prefix}{key}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"{prefix}{key} must be a finite number, got {value!r}")
+
+
+def _validate_fault_policy(cfg) -> None:
+  """What a run does on a non-finite step, and which checkpoint it resumes from."""
+  if cfg.train.nonfinite not in divergence.POLICIES:
+    raise ConfigError(f"train.nonfinite must be one of {divergence.POLICIES}, got {cfg.train.nonfinite!r}")
+  _positive("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps)
+  if cfg.checkpoint.resume_step is not None and cfg.checkpoint.resume_step < 0:
+    raise ConfigError(f"checkpoint.resume_step must be a saved step (>= 0), got {cfg.checkpoint.resume_step}")
+
+
 def validate(cfg) -> None:
   """Check the values a run depends on before anything is built or written."""
+  _finite_numbers(cfg)
+  _validate_fault_policy(cfg)
   for name in ("train.batch_size", "train.grad_accum", "train.steps", "train.log_every", "train.lr", "data.seq_len",
                "eval.every", "eval.batches", "checkpoint.every", "checkpoint.keep"):
     section, key = name.split(".")

@@ -104,7 +104,8 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   opt_state = jax.eval_shape(tx.init, params)
   galore = cfg.optimizer.name in config.LOW_RANK
   step_fns = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=galore, layerwise_updates=cfg.train.layerwise)
+                              report_overlap=galore, layerwise_updates=cfg.train.layerwise,
+                              skip_nonfinite=cfg.train.nonfinite == "skip")
   start = time.perf_counter()
   compiled = step_fns.train.lower(params, opt_state, abstract_batch(cfg)).compile()
   compile_s = time.perf_counter() - start

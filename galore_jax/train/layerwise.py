@@ -17,6 +17,10 @@ With ``grad_clip > 0`` the clip factor needs the global norm before any update, 
 computes only the per-group norms; the second pass starts from the loss cotangent scaled by the clip
 factor (gradients are linear in it), so it yields the clipped gradients directly: one more backward
 pass, correct clipping, and still one group's gradient at a time.
+Skipping a non-finite step (``skip_nonfinite``) needs its verdict before the first update, so the
+norm sweep runs then even without clipping, and the second pass starts from the cotangent times 1 (finite)
+or 0 (not): every group's update is a select between its new and old values, made as the group is
+updated, so no old copy of the model outlives its group.
 The optimizer state is one state per layer plus one for the head and one for the rest (:func:`by_layer`);
 every GaLore leaf is refreshed, projected and updated exactly as in the whole-tree step (the per-leaf
 schedule is the same; ``stagger`` offsets and randomized-refresh keys are drawn per group).
@@ -112,11 +116,12 @@ def _sum_squares(tree) -> jax.Array:
 
 
 def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
-               overlap: Callable[[Any, Any], jax.Array] | None = None) -> Callable:
+               overlap: Callable[[Any, Any], jax.Array] | None = None, skip_nonfinite: bool = False) -> Callable:
   """``train(params, opt_state, batch) -> (params, opt_state, metrics)`` with layerwise updates (not jitted).
 
   The metrics are those of the whole-tree step: ``loss`` (per-token mean), ``tokens``, ``grad_norm``
-  (before clipping) and, with ``overlap``, ``subspace_overlap = overlap(old_state, new_state)``.
+  (before clipping), ``finite`` (loss and norm finite) and, with ``overlap``, ``subspace_overlap =
+  overlap(old_state, new_state)``. With ``skip_nonfinite`` a step that is not ``finite`` changes nothing.
   """
   inner, grad_clip = tx.inner, tx.grad_clip
 
@@ -201,13 +206,17 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     loss, from_head, dx_top = head_pass(jnp.float32(1))
     head_grads, rest_from_head = head_and_rest(from_head)
     head_sq = _sum_squares(mean(head_grads))
-    if grad_clip > 0:
+    finite = None  # known before the first update only when it is needed: clipping or skipping
+    if grad_clip > 0 or skip_nonfinite:
       layer_sq, rest_sq = sweep(lambda group, g: _sum_squares(g), dx_top, rest_from_head)
       norm = jnp.sqrt(sum(layer_sq.values()) + rest_sq + head_sq)
+      finite = jnp.isfinite(loss) & jnp.isfinite(norm)
       # Clipping scales every gradient by one factor and gradients are linear in the cotangent, so the
-      # second pass starts from the loss cotangent scaled by it. (Clipping each G_l instead left two
-      # identical sweeps that XLA merged, which kept every G_l alive until the norm was known.)
-      _, from_head, dx_top = head_pass(clip_factor(norm, grad_clip))
+      # second pass starts from the loss cotangent scaled by it; skipping scales by 0 (the update is
+      # discarded anyway). A factor XLA cannot prove to be 1 also keeps the two sweeps apart: merged,
+      # they kept every G_l alive until the norm was known.
+      factor = clip_factor(norm, grad_clip) if grad_clip > 0 else jnp.float32(1)
+      _, from_head, dx_top = head_pass(jnp.where(finite, factor, 0.0) if skip_nonfinite else factor)
       head_grads, rest_from_head = head_and_rest(from_head)
 
     def update(group, g):
@@ -215,19 +224,23 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
       p = {"head": head_params, "rest": rest_params}[group] if named else params["layers"][group]
       s = opt_state[group] if named else opt_state["layers"][group]
       u, new_s = inner.update(g, s, p)
-      return optax.apply_updates(p, u), new_s, _sum_squares(g)
+      new_p = optax.apply_updates(p, u)
+      if skip_nonfinite:
+        new_p, new_s = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (new_p, new_s), (p, s))
+      return new_p, new_s, _sum_squares(g)
 
     new_head, new_head_state = {}, None
     if head_params:  # updated before the sweep starts, so the head's gradient is gone by then
       (new_head, new_head_state, _), dx_top = jax.lax.optimization_barrier((update("head", mean(head_grads)), dx_top))
     new_layers, (new_rest, new_rest_state, rest_sq) = sweep(update, dx_top, rest_from_head)
-    if grad_clip <= 0:
+    if finite is None:
       norm = jnp.sqrt(sum(v[2] for v in new_layers.values()) + rest_sq + head_sq)
+      finite = jnp.isfinite(loss) & jnp.isfinite(norm)
     new_params = {**new_rest, **new_head, "layers": {k: new_layers[k][0] for k in keys}}
     new_state = {"layers": {k: new_layers[k][1] for k in keys}, "rest": new_rest_state}
     if head_params:
       new_state["head"] = new_head_state
-    metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": norm}
+    metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": norm, "finite": finite}
     if overlap is not None:
       metrics["subspace_overlap"] = overlap(opt_state, new_state)
     return new_params, new_state, metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -29,19 +29,51 @@ def memory_gb(device) -> dict[str, float]:
   return {name: stats[key] / 1e9 for name, key in names.items() if key in stats}
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
+def perplexity(loss: float) -> float:
+  """``exp(loss)``: ``inf`` past the float range, ``nan`` for a ``nan`` loss (a diverged run)."""
+  try:
+    return math.exp(loss)
+  except OverflowError:
+    return math.inf
+
+
+class MetricsFileError(ValueError):
+  """A metrics file with a damaged line other than the last."""
+
+
+def read_metrics(path: str, on_torn_line: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+  """The metric lines of ``path`` (none when it does not exist); ``NaN``/``Infinity`` read back as floats.
+
+  A last line that is not JSON is one a killed run did not finish writing: it is dropped and
+  ``on_torn_line(text)`` called. Any other bad line raises :class:`MetricsFileError` naming it.
+  """
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, errors="replace") as f:
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for i, (n, line) in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise MetricsFileError(f"{path} line {n} is not JSON: {line.strip()[:80]!r}") from None
+      if on_torn_line is not None:
+        on_torn_line(line.strip())
+  return rows
 
 
 class MetricsWriter:
-  """Appends metric lines; a resumed run first drops the lines of steps it will recompute."""
+  """Appends metric lines; a resumed run first drops the lines of steps it will recompute (and a torn last line).
 
-  def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool = True):
+  Values are written as they are: a diverged run's ``NaN`` and ``Infinity`` (JSON extensions that Python,
+  pandas and most readers accept) rather than a missing key.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool = True,
+               on_torn_line: Callable[[str], None] | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= resume_step]
+    kept = [m for m in read_metrics(self.path, on_torn_line) if m.get("step", 0) <= resume_step]
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(json.dumps(m) + "\n" for m in kept)
@@ -54,12 +86,11 @@ class MetricsWriter:
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in jax.device_get(values).items()}
-    clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))}
     self._file.write(json.dumps({"step": step, **clean}) + "\n")
     self._file.flush()
     if self._tb is not None:
       for k, v in clean.items():
-        if isinstance(v, (int, float)):
+        if isinstance(v, (int, float)) and math.isfinite(v):  # a NaN is in the jsonl; TensorBoard would warn
           self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:

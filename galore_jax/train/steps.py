@@ -39,7 +39,7 @@ class Steps:
 
 def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, packed: bool,
                report_overlap: bool = False, layerwise_updates: bool = False,
-               layout: sharding.Layout | None = None) -> Steps:
+               layout: sharding.Layout | None = None, skip_nonfinite: bool = False) -> Steps:
   """``train(params, opt_state, batch) -> (params, opt_state, metrics)``, donated; ``eval(params, batch)``.
 
   A batch of ``B`` sequences is split into ``grad_accum`` micro-batches scanned in order; the
@@ -48,6 +48,14 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
   backward pass layer by layer and updates each layer as soon as its gradient is complete.
   With a :class:`~galore_jax.train.sharding.Layout` the steps are jitted with its shardings (inputs and
   outputs) and run under its mesh; the metrics come back replicated.
+
+  The metrics hold ``finite``: the loss and the gradient norm are both finite (a non-finite gradient entry
+  makes the norm non-finite, and so does a gradient too large to square in fp32). With ``skip_nonfinite`` a
+  step that is not ``finite`` changes nothing, like ``optax.apply_if_finite`` but for the whole
+  ``(params, opt_state)``: weights, moments, GaLore bases and the step count keep their old values. The
+  verdict is known before the update, so the update runs inside a ``lax.cond`` (a select after the update
+  would need the old and the new state at once). The layerwise step needs a norm sweep before its first
+  update for that verdict (see :mod:`~galore_jax.train.layerwise`).
   """
 
   def summed_loss(params, batch):
@@ -65,13 +73,24 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
     tokens = jnp.maximum(tokens, 1.0)
     return loss / tokens, tokens, jax.tree.map(lambda g: (g / tokens).astype(g.dtype), grads)
 
+  def update(grads, params, opt_state):
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    overlap = refresh_overlap(opt_state, new_opt_state) if report_overlap else jnp.float32(jnp.nan)
+    return optax.apply_updates(params, updates), new_opt_state, overlap
+
   def whole_tree_train(params, opt_state, batch):
     loss, tokens, grads = grads_of(params, batch)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": _global_norm(grads)}
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      new_params, new_opt_state, overlap = jax.lax.cond(
+          finite, update, lambda g, p, s: (p, s, jnp.float32(jnp.nan)), grads, params, opt_state)
+    else:
+      new_params, new_opt_state, overlap = update(grads, params, opt_state)
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
     if report_overlap:
-      metrics["subspace_overlap"] = refresh_overlap(opt_state, new_opt_state)
-    return optax.apply_updates(params, updates), new_opt_state, metrics
+      metrics["subspace_overlap"] = overlap
+    return new_params, new_opt_state, metrics
 
   def evaluate(params, batch):
     return summed_loss(params, batch)
@@ -80,12 +99,24 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
     if not isinstance(tx, layerwise.ByLayer):
       raise TypeError("layerwise_updates needs a layerwise.ByLayer optimizer (train.layerwise=True)")
     train = layerwise.make_train(graphdef, tx, grad_accum=grad_accum, packed=packed,
-                                 overlap=refresh_overlap if report_overlap else None)
+                                 overlap=refresh_overlap if report_overlap else None, skip_nonfinite=skip_nonfinite)
   else:
     train = whole_tree_train
   if layout is not None:
     return Steps(train=layout.jit_train(train), eval=layout.jit_eval(evaluate))
   return Steps(train=jax.jit(train, donate_argnums=(0, 1)), eval=jax.jit(evaluate))
+
+
+def tree_where(ok: jax.Array, new, old):
+  """``new`` where ``ok``, else ``old``, leaf by leaf (``ok`` a scalar bool)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point entry of ``tree`` is finite (integer leaves, e.g. 8-bit states, always are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _global_norm(tree) -> jax.Array:

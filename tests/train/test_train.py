@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_resume_after_sigkill_reproduces_the_loss_series(tmp_path, corpus, finis
   assert [r["eval_loss"] for r in resumed_evals] == [r["eval_loss"] for r in reference_evals]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, corpus):
   workdir = str(tmp_path / "term")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
   proc = subprocess.Popen(train_cmd(workdir, corpus, steps=100000), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -113,7 +114,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == 143, err[-3000:]
   assert "stopped by SIGTERM" in out
   last_step = train_lines(workdir)[0][-1]["step"]
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
@@ -122,9 +123,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
 
 def test_eval_restores_reports_and_exports_to_transformers(tmp_path, finished_run):
   export = str(tmp_path / "hf")
+  before = snapshot(pathlib.Path(finished_run))
   result = run([sys.executable, "eval.py", f"--workdir={finished_run}", f"--export_hf={export}",
                 "--max_new_tokens=8"])
   assert result.returncode == 0, result.stderr[-3000:]
+  assert snapshot(pathlib.Path(finished_run)) == before  # eval writes nothing in the workdir
   report = json.loads(result.stdout.strip().splitlines()[-1])
   _, evals = train_lines(finished_run)
   assert report["step"] == 40
@@ -158,6 +161,8 @@ def test_eval_restores_reports_and_exports_to_transformers(tmp_path, finished_ru
         (["--config.data.tokenizer=/no/such/tokenizer"], "/no/such/tokenizer"),
         (["--config=configs/no_such_config.py"], "no_such_config.py"),
         (["--config.train.steps=abc"], "abc"),
+        (["--config.train.lr=nan"], "train.lr must be a finite number"),
+        (["--config.train.nonfinite=maybe"], "train.nonfinite"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, corpus, extra, needle):
@@ -205,4 +210,206 @@ def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
       path.write_bytes(b"garbage")
   result = run(train_cmd(str(workdir), corpus, steps=60))
   assert result.returncode == 2, result.stderr[-2000:]
-  assert "checkpoint" in result.stderr.strip().splitlines()[-1]
+  assert result.stderr.strip().splitlines() == [
+      f"error: checkpoint step 40 in {workdir}/checkpoints is damaged: params/_METADATA is not readable JSON "
+      "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)); to resume from an earlier step: "
+      f"--config.checkpoint.resume_step=30 (the later steps are moved to {workdir}/checkpoints.set_aside, not deleted)"]
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def snapshot(workdir):
+  """Every file under ``workdir`` with its bytes: what a refused run must leave as it was."""
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_divergence_stops_logs_nan_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+  """lr=1e38: step 2 (the first with lr > 0) blows the weights up, steps 3-5 are NaN and skipped, the third in a row
+  ends the run with exit 3; the NaNs are in metrics.jsonl and no checkpoint after step 2 exists."""
+  workdir = tmp_path / "diverged"
+  result = run(train_cmd(str(workdir), corpus, "--config.train.lr=1e38", "--config.train.warmup_steps=1",
+                         "--config.checkpoint.every=2"))
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: training diverged: loss nan and grad_norm nan at steps 3-5 are not finite (3 in a row, "
+      "train.max_nonfinite_steps=3); not saved since the last finite step; the latest checkpoint is step 2 in "
+      f"{workdir}/checkpoints")
+  assert "warning: step 3: loss nan, grad_norm nan are not finite: the step was skipped" in result.stderr
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert all(np.isfinite(r["loss"]) for r in rows[:2]) and all(np.isnan(r["loss"]) for r in rows[2:])
+  assert [r.get("nonfinite_steps") for r in rows] == [None, None, 1, 2, 3]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+FULL_DISK_ON_SECOND_SAVE = """
+import errno, os, runpy, sys
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+original, calls = handler.JsonCheckpointHandler._save_fn, []
+async def full_disk_on_second_save(self, x, directory):
+  calls.append(directory)
+  if len(calls) == 2:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+  return await original(self, x, directory)
+handler.JsonCheckpointHandler._save_fn = full_disk_on_second_save
+sys.argv = sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_failed_save_stops_the_run_at_the_next_step_in_one_line(tmp_path, corpus):
+  """The step-20 save fails in orbax's background thread (the file write raises ENOSPC, as on a full disk): the run
+  stops at once (the step-20 iteration itself when the write fails that fast), long before the step-30 save, and
+  step 10 stays restorable."""
+  workdir = tmp_path / "full"
+  result = run([sys.executable, "-c", FULL_DISK_ON_SECOND_SAVE, *train_cmd(str(workdir), corpus)[1:]])
+  assert result.returncode == 4, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+  line = result.stderr.strip()
+  stopped = int(line.split("; stopped at step ")[1].split(";")[0])
+  assert line == (f"error: checkpoint step 20 could not be saved to {workdir}/checkpoints/20: [Errno 28] No space "
+                  f"left on device: '{workdir}/checkpoints/20.orbax-checkpoint-tmp/meta.orbax-checkpoint-tmp'; "
+                  f"stopped at step {stopped}; the latest checkpoint is step 10 in {workdir}/checkpoints")
+  assert 20 <= stopped < 30 and train_lines(str(workdir))[0][-1]["step"] == stopped
+
+  import jax
+  from ml_collections import config_dict
+
+  from galore_jax.train import checkpoint, config, steps
+
+  cfg = config_dict.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  ckpts = checkpoint.Checkpoints(str(workdir / "checkpoints"), every=1, keep=1, read_only=True)
+  assert ckpts.all_steps() == [10]
+  params, meta = ckpts.restore_params(10, steps.params_of(config.abstract_model(cfg)))
+  assert meta["step"] == 10 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130_and_a_collapse_is_warned_about(tmp_path, corpus):
+  """lr=1e4 collapses the model to uniform predictions with a zero gradient: a warning, training goes on; Ctrl-C
+  then stops it like SIGTERM, with a checkpoint of the last step."""
+  workdir = tmp_path / "int"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
+  proc = subprocess.Popen(train_cmd(str(workdir), corpus, "--config.train.lr=1e4", "--config.train.warmup_steps=1",
+                                    steps=100000), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  last_step = train_lines(str(workdir))[0][-1]["step"]
+  assert out.strip().splitlines()[-1] == (f"stopped by SIGINT at step {last_step}; checkpoint step {last_step} in "
+                                          f"{workdir}/checkpoints; run the same command to resume")
+  assert "SIGINT: stopping after this step with a checkpoint" in err and "Traceback" not in err
+  warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and "the gradient is exactly 0 at 2 logged steps in a row (loss 6.2383 = " \
+      "ln(vocab_size 512): uniform predictions)" in warnings[0], err[-3000:]
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert steps[-1] == last_step
+
+
+def test_sigterm_during_start_up_is_one_line(tmp_path, corpus):
+  workdir = tmp_path / "early"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
+  proc = subprocess.Popen(train_cmd(str(workdir), corpus), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (workdir / ".lock").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)  # the lock is taken: start-up (data, model, compilation) has seconds to go
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143 and err.strip().splitlines() == [
+      "stopped by SIGTERM during start-up, before the first step: nothing was saved"], err[-3000:]
+  assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_workdir_lock_bad_metrics_and_a_torn_last_line(tmp_path, corpus, finished_run):
+  """A held lock refuses a second run; a damaged metrics line refuses a resume before anything is rewritten; a torn
+  last line (a run killed mid-write) is dropped with a warning, and a dead holder's lock is taken over."""
+  import shutil
+
+  from galore_jax.train import workdir as workdir_lib
+
+  workdir = tmp_path / "shared"
+  shutil.copytree(finished_run, workdir)
+  lock = workdir_lib.WorkdirLock(str(workdir))
+  lock.acquire()
+  before = snapshot(workdir)
+  result = run(train_cmd(str(workdir), corpus, steps=41))
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: workdir '{workdir}' is in use by process {os.getpid()} (lock {workdir}/.lock); wait for it to finish "
+      "or use another workdir"], result.stderr[-2000:]
+  assert snapshot(workdir) == before
+  lock.release()
+
+  metrics = workdir / "metrics.jsonl"
+  good = metrics.read_text()
+  lines = good.splitlines(keepends=True)
+  metrics.write_text("".join(lines[:5]) + "{not json\n" + "".join(lines[5:]))
+  before = snapshot(workdir)
+  result = run(train_cmd(str(workdir), corpus, steps=41))
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: {metrics} line 6 is not JSON: '{{not json'"], result.stderr[-2000:]
+  assert snapshot(workdir) == before  # config.json (steps 40 there, 41 asked) and metrics.jsonl as they were
+
+  metrics.write_text(good + '{"step": 41, "loss": 3.')  # a run killed in the middle of writing step 41
+  (workdir / ".lock").write_text("999999999\n")  # left by a killed run: no process holds the lock
+  result = run(train_cmd(str(workdir), corpus, steps=41))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "workdir lock of process 999999999 was stale" in result.stdout
+  assert "warning: metrics.jsonl: dropped its last line, which a killed run left half-written: " \
+         "'{\"step\": 41, \"loss\": 3.'" in result.stderr
+  assert [r["step"] for r in train_lines(str(workdir))[0]] == list(range(1, 42))
+  assert (workdir / ".lock").read_text() == ""  # released
+
+
+def test_a_damaged_latest_checkpoint_and_resume_step(tmp_path, corpus, finished_run):
+  """A missing params/_METADATA is named as such (not "has no 'params'"), by train.py and eval.py alike; resuming from
+  the step before it moves the damaged step aside and reproduces the uninterrupted run's losses."""
+  import shutil
+
+  workdir = tmp_path / "damaged"
+  shutil.copytree(finished_run, workdir)
+  (workdir / "checkpoints" / "40" / "params" / "_METADATA").unlink()
+  result = run(train_cmd(str(workdir), corpus, steps=40))
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: checkpoint step 40 in {workdir}/checkpoints is damaged: params/_METADATA is missing; to resume from an "
+      f"earlier step: --config.checkpoint.resume_step=30 (the later steps are moved to {workdir}/checkpoints.set_aside,"
+      " not deleted)"], result.stderr[-2000:]
+  before = snapshot(workdir)
+  result = run([sys.executable, "eval.py", f"--workdir={workdir}"])
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: checkpoint step 40 in {workdir}/checkpoints is damaged: params/_METADATA is missing"], result.stderr
+  assert snapshot(workdir) == before
+
+  result = run(train_cmd(str(workdir), corpus, "--config.checkpoint.resume_step=30", steps=40))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"resuming from step 30 (checkpoint.resume_step); the later checkpoints are moved to "
+          f"{workdir}/checkpoints.set_aside, not deleted") in result.stdout
+  assert not (workdir / "checkpoints.set_aside" / "40" / "params" / "_METADATA").exists()
+  assert (workdir / "checkpoints.set_aside" / "40" / "opt_state" / "_METADATA").exists()
+  resumed, reference = train_lines(str(workdir))[0], train_lines(finished_run)[0]
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]  # steps 31-40 recomputed bit-identically
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["30", "40"]
+
+
+def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(tmp_path, finished_run):
+  import shutil
+
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  shutil.copy(os.path.join(finished_run, "config.json"), bare / "config.json")
+  result = run([sys.executable, "eval.py", f"--workdir={bare}"])
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: workdir '{bare}' has no checkpoint"], result.stderr[-2000:]
+  assert os.listdir(bare) == ["config.json"]  # no empty checkpoints/ left behind
+
+  (bare / "config.json").write_text('{"model": {"preset": "llama_20m", ')
+  result = run([sys.executable, "eval.py", f"--workdir={bare}"])
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+  assert result.stderr.startswith(f"error: {bare}/config.json is not a readable config: Expecting")
