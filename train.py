@@ -220,12 +220,14 @@ def run(cfg) -> None:
 
 
 def parse_config():
-  """The config file plus --config.x.y overrides; any command-line mistake is bad input."""
+  """The config file plus --config.x.y overrides, resolved (:func:`galore_jax.train.config.resolve`); any
+  command-line mistake is bad input."""
   overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
   args = sys.argv[1:]
   given = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
   given += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-  path = (given[-1] if given else "configs/tiny.py").split(":")[0]
+  spec = given[-1] if given else "configs/tiny.py"
+  path = spec.split(":")[0]
   if not os.path.isfile(path):
     fail(f"config file {path!r} does not exist")
   try:
@@ -235,10 +237,55 @@ def parse_config():
   except flags.Error as e:
     fail(str(e).splitlines()[0])
   except (AttributeError, KeyError) as e:
-    fail(f"unknown config key {str(e).strip(chr(34))} in {overrides}")
+    fail(unknown_key(spec, args) or f"bad config override in {overrides}: {innermost_message(e)}")
   except (ValueError, TypeError, OSError) as e:
     fail(f"bad config ({overrides or 'no overrides'}): {str(e).splitlines()[0]}")
+  from galore_jax.train import config as run_config
+
+  try:
+    run_config.resolve(config.value)
+  except run_config.ConfigError as e:
+    fail(str(e))
   return config.value
+
+
+def innermost_message(error: BaseException) -> str:
+  """The first line of the innermost message: ml_collections wraps a KeyError('...') in an AttributeError."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0] if error.args else error).strip().strip("'\"")
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def unknown_key(spec: str, args: list[str]) -> str | None:
+  """``unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?`` for the first
+  override naming a key the config file does not have; None when every override names one.
+
+  The config file is read again (ml_collections' own message is a multi-line repr of a KeyError).
+  """
+  import difflib
+  import runpy
+
+  from ml_collections import config_dict
+
+  path, _, argument = spec.partition(":")
+  cfg = runpy.run_path(path)["get_config"](*([argument] if argument else []))
+  for arg in args:
+    if not arg.startswith("--config."):
+      continue
+    walked, node = [], cfg
+    for part in arg[len("--config."):].split("=", 1)[0].split("."):
+      if not isinstance(node, config_dict.ConfigDict):
+        value = f"{'.'.join(walked)} is a value ({type(node).__name__})"
+        return f"config key {value}, not a section with key {part!r} ({arg})"
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        where = ".".join(walked) or "the config"
+        hint = f"did you mean {'.'.join(walked + close)}?" if close else f"{where} has {', '.join(sorted(node.keys()))}"
+        return f"unknown config key {'.'.join(walked + [part])} ({arg}); {hint}"
+      walked.append(part)
+      node = node[part]
+  return None
 
 
 def main() -> None:

@@ -206,3 +206,43 @@ def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
   result = run(train_cmd(str(workdir), corpus, steps=60))
   assert result.returncode == 2, result.stderr[-2000:]
   assert "checkpoint" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.train.stepz=3", "unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?"),
+    ("--config.trian.steps=3", "unknown config key trian (--config.trian.steps=3); did you mean train?"),
+    ("--config.train.steps.x=3", "config key train.steps is a value (int), not a section with key 'x' "
+                                 "(--config.train.steps.x=3)"),
+])
+def test_unknown_config_key_is_one_clean_line_with_a_suggestion(tmp_path, corpus, override, expected):
+  result = run(train_cmd(str(tmp_path / "w"), corpus, override))
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {expected}"], result.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, corpus):
+  """`train.py --config configs/llama3_8b_finetune.py --config.model.hf_checkpoint=DIR --config.data.path=DATA`
+  on a tiny transformers Llama saved with its tokenizer: the run uses that tokenizer (none trained in the workdir)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from galore_jax.train import data
+
+  checkpoint = tmp_path / "hf"
+  documents = [open(os.path.join(corpus, name)).read() for name in sorted(os.listdir(corpus))]
+  tokenizer = data.train_tokenizer(documents, 320)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(checkpoint)
+  tokenizer.save_pretrained(checkpoint)
+  workdir = tmp_path / "w"
+  small = ["--config.data.seq_len=32", "--config.train.batch_size=4", "--config.train.grad_accum=1",
+           "--config.train.steps=2", "--config.optimizer.rank=8", "--config.eval.batches=1"]
+  result = run([sys.executable, "train.py", "--config", "configs/llama3_8b_finetune.py",
+                f"--config.model.hf_checkpoint={checkpoint}", f"--config.data.path={corpus}",
+                f"--config.workdir={workdir}", *small])
+  assert result.returncode == 0, result.stderr[-3000:]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["data"]["tokenizer"] == str(checkpoint) and not (workdir / "tokenizer").exists()
+  train, evals = train_lines(str(workdir))
+  assert [r["step"] for r in train] == [2] and abs(evals[0]["eval_loss"] - np.log(320)) < 0.5  # a random init
