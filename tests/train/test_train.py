@@ -246,3 +246,60 @@ def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, c
   assert saved["data"]["tokenizer"] == str(checkpoint) and not (workdir / "tokenizer").exists()
   train, evals = train_lines(str(workdir))
   assert [r["step"] for r in train] == [2] and abs(evals[0]["eval_loss"] - np.log(320)) < 0.5  # a random init
+
+
+# ----------------------------------------------------------------------------- load_model: a checkpoint in Python
+
+
+def tree_snapshot(root):
+  return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_load_model_holds_the_checkpoints_parameters_and_gives_the_runs_eval_loss(tmp_path, finished_run):
+  import shutil
+
+  import jax
+  import orbax.checkpoint as ocp
+
+  from galore_jax.optim.plan import path_str
+  from galore_jax.train import config, data, load_model, steps
+
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  in_flight = workdir / "checkpoints" / "50.orbax-checkpoint-tmp-1234"  # a save a live run has not finished
+  in_flight.mkdir()
+  before = tree_snapshot(workdir)
+  model, cfg = load_model(str(workdir))
+  assert tree_snapshot(workdir) == before  # read only: the in-flight save survives
+
+  def flat(tree):  # orbax spells the layer indices as strings: compare by path
+    return {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  flat_disk = flat(ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "40" / "params")))
+  flat_loaded = flat(steps.params_of(model))
+  assert sorted(flat_disk) == sorted(flat_loaded) and "layers/1/mlp/down_proj/kernel" in flat_disk
+  for key, value in flat_disk.items():
+    np.testing.assert_array_equal(np.asarray(flat_loaded[key]), np.asarray(value), err_msg=key)
+
+  dataset = data.build_data(cfg.data, workdir=str(workdir), vocab_size=config.model_config(cfg).vocab_size,
+                            batch_size=cfg.train.batch_size, eval_batches=cfg.eval.batches,
+                            eval_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=cfg.seed)
+  totals = [steps.loss_and_tokens(model, batch, cfg.data.packing) for batch in dataset.eval_batches]
+  eval_loss = sum(float(loss) for loss, _ in totals) / sum(float(tokens) for _, tokens in totals)
+  assert abs(eval_loss - train_lines(finished_run)[1][-1]["eval_loss"]) < 1e-5  # train.py's step-40 eval
+
+  older, _ = load_model(str(workdir), step=30)
+  assert not np.array_equal(np.asarray(older.embed.embedding[...]), np.asarray(model.embed.embedding[...]))
+
+
+def test_load_model_refuses_what_is_not_there(tmp_path, finished_run):
+  from galore_jax.train import RunNotLoadable, load_model
+
+  with pytest.raises(RunNotLoadable, match=r"step 7 is not among the saved steps \[30, 40\]"):
+    load_model(finished_run, step=7)
+  with pytest.raises(RunNotLoadable, match="has no config.json"):
+    load_model(str(tmp_path))
+  (tmp_path / "config.json").write_text(open(os.path.join(finished_run, "config.json")).read())
+  with pytest.raises(RunNotLoadable, match="has no checkpoint"):
+    load_model(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]  # nothing created
