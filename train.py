@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -35,10 +36,12 @@ def fail(message: str) -> None:
 
 
 def prepare_workdir(workdir: str) -> None:
+  """Create ``workdir`` and check that a file can be written there. The probe file has a name of its own:
+  every process of a multi-host run probes the same workdir at once."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
-    with open(probe, "w") as f:
+    descriptor, probe = tempfile.mkstemp(prefix=".write_probe-", dir=workdir)
+    with os.fdopen(descriptor, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
@@ -67,13 +70,26 @@ class NoMetrics:
 
 
 def initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when the environment names a coordinator (multi-host runs only)."""
+  """``jax.distributed.initialize`` when ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) is set: one process
+  per host, each with ``JAX_NUM_PROCESSES`` and its own ``JAX_PROCESS_ID``. Bad values, or a coordinator that
+  does not answer, are bad input. On CPUs the processes' collectives go over gloo (jax's default)."""
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  host, _, port = address.rpartition(":")
+  if not (host and port.isdigit() and 0 < int(port) < 65536):  # jax's gRPC server crashes on a bad port
+    fail(f"JAX_COORDINATOR_ADDRESS must be host:port, got {address!r}")
+  count, index = os.environ.get("JAX_NUM_PROCESSES", ""), os.environ.get("JAX_PROCESS_ID", "")
+  if not (count.isdigit() and index.isdigit() and int(index) < int(count)):
+    fail(f"JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers with "
+         f"0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES, got {count!r} and {index!r}")
   import jax
 
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
+  except Exception as e:  # noqa: BLE001 - jax raises RuntimeError or its XlaRuntimeError, with a gRPC dump
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fail(f"jax.distributed.initialize (coordinator {address}, process {index} of {count}) failed: {reason}")
 
 
 def run(cfg) -> None:

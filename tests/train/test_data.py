@@ -464,3 +464,25 @@ def test_corrupt_token_cache_is_named_with_the_directory_to_delete(folder, tmp_p
   assert f"delete the directory '{cache}'" in message and "\n" not in message
   shutil.rmtree(cache)  # the advice works
   assert build(str(folder), tmp_path / "w").stats["train_tokens"] > 0
+
+
+def test_caches_built_by_two_processes_at_once_keep_the_first_published(folder, tmp_path, monkeypatch):
+  """The processes of a multi-host run build one workdir's tokenizer and token cache at once: the one that
+  publishes second drops its copy and reads the first's (os.replace cannot replace a non-empty directory)."""
+  import shutil
+
+  build(str(folder), tmp_path / "other")
+  write_dir_atomically = data._write_dir_atomically
+
+  def another_process_publishes_first(final, write, *marker):
+    shutil.copytree(str(final).replace(str(tmp_path / "w"), str(tmp_path / "other")), final)
+    open(os.path.join(final, "published_by_the_other_process"), "w").close()
+    write_dir_atomically(final, write, *marker)
+
+  monkeypatch.setattr(data, "_write_dir_atomically", another_process_publishes_first)
+  built = build(str(folder), tmp_path / "w")
+  (cache,) = (tmp_path / "w" / "data_cache").iterdir()
+  for kept in (tmp_path / "w" / "tokenizer", cache):
+    assert (kept / "published_by_the_other_process").exists()
+  assert not [p for p in (tmp_path / "w").rglob(".tmp-*")]
+  np.testing.assert_array_equal(built.train.rows.tokens_N, np.load(cache / "train_tokens.npy"))

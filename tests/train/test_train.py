@@ -23,20 +23,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small real-text corpus that does not change with the code under test: the standard library's email package."""
-  import email
-
-  folder = tmp_path_factory.mktemp("corpus")
-  for dirpath, _, files in os.walk(os.path.dirname(email.__file__)):
-    for name in sorted(files):
-      if name.endswith(".py"):
-        with open(os.path.join(dirpath, name)) as src:
-          (folder / f"{os.path.basename(dirpath)}_{name}.txt").write_text(src.read())
-  return str(folder)
-
-
 def train_cmd(workdir, corpus, *extra, steps=30):
   return [sys.executable, "train.py", "--config=configs/tiny.py", f"--config.workdir={workdir}",
           f"--config.data.path={corpus}", f"--config.train.steps={steps}", *TINY, *extra]
@@ -303,3 +289,26 @@ def test_load_model_refuses_what_is_not_there(tmp_path, finished_run):
   with pytest.raises(RunNotLoadable, match="has no checkpoint"):
     load_model(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["config.json"]  # nothing created
+
+
+def test_workdir_probe_survives_processes_probing_at_once(tmp_path):
+  """Every process of a multi-host run checks the shared workdir at the same moment."""
+  import threading
+
+  import train
+
+  refused = []
+
+  def probe():
+    for _ in range(1000):
+      try:
+        train.prepare_workdir(str(tmp_path / "w"))
+      except SystemExit as e:
+        refused.append(e)
+
+  threads = [threading.Thread(target=probe) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not refused and os.listdir(tmp_path / "w") == []
