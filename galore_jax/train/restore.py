@@ -19,7 +19,7 @@ import os
 
 from galore_jax.train.checkpoint import CheckpointMismatch, Checkpoints
 
-__all__ = ["CheckpointMismatch", "RunNotLoadable", "load_model", "load_run_config", "saved_steps"]
+__all__ = ["CheckpointMismatch", "RunNotLoadable", "load_model", "load_run_config"]
 
 
 class RunNotLoadable(ValueError):
@@ -42,18 +42,6 @@ def load_run_config(workdir: str):
   return cfg
 
 
-def saved_steps(workdir: str) -> list[int]:
-  """The checkpoint steps of ``workdir``, ascending (empty when it has none)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  ckpts = Checkpoints(directory, every=1, keep=1, async_save=False, read_only=True)
-  try:
-    return sorted(ckpts.all_steps())
-  finally:
-    ckpts.close()
-
-
 def load_model(workdir: str, step: int | None = None):
   """``(model, config)``: the Flax NNX Llama of ``workdir``'s checkpoint ``step`` and the run's config.
 
@@ -66,7 +54,8 @@ def load_model(workdir: str, step: int | None = None):
     device, in the dtypes they were trained in; ``config``: the run's ConfigDict.
 
   Raises:
-    RunNotLoadable: no ``config.json``, no checkpoint, or ``step`` is not a saved step.
+    RunNotLoadable: no readable ``config.json``, no checkpoint, ``step`` is not a saved step, or its
+      files cannot be read.
     CheckpointMismatch: the checkpoint's parameters differ from what the config builds.
   """
   from flax import nnx
@@ -74,16 +63,25 @@ def load_model(workdir: str, step: int | None = None):
   from galore_jax.train import config, steps
 
   cfg = load_run_config(workdir)
-  saved = saved_steps(workdir)
-  if not saved:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
     raise RunNotLoadable(f"workdir {workdir!r} has no checkpoint")
-  step = saved[-1] if step is None else step
-  if step not in saved:
-    raise RunNotLoadable(f"step {step} is not among the saved steps {saved} of {workdir!r}")
   abstract = config.abstract_model(cfg)
-  ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=1, async_save=False, read_only=True)
+  ckpts = Checkpoints(directory, every=1, keep=1, async_save=False, read_only=True)
   try:
-    params, _ = ckpts.restore_params(step, steps.params_of(abstract))
+    saved = sorted(ckpts.all_steps())
+    if not saved:
+      raise RunNotLoadable(f"workdir {workdir!r} has no checkpoint")
+    step = saved[-1] if step is None else step
+    if step not in saved:
+      raise RunNotLoadable(f"step {step} is not among the saved steps {saved} of {workdir!r}")
+    try:
+      params, _ = ckpts.restore_params(step, steps.params_of(abstract))
+    except CheckpointMismatch:
+      raise
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for unreadable files
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise RunNotLoadable(f"checkpoint step {step} in {ckpts.directory} cannot be read: {reason}") from None
   finally:
     ckpts.close()
   return nnx.merge(nnx.graphdef(abstract), params), cfg

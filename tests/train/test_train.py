@@ -218,7 +218,7 @@ def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, c
   tokenizer = data.train_tokenizer(documents, 320)
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
       num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(checkpoint)
   tokenizer.save_pretrained(checkpoint)
   workdir = tmp_path / "w"
@@ -289,6 +289,21 @@ def test_load_model_refuses_what_is_not_there(tmp_path, finished_run):
   with pytest.raises(RunNotLoadable, match="has no checkpoint"):
     load_model(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["config.json"]  # nothing created
+
+
+def test_load_model_names_an_unreadable_checkpoint(tmp_path, finished_run):
+  import shutil
+
+  from galore_jax.train import RunNotLoadable, load_model
+
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(finished_run, workdir)
+  for path in (workdir / "checkpoints" / "40" / "params").rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # the array data, not the metadata
+      path.write_bytes(b"garbage")
+  with pytest.raises(RunNotLoadable, match=rf"checkpoint step 40 in {workdir}/checkpoints cannot be read: "):
+    load_model(str(workdir))
+  assert load_model(str(workdir), step=30)[1].train.steps == 40
 
 
 def test_workdir_probe_survives_processes_probing_at_once(tmp_path):
