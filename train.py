@@ -28,8 +28,8 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -68,8 +68,8 @@ def prepare_workdir(workdir: str, lock: bool):
     if lock:
       held = workdir_lib.WorkdirLock(workdir)
       held.acquire()
-    probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")  # one per process
-    with open(probe, "w") as f:
+    descriptor, probe = tempfile.mkstemp(prefix=".write_probe-", dir=workdir)  # one per process of a run
+    with os.fdopen(descriptor, "w") as f:
       f.write("ok")
     os.remove(probe)
   except workdir_lib.WorkdirBusy as e:
@@ -150,13 +150,26 @@ class NoMetrics:
 
 
 def initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when the environment names a coordinator (multi-host runs only)."""
+  """``jax.distributed.initialize`` when ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) is set: one process
+  per host, each with ``JAX_NUM_PROCESSES`` and its own ``JAX_PROCESS_ID``. Bad values, or a coordinator that
+  does not answer, are bad input. On CPUs the processes' collectives go over gloo (jax's default)."""
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  host, _, port = address.rpartition(":")
+  if not (host and port.isdigit() and 0 < int(port) < 65536):  # jax's gRPC server crashes on a bad port
+    fail(f"JAX_COORDINATOR_ADDRESS must be host:port, got {address!r}")
+  count, index = os.environ.get("JAX_NUM_PROCESSES", ""), os.environ.get("JAX_PROCESS_ID", "")
+  if not (count.isdigit() and index.isdigit() and int(index) < int(count)):
+    fail(f"JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers with "
+         f"0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES, got {count!r} and {index!r}")
   import jax
 
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
+  except Exception as e:  # noqa: BLE001 - jax raises RuntimeError or its XlaRuntimeError, with a gRPC dump
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fail(f"jax.distributed.initialize (coordinator {address}, process {index} of {count}) failed: {reason}")
 
 
 @dataclasses.dataclass
@@ -430,12 +443,14 @@ def finish(r: Run, stop: StopRequests) -> None:
 
 
 def parse_config():
-  """The config file plus --config.x.y overrides; any command-line mistake is bad input."""
+  """The config file plus --config.x.y overrides, resolved (:func:`galore_jax.train.config.resolve`); any
+  command-line mistake is bad input."""
   overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
   args = sys.argv[1:]
   given = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
   given += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-  path = (given[-1] if given else "configs/tiny.py").split(":")[0]
+  spec = given[-1] if given else "configs/tiny.py"
+  path = spec.split(":")[0]
   if not os.path.isfile(path):
     fail(f"config file {path!r} does not exist")
   try:
@@ -445,10 +460,55 @@ def parse_config():
   except flags.Error as e:
     fail(str(e).splitlines()[0])
   except (AttributeError, KeyError) as e:
-    fail(f"unknown config key {str(e).strip(chr(34))} in {overrides}")
+    fail(unknown_key(spec, args) or f"bad config override in {overrides}: {innermost_message(e)}")
   except (ValueError, TypeError, OSError) as e:
     fail(f"bad config ({overrides or 'no overrides'}): {str(e).splitlines()[0]}")
+  from galore_jax.train import config as run_config
+
+  try:
+    run_config.resolve(config.value)
+  except run_config.ConfigError as e:
+    fail(str(e))
   return config.value
+
+
+def innermost_message(error: BaseException) -> str:
+  """The first line of the innermost message: ml_collections wraps a KeyError('...') in an AttributeError."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0] if error.args else error).strip().strip("'\"")
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def unknown_key(spec: str, args: list[str]) -> str | None:
+  """``unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?`` for the first
+  override naming a key the config file does not have; None when every override names one.
+
+  The config file is read again (ml_collections' own message is a multi-line repr of a KeyError).
+  """
+  import difflib
+  import runpy
+
+  from ml_collections import config_dict
+
+  path, _, argument = spec.partition(":")
+  cfg = runpy.run_path(path)["get_config"](*([argument] if argument else []))
+  for arg in args:
+    if not arg.startswith("--config."):
+      continue
+    walked, node = [], cfg
+    for part in arg[len("--config."):].split("=", 1)[0].split("."):
+      if not isinstance(node, config_dict.ConfigDict):
+        value = f"{'.'.join(walked)} is a value ({type(node).__name__})"
+        return f"config key {value}, not a section with key {part!r} ({arg})"
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        where = ".".join(walked) or "the config"
+        hint = f"did you mean {'.'.join(walked + close)}?" if close else f"{where} has {', '.join(sorted(node.keys()))}"
+        return f"unknown config key {'.'.join(walked + [part])} ({arg}); {hint}"
+      walked.append(part)
+      node = node[part]
+  return None
 
 
 def main() -> None:

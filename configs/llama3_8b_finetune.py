@@ -3,6 +3,7 @@
 Point it at a directory with config.json, safetensors and tokenizer files:
   python train.py --config configs/llama3_8b_finetune.py --config.model.hf_checkpoint=/path/to/Meta-Llama-3-8B \
       --config.data.path=/path/to/my_corpus
+The tokenizer is the checkpoint's own (data.tokenizer unset); --config.data.tokenizer=DIR takes another.
 """
 
 from configs.base import base
@@ -16,7 +17,6 @@ def get_config():
   c.model.param_dtype = "bfloat16"
   c.model.dtype = "bfloat16"
   c.model.remat = True
-  c.data.tokenizer = "checkpoints/Meta-Llama-3-8B"
   c.data.seq_len = 1024
   c.data.packing = True
   c.train.batch_size = 16

@@ -116,21 +116,21 @@ def _placed(tree):
 class Checkpoints:
   """A run's checkpoint directory: save every ``every`` steps, keep the latest ``keep``.
 
-  ``read_only`` opens it without creating or deleting anything (for evaluation): a missing directory
-  simply has no steps.
+  ``read_only=True`` (readers: evaluation, :func:`galore_jax.train.load_model`) creates, deletes and
+  cleans up nothing: orbax would otherwise create the directory and delete the temporary directory of a
+  save that a training run still has in flight.
   """
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True)
-    else:
-      options = ocp.CheckpointManagerOptions(
-          save_decision_policy=checkpoint_managers.FixedIntervalPolicy(every),
-          preservation_policy=checkpoint_managers.LatestN(n=keep),
-          enable_async_checkpointing=async_save,
-          cleanup_tmp_directories=True,
-      )
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=checkpoint_managers.FixedIntervalPolicy(every),
+        preservation_policy=checkpoint_managers.LatestN(n=keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(META_FILE)}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

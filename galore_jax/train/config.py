@@ -222,3 +222,32 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
   if cfg.train.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
   return tx
+
+
+# String keys whose None means "not given" (a default chosen elsewhere); None, none or an empty value on the command
+# line unsets them (ml_collections would otherwise keep the string 'None').
+UNSET_SPELLINGS = (None, "", "None", "none")
+OPTIONAL_STRINGS = ("model.hf_checkpoint", "data.path", "data.tokenizer", "optimizer.moment_dtype")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def resolve(cfg) -> None:
+  """Settle, in place, what the command line leaves implicit, before :func:`validate` and before the config is
+  saved to ``config.json`` (so ``eval.py`` and :func:`galore_jax.train.load_model` see the same run):
+
+  * the keys of :data:`OPTIONAL_STRINGS` given as ``None``/``none``/empty become None;
+  * ``data.tokenizer`` unset with ``model.hf_checkpoint`` set is that checkpoint's directory: a fine-tune
+    keeps the token ids its embedding was trained with. A checkpoint directory without tokenizer files
+    (:data:`TOKENIZER_FILES`) is a :class:`ConfigError` (a BPE trained here would not match its ids).
+  """
+  for name in OPTIONAL_STRINGS:
+    section, key = name.split(".")
+    if cfg[section][key] in UNSET_SPELLINGS:
+      cfg[section][key] = None
+  checkpoint = cfg.model.hf_checkpoint
+  if checkpoint is None or cfg.data.tokenizer is not None or not os.path.isdir(checkpoint):
+    return  # a missing checkpoint directory is reported by validate (model_config)
+  if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in TOKENIZER_FILES):
+    raise ConfigError(f"model.hf_checkpoint {checkpoint!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): "
+                      "give one with --config.data.tokenizer=DIR")
+  cfg.data.tokenizer = checkpoint

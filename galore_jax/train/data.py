@@ -26,9 +26,12 @@ Decisions (see also ``build_data``):
   cache trained on a different corpus. Each document is encoded without special tokens and gets
   ``eos`` appended; nothing is prepended.
 * **Token cache.** ``workdir/data_cache/<key>/{train,val}_{tokens,offsets}.npy`` where ``key`` hashes the
-  split documents' contents and the tokenizer; reloaded memory-mapped. Files are parsed by ``datasets``
-  into a temporary cache that is removed afterwards (the corpus is re-read and re-hashed each run,
-  which is cheap next to tokenizing). Caches are written to a temporary directory and renamed.
+  split documents' contents and the tokenizer; reloaded memory-mapped and checked against the token counts
+  in its ``meta.json`` (a truncated or corrupt file is refused, naming it and the directory to delete).
+  Files are parsed by ``datasets`` into a temporary cache that is removed afterwards (the corpus is
+  re-read and re-hashed each run, which is cheap next to tokenizing). Caches are written to a temporary
+  directory and renamed; a file ``datasets`` cannot parse is named with its reason (not UTF-8 text, the
+  first line that is not a JSON object, not parquet).
 * **Rows.** ``packing=True``: the split's token stream is cut into rows of ``seq_len + 1`` tokens that
   overlap by one (row ``r`` = ``tokens[r*S : r*S + S + 1]``) so every token but the first is a target
   exactly once; the last, shorter row is padded. Segment ids number the documents inside a row from 1
@@ -173,19 +176,24 @@ def _corpus_files(path: str) -> dict[str, list[str]]:
 
 @contextlib.contextmanager
 def _quiet_offline_datasets():
-  """HF ``datasets`` with the hub off (local files only) and without progress bars."""
+  """HF ``datasets`` with the hub off (local files only), without progress bars and without its log lines
+  (a file it cannot parse is logged as an ERROR before it raises; the caller reports it in one line)."""
   os.environ["HF_DATASETS_OFFLINE"] = "1"
   os.environ["HF_HUB_OFFLINE"] = "1"
   import datasets
+  from datasets.utils import logging as datasets_logging
 
   for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # read at import time: set them if already imported
     if hasattr(datasets.config, name):
       setattr(datasets.config, name, True)
   was_disabled = datasets.are_progress_bars_disabled()
+  verbosity = datasets_logging.get_verbosity()
   datasets.disable_progress_bars()
+  datasets_logging.set_verbosity(datasets_logging.CRITICAL + 1)
   try:
     yield datasets
   finally:
+    datasets_logging.set_verbosity(verbosity)
     if not was_disabled:
       datasets.enable_progress_bars()
 
@@ -246,9 +254,66 @@ def _load_documents(path: str, text_field: str, cache_dir: str) -> list[str]:
         try:
           loaded = datasets.load_dataset(kind, data_files=files[kind], split="train", cache_dir=cache_dir, **options)
         except Exception as e:  # noqa: BLE001 - any failure is bad input here
+          culprit = _unreadable_file(kind, files[kind])
+          if culprit:
+            raise ValueError(f"data.path {path!r}: {culprit}") from None
           raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({_one_line(e)})") from None
         documents += _column(loaded, text_field if kind != "text" else "text", f"the {kind} files of {path!r}")
   return [d for d in documents if d.strip()]
+
+
+def _unreadable_file(kind: str, files: Sequence[str]) -> str | None:
+  """Why the first unreadable file of ``files`` cannot be read, in words naming it; None if none is found.
+
+  ``datasets`` reports a bad file as a generic DatasetGenerationError without its name: this re-reads the
+  files (only after a failure) to say which one is not UTF-8 text, which JSON line does not parse, or
+  which file is not parquet.
+  """
+  for path in files:
+    problem = _parquet_problem(path) if kind == "parquet" else _text_problem(path, json_lines=kind == "json")
+    if problem:
+      return f"file {path!r} {problem}"
+  return None
+
+
+def _text_problem(path: str, json_lines: bool) -> str | None:
+  """``is not UTF-8 text (...)`` or ``line N is not a JSON object (...)``; None when the file reads."""
+  bad_line = None
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return f"is not UTF-8 text (line {number} has byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+      if json_lines and bad_line is None and line.strip():
+        try:
+          row = json.loads(line)
+          if not isinstance(row, dict):
+            bad_line = f"line {number} is a JSON {type(row).__name__}, not an object"
+        except json.JSONDecodeError as e:
+          bad_line = f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+  if bad_line and not _is_one_json_document(path):  # datasets also reads a .json file holding one list/object
+    return bad_line
+  return None
+
+
+def _is_one_json_document(path: str) -> bool:
+  try:
+    with open(path, encoding="utf-8") as f:
+      json.load(f)
+    return True
+  except ValueError:
+    return False
+
+
+def _parquet_problem(path: str) -> str | None:
+  import pyarrow.parquet
+
+  try:
+    pyarrow.parquet.ParquetFile(path)
+    return None
+  except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not parquet
+    return f"is not a readable parquet file ({_one_line(e)})"
 
 
 def cap_documents(documents: Sequence[str], max_documents: int | None, max_bytes: int | None) -> list[str]:
@@ -346,14 +411,27 @@ def load_tokenizer(path: str):
     raise ValueError(f"data.tokenizer {path!r} could not be loaded ({_one_line(e)})") from None
 
 
-def _write_dir_atomically(final: str, write) -> None:
-  """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``final`` (a killed run leaves no half-written cache)."""
+def _write_dir_atomically(final: str, write, marker: str) -> None:
+  """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``final`` (a killed run leaves no half-written cache).
+
+  ``final/marker`` exists once ``final`` is complete. The processes of a multi-host run build the same
+  caches in the same workdir at once: when another one has published a complete ``final`` first, its copy
+  is kept and this one dropped (the caller reads ``final`` back, so every process uses the same files). A
+  ``final`` without its marker (left by an older layout) is replaced.
+  """
   parent = os.path.dirname(os.path.abspath(final))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
   try:
     write(tmp)
-    os.replace(tmp, final)
+    if os.path.isdir(final) and not os.path.isfile(os.path.join(final, marker)):
+      shutil.rmtree(final, ignore_errors=True)
+    try:
+      os.replace(tmp, final)
+    except OSError:  # a non-empty final: ENOTEMPTY or EEXIST
+      if not os.path.isfile(os.path.join(final, marker)):
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -381,9 +459,7 @@ def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: i
       with open(os.path.join(tmp, CORPUS_RECORD), "w") as f:
         json.dump(record, f)
 
-    if os.path.isdir(directory):  # left without a record (an interrupted older layout): replace it
-      shutil.rmtree(directory)
-    _write_dir_atomically(directory, write)
+    _write_dir_atomically(directory, write, CORPUS_RECORD)
   return load_tokenizer(directory)
 
 
@@ -443,12 +519,49 @@ def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Seq
       with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({"key": json.loads(key_source), "tokens": {n: int(a[0].size) for n, a in arrays.items()}}, f)
 
-    if os.path.isdir(directory):
-      shutil.rmtree(directory)
-    _write_dir_atomically(directory, write)
-    return arrays
-  return {name: (np.load(os.path.join(directory, f"{name}_tokens.npy"), mmap_mode="r"),
-                 np.load(os.path.join(directory, f"{name}_offsets.npy"))) for name in splits}
+    _write_dir_atomically(directory, write, "meta.json")
+  return _load_token_cache(directory, splits)
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+class CorruptCache(ValueError):
+  """A token-cache file that cannot be read or does not match its ``meta.json``."""
+
+
+def _load_token_cache(directory: str, names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """The cached ``(tokens_N, offsets_D1)`` of each split, checked against ``meta.json``'s token counts.
+
+  A truncated, missing or inconsistent file raises :class:`CorruptCache` naming it and saying to delete
+  ``directory`` (a cache: the next run rebuilds it).
+  """
+  def corrupt(path, reason):
+    return CorruptCache(f"token cache file {path!r} is truncated or corrupt ({reason}); delete the directory "
+                        f"{directory!r} (a cache: the next run rebuilds it)")
+
+  def read(path, reader):
+    try:
+      return reader(path)
+    except (ValueError, OSError, EOFError) as e:  # np.load / json raise these for short or garbled files
+      raise corrupt(path, _one_line(e)) from None
+
+  meta_path = os.path.join(directory, "meta.json")
+  counts = read(meta_path, _read_json)
+  arrays = {}
+  for name in names:
+    tokens_path, offsets_path = (os.path.join(directory, f"{name}_{kind}.npy") for kind in ("tokens", "offsets"))
+    tokens_N = read(tokens_path, lambda p: np.load(p, mmap_mode="r"))
+    offsets_D1 = read(offsets_path, np.load)
+    expected = counts.get("tokens", {}).get(name) if isinstance(counts, dict) else None
+    if tokens_N.ndim != 1 or tokens_N.size != expected:
+      raise corrupt(tokens_path, f"{tokens_N.size} tokens, {meta_path!r} records {expected}")
+    if offsets_D1.ndim != 1 or offsets_D1.size == 0 or offsets_D1[0] != 0 or offsets_D1[-1] != tokens_N.size:
+      raise corrupt(offsets_path, f"its document offsets do not span the {tokens_N.size} tokens")
+    arrays[name] = (tokens_N, offsets_D1)
+  return arrays
 
 
 # ----------------------------------------------------------------------------- rows and batches

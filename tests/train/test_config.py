@@ -73,3 +73,35 @@ def test_bad_optimizer_values_are_refused(key, value, needle):
   cfg = make_config(name="galore_adamw_8bit", **{key: value})
   with pytest.raises(config.ConfigError, match=needle):
     config.validate(cfg)
+
+
+# ----------------------------------------------------------------------------- resolve: what the command line leaves implicit
+
+
+@pytest.mark.parametrize("spelling", ["None", "none", ""])
+def test_none_or_empty_on_the_command_line_unsets_optional_strings(spelling):
+  cfg = base()
+  for name in config.OPTIONAL_STRINGS:
+    section, key = name.split(".")
+    cfg[section][key] = spelling
+  config.resolve(cfg)
+  assert [cfg[n.split(".")[0]][n.split(".")[1]] for n in config.OPTIONAL_STRINGS] == [None] * 4
+
+
+def test_tokenizer_defaults_to_the_hf_checkpoints_own(tmp_path):
+  checkpoint = tmp_path / "hf"
+  checkpoint.mkdir()
+  cfg = base()
+  cfg.model.hf_checkpoint, cfg.data.tokenizer = str(checkpoint), "None"
+  with pytest.raises(config.ConfigError, match=rf"model.hf_checkpoint '{checkpoint}' holds no tokenizer.*"
+                                               r"--config.data.tokenizer=DIR"):
+    config.resolve(cfg)
+  (checkpoint / "tokenizer.json").write_text("{}")
+  config.resolve(cfg)
+  assert cfg.data.tokenizer == str(checkpoint)
+  cfg.data.tokenizer = str(tmp_path / "other")  # an explicit tokenizer is kept
+  config.resolve(cfg)
+  assert cfg.data.tokenizer == str(tmp_path / "other")
+  cfg.model.hf_checkpoint, cfg.data.tokenizer = str(tmp_path / "missing"), None  # validate reports a missing model
+  config.resolve(cfg)
+  assert cfg.data.tokenizer is None

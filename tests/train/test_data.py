@@ -411,3 +411,78 @@ def test_corpus_too_small_to_split(tmp_path):
   path.write_text("x")
   with pytest.raises(ValueError, match="one.txt"):
     build(str(path), tmp_path / "w", validation_fraction=0.5)
+
+
+def test_file_that_is_not_utf8_text_is_named(folder, tmp_path):
+  (folder / "050.txt").write_bytes(b"fine first line\nthen \xff\xfe binary\n")
+  with pytest.raises(ValueError, match=r"file '[^']*050\.txt' is not UTF-8 text \(line 2 has byte 0xff at column 6\)"):
+    build(str(folder), tmp_path / "w")
+
+
+def test_malformed_json_line_is_named_without_library_log_lines(tmp_path, capfd):
+  rows = [json.dumps({"text": d}) for d in docs(10)]
+  for name, bad, needle in [("broken.jsonl", '{"text": unquoted}', r"line 4 is not valid JSON \(Expecting value"),
+                            ("list.jsonl", '["text"]', "line 4 is a JSON list, not an object")]:
+    (tmp_path / name).write_text("\n".join(rows[:3] + [bad] + rows[3:]) + "\n")
+    with pytest.raises(ValueError, match=rf"file '[^']*{name}' {needle}") as info:
+      build(str(tmp_path / name), tmp_path / "w")
+    assert "\n" not in str(info.value)
+  assert capfd.readouterr().err == ""  # datasets logs an ERROR line per bad file unless silenced
+
+
+def test_json_file_holding_one_document_is_not_blamed_line_by_line(tmp_path):
+  """A .json file may be one JSON list (datasets reads it); a bad one elsewhere is the one named."""
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.json").write_text(json.dumps([{"text": d} for d in docs(10)], indent=1))
+  (tmp_path / "c" / "b.jsonl").write_text('{"text": "x"}\n{"text": \n')
+  with pytest.raises(ValueError, match=r"b\.jsonl' line 2 is not valid JSON"):
+    build(str(tmp_path / "c"), tmp_path / "w")
+
+
+def test_file_that_is_not_parquet_is_named(folder, tmp_path):
+  (folder / "z.parquet").write_bytes(b"PAR1 but not really")
+  with pytest.raises(ValueError, match=r"file '[^']*z\.parquet' is not a readable parquet file"):
+    build(str(folder), tmp_path / "w")
+
+
+@pytest.mark.parametrize("damage", ["truncate_tokens", "truncate_offsets", "shorter_tokens", "bad_meta"])
+def test_corrupt_token_cache_is_named_with_the_directory_to_delete(folder, tmp_path, damage):
+  import shutil
+
+  build(str(folder), tmp_path / "w")
+  (cache,) = (tmp_path / "w" / "data_cache").iterdir()
+  target = {"truncate_tokens": "train_tokens.npy", "truncate_offsets": "val_offsets.npy",
+            "shorter_tokens": "train_tokens.npy", "bad_meta": "meta.json"}[damage]
+  path = cache / target
+  if damage == "shorter_tokens":  # a whole, readable .npy file with fewer tokens than meta.json records
+    np.save(path, np.load(path)[:-5])
+  else:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2 + 20])
+  with pytest.raises(ValueError, match=rf"token cache file '{path}' is truncated or corrupt") as info:
+    build(str(folder), tmp_path / "w")
+  message = str(info.value)
+  assert f"delete the directory '{cache}'" in message and "\n" not in message
+  shutil.rmtree(cache)  # the advice works
+  assert build(str(folder), tmp_path / "w").stats["train_tokens"] > 0
+
+
+def test_caches_built_by_two_processes_at_once_keep_the_first_published(folder, tmp_path, monkeypatch):
+  """The processes of a multi-host run build one workdir's tokenizer and token cache at once: the one that
+  publishes second drops its copy and reads the first's (os.replace cannot replace a non-empty directory)."""
+  import shutil
+
+  build(str(folder), tmp_path / "other")
+  write_dir_atomically = data._write_dir_atomically
+
+  def another_process_publishes_first(final, write, *marker):
+    shutil.copytree(str(final).replace(str(tmp_path / "w"), str(tmp_path / "other")), final)
+    open(os.path.join(final, "published_by_the_other_process"), "w").close()
+    write_dir_atomically(final, write, *marker)
+
+  monkeypatch.setattr(data, "_write_dir_atomically", another_process_publishes_first)
+  built = build(str(folder), tmp_path / "w")
+  (cache,) = (tmp_path / "w" / "data_cache").iterdir()
+  for kept in (tmp_path / "w" / "tokenizer", cache):
+    assert (kept / "published_by_the_other_process").exists()
+  assert not [p for p in (tmp_path / "w").rglob(".tmp-*")]
+  np.testing.assert_array_equal(built.train.rows.tokens_N, np.load(cache / "train_tokens.npy"))

@@ -24,20 +24,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small real-text corpus that does not change with the code under test: the standard library's email package."""
-  import email
-
-  folder = tmp_path_factory.mktemp("corpus")
-  for dirpath, _, files in os.walk(os.path.dirname(email.__file__)):
-    for name in sorted(files):
-      if name.endswith(".py"):
-        with open(os.path.join(dirpath, name)) as src:
-          (folder / f"{os.path.basename(dirpath)}_{name}.txt").write_text(src.read())
-  return str(folder)
-
-
 def train_cmd(workdir, corpus, *extra, steps=30):
   return [sys.executable, "train.py", "--config=configs/tiny.py", f"--config.workdir={workdir}",
           f"--config.data.path={corpus}", f"--config.train.steps={steps}", *TINY, *extra]
@@ -413,3 +399,140 @@ def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(t
   result = run([sys.executable, "eval.py", f"--workdir={bare}"])
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
   assert result.stderr.startswith(f"error: {bare}/config.json is not a readable config: Expecting")
+
+  assert "checkpoint" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.train.stepz=3", "unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?"),
+    ("--config.trian.steps=3", "unknown config key trian (--config.trian.steps=3); did you mean train?"),
+    ("--config.train.steps.x=3", "config key train.steps is a value (int), not a section with key 'x' "
+                                 "(--config.train.steps.x=3)"),
+])
+def test_unknown_config_key_is_one_clean_line_with_a_suggestion(tmp_path, corpus, override, expected):
+  result = run(train_cmd(str(tmp_path / "w"), corpus, override))
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {expected}"], result.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, corpus):
+  """`train.py --config configs/llama3_8b_finetune.py --config.model.hf_checkpoint=DIR --config.data.path=DATA`
+  on a tiny transformers Llama saved with its tokenizer: the run uses that tokenizer (none trained in the workdir)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from galore_jax.train import data
+
+  checkpoint = tmp_path / "hf"
+  documents = [open(os.path.join(corpus, name)).read() for name in sorted(os.listdir(corpus))]
+  tokenizer = data.train_tokenizer(documents, 320)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(checkpoint)
+  tokenizer.save_pretrained(checkpoint)
+  workdir = tmp_path / "w"
+  small = ["--config.data.seq_len=32", "--config.train.batch_size=4", "--config.train.grad_accum=1",
+           "--config.train.steps=2", "--config.optimizer.rank=8", "--config.eval.batches=1"]
+  result = run([sys.executable, "train.py", "--config", "configs/llama3_8b_finetune.py",
+                f"--config.model.hf_checkpoint={checkpoint}", f"--config.data.path={corpus}",
+                f"--config.workdir={workdir}", *small])
+  assert result.returncode == 0, result.stderr[-3000:]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["data"]["tokenizer"] == str(checkpoint) and not (workdir / "tokenizer").exists()
+  train, evals = train_lines(str(workdir))
+  assert [r["step"] for r in train] == [2] and abs(evals[0]["eval_loss"] - np.log(320)) < 0.5  # a random init
+
+
+# ----------------------------------------------------------------------------- load_model: a checkpoint in Python
+
+
+def tree_snapshot(root):
+  return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_load_model_holds_the_checkpoints_parameters_and_gives_the_runs_eval_loss(tmp_path, finished_run):
+  import shutil
+
+  import jax
+  import orbax.checkpoint as ocp
+
+  from galore_jax.optim.plan import path_str
+  from galore_jax.train import config, data, load_model, steps
+
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  in_flight = workdir / "checkpoints" / "50.orbax-checkpoint-tmp-1234"  # a save a live run has not finished
+  in_flight.mkdir()
+  before = tree_snapshot(workdir)
+  model, cfg = load_model(str(workdir))
+  assert tree_snapshot(workdir) == before  # read only: the in-flight save survives
+
+  def flat(tree):  # orbax spells the layer indices as strings: compare by path
+    return {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  flat_disk = flat(ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "40" / "params")))
+  flat_loaded = flat(steps.params_of(model))
+  assert sorted(flat_disk) == sorted(flat_loaded) and "layers/1/mlp/down_proj/kernel" in flat_disk
+  for key, value in flat_disk.items():
+    np.testing.assert_array_equal(np.asarray(flat_loaded[key]), np.asarray(value), err_msg=key)
+
+  dataset = data.build_data(cfg.data, workdir=str(workdir), vocab_size=config.model_config(cfg).vocab_size,
+                            batch_size=cfg.train.batch_size, eval_batches=cfg.eval.batches,
+                            eval_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=cfg.seed)
+  totals = [steps.loss_and_tokens(model, batch, cfg.data.packing) for batch in dataset.eval_batches]
+  eval_loss = sum(float(loss) for loss, _ in totals) / sum(float(tokens) for _, tokens in totals)
+  assert abs(eval_loss - train_lines(finished_run)[1][-1]["eval_loss"]) < 1e-5  # train.py's step-40 eval
+
+  older, _ = load_model(str(workdir), step=30)
+  assert not np.array_equal(np.asarray(older.embed.embedding[...]), np.asarray(model.embed.embedding[...]))
+
+
+def test_load_model_refuses_what_is_not_there(tmp_path, finished_run):
+  from galore_jax.train import RunNotLoadable, load_model
+
+  with pytest.raises(RunNotLoadable, match=r"step 7 is not among the saved steps \[30, 40\]"):
+    load_model(finished_run, step=7)
+  with pytest.raises(RunNotLoadable, match="has no config.json"):
+    load_model(str(tmp_path))
+  (tmp_path / "config.json").write_text(open(os.path.join(finished_run, "config.json")).read())
+  with pytest.raises(RunNotLoadable, match="has no checkpoint"):
+    load_model(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]  # nothing created
+
+
+def test_load_model_names_an_unreadable_checkpoint(tmp_path, finished_run):
+  import shutil
+
+  from galore_jax.train import RunNotLoadable, load_model
+
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(finished_run, workdir)
+  for path in (workdir / "checkpoints" / "40" / "params").rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # the array data, not the metadata
+      path.write_bytes(b"garbage")
+  with pytest.raises(RunNotLoadable, match=rf"checkpoint step 40 in {workdir}/checkpoints cannot be read: "):
+    load_model(str(workdir))
+  assert load_model(str(workdir), step=30)[1].train.steps == 40
+
+
+def test_workdir_probe_survives_processes_probing_at_once(tmp_path):
+  """Every process of a multi-host run checks the shared workdir at the same moment."""
+  import threading
+
+  import train
+
+  refused = []
+
+  def probe():
+    for _ in range(1000):
+      try:
+        train.prepare_workdir(str(tmp_path / "w"), lock=False)
+      except SystemExit as e:
+        refused.append(e)
+
+  threads = [threading.Thread(target=probe) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not refused and os.listdir(tmp_path / "w") == []
