@@ -63,7 +63,9 @@ class GaLoreOptions:
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10
-      random columns, no power iteration), or a callable
+      random columns, no power iteration), ``"random"``
+      (:class:`~galore_jax.RandomProjection`: APOLLO's Gaussian projection, not
+      orthonormal, so ``on_refresh="project"`` and ``adaptive_gap`` are refused), or a callable
       ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis`` such as
       ``ExactRefresh(svd_algorithm="jacobi")`` (list it in ``static_args`` of
       :func:`optax.inject_hyperparams`). A callable that accepts the keywords
