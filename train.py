@@ -155,7 +155,7 @@ def run(cfg) -> None:
 
   galore = cfg.optimizer.name in config.LOW_RANK
   step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=galore, layerwise_updates=cfg.train.layerwise, layout=layout)
+                              report_overlap=config.reports_overlap(cfg), layerwise_updates=cfg.train.layerwise, layout=layout)
   put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))
   schedule = config.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
