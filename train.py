@@ -263,7 +263,7 @@ def start_up(cfg, primary: bool) -> Run:
   if primary:
     write_text_atomic(os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=cfg.optimizer.name in config.LOW_RANK,
+                              report_overlap=config.reports_overlap(cfg),
                               layerwise_updates=cfg.train.layerwise, layout=layout,
                               skip_nonfinite=cfg.train.nonfinite == "skip")
   put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))

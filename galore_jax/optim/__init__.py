@@ -18,10 +18,14 @@ from galore_jax.optim.adam8bit import (
 )
 from galore_jax.optim.alias import (
     GaLoreAdafactorState,
+    apollo_adamw,
+    apollo_mini,
+    fira_adamw,
     galore_adafactor,
     galore_adamw,
     galore_adamw_8bit,
 )
+from galore_jax.optim.apollo import ApolloRule, apollo
 from galore_jax.optim.basis import (
     Basis,
     Sides,
@@ -32,6 +36,7 @@ from galore_jax.optim.basis import (
     project_back,
     subspace_overlap,
 )
+from galore_jax.optim.fira import FiraRule, fira
 from galore_jax.optim.options import GaLoreOptions
 from galore_jax.optim.plan import (
     GaLoreDimensionNumbers,
@@ -41,6 +46,7 @@ from galore_jax.optim.plan import (
 from galore_jax.optim.refresh import (
     ExactRefresh,
     RandomizedRefresh,
+    RandomProjection,
     Sketch,
     exact_refresh,
     finish_sketch,
@@ -48,34 +54,45 @@ from galore_jax.optim.refresh import (
     randomized_svd_basis,
     svd_basis,
 )
+from galore_jax.optim.rules import ProjectBack, limit_norm_growth
 from galore_jax.optim.schedule import AdaptiveGap, refresh_offsets
 from galore_jax.optim.transform import GaLoreState, galore
 
 __all__ = [
     "AdaptiveGap",
+    "ApolloRule",
     "Basis",
     "ExactRefresh",
+    "FiraRule",
     "GaLoreAdafactorState",
     "GaLoreDimensionNumbers",
     "GaLoreOptions",
     "GaLoreState",
     "NothingTargetedWarning",
+    "ProjectBack",
     "QuantizedMoment",
+    "RandomProjection",
     "RandomizedRefresh",
     "ScaleByAdafactorHFState",
     "ScaleByAdam8bitState",
     "Sides",
     "Sketch",
     "align_signs",
+    "apollo",
+    "apollo_adamw",
+    "apollo_mini",
     "captured_energy",
     "choose_sides",
     "decay_updated_weights",
     "exact_refresh",
     "finish_sketch",
+    "fira",
+    "fira_adamw",
     "galore",
     "galore_adafactor",
     "galore_adamw",
     "galore_adamw_8bit",
+    "limit_norm_growth",
     "plan_leaves",
     "project",
     "project_back",

@@ -1,4 +1,6 @@
-"""Ready optimizers with a learning rate: galore-torch's ``GaLoreAdamW``, ``GaLoreAdamW8bit``, ``GaLoreAdafactor``.
+"""Ready optimizers with a learning rate: galore-torch's ``GaLoreAdamW``, ``GaLoreAdamW8bit``, ``GaLoreAdafactor``,
+and the follow-ups on the same core: ``FiraAdamW`` (:func:`fira_adamw`), APOLLO and APOLLO-Mini
+(:func:`apollo_adamw`, :func:`apollo_mini`).
 
 Each takes the :class:`~galore_jax.GaLoreOptions` fields as keyword arguments besides its own.
 """
@@ -13,8 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax.optim.adafactor import rms, scale_by_adafactor_hf
-from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf
+from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf, scale_by_bias_correction
 from galore_jax.optim.adam8bit import scale_by_adam_8bit
+from galore_jax.optim.apollo import apollo
+from galore_jax.optim.fira import fira
 from galore_jax.optim.options import GaLoreOptions, takes_galore_options
 from galore_jax.optim.plan import plan_leaves
 from galore_jax.optim.transform import galore
@@ -223,3 +227,152 @@ def galore_adafactor(
     return out, GaLoreAdafactorState(count=optax.safe_increment(state.count), galore_state=gal_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _then_step_size(transform, learning_rate, b1, b2, weight_decay, weight_decay_mask):
+  """``transform`` (an Adam-normalized update), then the reference's step size ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ)``, then
+  decoupled weight decay of the updated weight (``p.add_(p, alpha=-lr·wd)`` after the step, as Fira and APOLLO)."""
+  parts = [transform, scale_by_bias_correction(b1, b2), optax.scale_by_learning_rate(learning_rate)]
+  if not _is_zero(weight_decay):
+    decay = decay_updated_weights(learning_rate, weight_decay)
+    parts.append(decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask))
+  return optax.chain(*parts)
+
+
+@takes_galore_options
+def fira_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    norm_growth_limit: float | None = 1.01,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Fira's ``FiraAdamW`` as an optax optimizer: GaLore's low-rank Adam plus the scaled, limited residual.
+
+  ``chain(fira(scale_by_adam_hf(b1, b2, eps, bias_correction=False)), scale_by_bias_correction(b1, b2),
+  scale_by_learning_rate(learning_rate), decay_updated_weights(learning_rate, weight_decay))``: the update of
+  a projected leaf is :math:`\alpha Q N + S` (:class:`~galore_jax.optim.fira.FiraRule`), times the
+  reference's step size; other leaves get plain AdamW. Fira's scripts use the GaLore paper's settings
+  (``scale`` = α 0.25, rank 128-512, ``update_proj_gap`` 200, lr 0.01), which are the defaults here but
+  for the rank (128).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
+    norm_growth_limit: γ of the residual's norm-growth limiter (1.01); ``None`` turns it off.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, as in :func:`galore_jax.galore`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import fira_adamw
+    >>> tx = fira_adamw(1e-2, rank=2)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates['attn']['kernel'].shape
+    (8, 4)
+
+  References:
+    Chen et al., *Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?* (arXiv:2410.01623).
+  """
+  adam = scale_by_adam_hf(b1, b2, eps, moment_dtype=moment_dtype, bias_correction=False)
+  return _then_step_size(fira(adam, norm_growth_limit=norm_growth_limit, **options), learning_rate, b1, b2,
+                         weight_decay, weight_decay_mask)
+
+
+@takes_galore_options(scale=1.0, refresh="random")
+def apollo_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    scale_type: str = "channel",
+    scale_front: bool = False,
+    norm_growth_limit: float | None = 1.01,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""APOLLO's ``APOLLOAdamW`` as an optax optimizer: Adam's scaling of the raw gradient, estimated at low rank.
+
+  ``chain(apollo(scale_by_adam_hf(b1, b2, eps, bias_correction=False), scale_type=...),
+  scale_by_bias_correction(b1, b2), scale_by_learning_rate(learning_rate), decay_updated_weights(...))``:
+  a projected leaf's update is :math:`\sqrt{s}\,\mathrm{limit}(G\phi)`
+  (:class:`~galore_jax.optim.apollo.ApolloRule`) times the reference's step size; other leaves get plain
+  AdamW. The reference's scripts: rank 1/4 of the hidden size (as GaLore; 256 for 130M-350M),
+  ``scale`` 1, ``update_proj_gap`` 200, lr 0.01.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
+    scale_type, scale_front, norm_growth_limit: as in :func:`galore_jax.apollo`.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, with APOLLO's defaults ``scale=1.0`` and
+      ``refresh="random"`` (see :func:`galore_jax.apollo`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import apollo_adamw
+    >>> tx = apollo_adamw(1e-2, rank=2)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates['attn']['kernel'].shape
+    (8, 4)
+
+  References:
+    Zhu et al., *APOLLO: SGD-like Memory, AdamW-level Performance* (arXiv:2412.05270, MLSys 2025).
+  """
+  adam = scale_by_adam_hf(b1, b2, eps, moment_dtype=moment_dtype, bias_correction=False)
+  transform = apollo(adam, scale_type=scale_type, scale_front=scale_front, norm_growth_limit=norm_growth_limit,
+                     **options)
+  return _then_step_size(transform, learning_rate, b1, b2, weight_decay, weight_decay_mask)
+
+
+@takes_galore_options(rank=1, scale=128.0, refresh="random")
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    scale_front: bool = False,
+    norm_growth_limit: float | None = 1.01,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""APOLLO-Mini: :func:`apollo_adamw` with rank 1, one scaling factor per matrix and ``scale`` 128.
+
+  The optimizer state of a projected ``m×n`` matrix is its rank-1 projection vector and two moments of
+  ``max(m, n)`` values (plus the limiter's norm): SGD's memory, in effect. The reference's settings for
+  it (README and scripts): rank 1, ``scale_type="tensor"``, ``scale`` 128 (larger for larger models),
+  ``update_proj_gap`` 200, lr 0.01 (the APOLLO paper's 1B run also reports lr 0.02).
+
+  Args:
+    learning_rate, b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype, scale_front, norm_growth_limit:
+      as in :func:`apollo_adamw`.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields with defaults ``rank=1``, ``scale=128.0``,
+      ``refresh="random"``. APOLLO-Mini is rank 1 by definition: another ``rank`` raises (use
+      ``apollo_adamw(scale_type="tensor", rank=r)``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import apollo_mini
+    >>> tx = apollo_mini(1e-2)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> state = tx.init(params)
+    >>> state[0].inner_state.mu['attn']['kernel'].shape  # rank-1 moments
+    (8, 1)
+  """
+  if options["rank"] != 1:
+    raise ValueError(f"rank={options['rank']!r}: APOLLO-Mini is rank 1; for a tensor-wise APOLLO of another rank use "
+                     "apollo_adamw(scale_type='tensor', rank=...)")
+  return apollo_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, scale_type="tensor",
+                      scale_front=scale_front, norm_growth_limit=norm_growth_limit, **options)

@@ -27,9 +27,12 @@ def galore_states(opt_state) -> list[GaLoreState]:
 
 
 def state_breakdown(opt_state) -> dict[str, int]:
-  """Bytes of an optimizer state split into low-rank moments, projector bases and full-rank states."""
+  """Bytes of an optimizer state split into low-rank moments, projector bases, update-rule states (e.g. Fira's and
+  APOLLO's limiter norms, one number per matrix) and full-rank states (everything else: the other leaves' moments,
+  counters)."""
   galore = galore_states(opt_state)
   bases = sum(tree_bytes(s.bases) for s in galore)
+  rules = sum(tree_bytes(s.rule_state) for s in galore)
   low_rank = 0
   for s in galore:
     targeted = set(s.bases)
@@ -38,7 +41,8 @@ def state_breakdown(opt_state) -> dict[str, int]:
       if any(f"/{t}/" in f"/{name}/" for t in targeted):  # also 8-bit moments (.../kernel/codes)
         low_rank += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
   total = tree_bytes(opt_state)
-  return {"moments_low_rank": low_rank, "projector_bases": bases, "full_rank_states": total - low_rank - bases}
+  return {"moments_low_rank": low_rank, "projector_bases": bases, "rule_states": rules,
+          "full_rank_states": total - low_rank - bases - rules}
 
 
 def _replaced(new: Basis, old: Basis) -> jax.Array:

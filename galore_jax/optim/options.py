@@ -7,6 +7,7 @@ config section take exactly these fields; a new option is a new field here (and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import numbers
 from typing import Any, Callable
@@ -62,7 +63,9 @@ class GaLoreOptions:
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10
-      random columns, no power iteration), or a callable
+      random columns, no power iteration), ``"random"``
+      (:class:`~galore_jax.RandomProjection`: APOLLO's Gaussian projection, not
+      orthonormal, so ``on_refresh="project"`` and ``adaptive_gap`` are refused), or a callable
       ``(grad_fp32 [..., m, n], previous_basis, rank) -> Basis`` such as
       ``ExactRefresh(svd_algorithm="jacobi")`` (list it in ``static_args`` of
       :func:`optax.inject_hyperparams`). A callable that accepts the keywords
@@ -116,7 +119,14 @@ class GaLoreOptions:
       raise ValueError(f"on_refresh={self.on_refresh!r} is not one of {ON_REFRESH}")
     if self.adaptive_gap is not None and not isinstance(self.adaptive_gap, AdaptiveGap):
       raise TypeError(f"adaptive_gap must be None or an AdaptiveGap, got {self.adaptive_gap!r}")
-    refresh_lib.resolve(self.refresh)
+    if not refresh_lib.is_orthonormal(refresh_lib.resolve(self.refresh)):
+      # C = Q_newᵀ Q_old and the overlap of two bases mean something only for orthonormal columns.
+      if self.on_refresh == "project":
+        raise ValueError(f"on_refresh='project' needs orthonormal bases, but refresh={self.refresh!r} draws random "
+                         "projections: use on_refresh='keep' (as APOLLO) or 'reset'")
+      if self.adaptive_gap is not None:
+        raise ValueError(f"adaptive_gap measures how far an orthonormal basis moved, but refresh={self.refresh!r} "
+                         "draws random projections: use a fixed update_proj_gap")
     try:
       jnp.dtype(self.basis_dtype)
     except TypeError:
@@ -127,15 +137,28 @@ class GaLoreOptions:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def takes_galore_options(fn):
+def takes_galore_options(fn=None, /, **defaults):
   """Give ``fn(..., **options)`` the options as keyword-only parameters in its signature.
 
   ``inspect.signature`` (IDEs, :func:`optax.inject_hyperparams`) then lists every
-  :class:`GaLoreOptions` field with its default; ``fn`` builds the object itself.
+  :class:`GaLoreOptions` field with its default; ``fn`` builds the object itself. Used as
+  ``@takes_galore_options(scale=1.0, refresh="random")`` it also changes those defaults for ``fn``
+  (a method whose options mean other things by default, e.g. APOLLO's).
   """
+  if fn is None:
+    return functools.partial(takes_galore_options, **defaults)
+  fields = {f.name: f for f in dataclasses.fields(GaLoreOptions)}
+  unknown = set(defaults) - set(fields)
+  if unknown:
+    raise TypeError(f"{sorted(unknown)} are not GaLoreOptions fields")
   signature = inspect.signature(fn)
   params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-  params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-             for f in dataclasses.fields(GaLoreOptions)]
-  fn.__signature__ = signature.replace(parameters=params)
-  return fn
+  params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default),
+                               annotation=f.type) for f in fields.values()]
+  wrapper = fn
+  if defaults:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      return fn(*args, **{**defaults, **kwargs})
+  wrapper.__signature__ = signature.replace(parameters=params)
+  return wrapper

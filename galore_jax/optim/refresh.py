@@ -1,4 +1,4 @@
-"""How a basis is recomputed from the current gradient: exact SVD or a randomized range finder.
+"""How a basis is recomputed: exact SVD, a randomized range finder, or a random projection (APOLLO).
 
 A refresh is a callable ``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis`` (optionally
 accepting the keywords ``key`` and ``warm``); :func:`galore_jax.galore` takes one as ``refresh=`` or
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -279,10 +280,58 @@ class RandomizedRefresh:
     return self.finish(self.sketch(grad, previous, rank, key=key, warm=warm), previous, rank, warm=warm)
 
 
+def _fold_in(key, data: int):
+  """``jax.random.fold_in`` of one key or of each key of a key array."""
+  if not jnp.shape(key):
+    return jax.random.fold_in(key, data)
+  flat = jnp.reshape(key, (-1,))
+  return jnp.reshape(jax.vmap(lambda k: jax.random.fold_in(k, data))(flat), jnp.shape(key))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomProjection:
+  r"""APOLLO's projection: a Gaussian matrix scaled by :math:`1/\sqrt{r}`, re-drawn at every refresh; no SVD.
+
+  Each projected side gets ``P [..., d, r]`` with i.i.d. :math:`\mathcal N(0, 1/r)` entries, so that
+  :math:`\mathbb E[P P^\top] = I` and norms of ``R = Pᵀ G`` estimate those of ``G`` (Johnson–Lindenstrauss).
+  The columns are *not* orthonormal (``orthonormal = False``): :class:`~galore_jax.GaLoreOptions` then
+  refuses ``on_refresh="project"`` and ``adaptive_gap``, which assume they are. The gradient is not read.
+
+  The draw is a deterministic function of the step and of the matrix's place in the tree: the transformation
+  passes the ``k``-th matrix of the tree at step ``t`` the key ``split(fold_in(key(refresh_seed), t))[k]``
+  (the output side of a two-sided basis folds in 1). The reference (``apollo_torch``) seeds torch's generator
+  with the parameter's index instead, so the two draw different matrices from the same distribution.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import Basis, RandomProjection
+    >>> p = RandomProjection()(jnp.zeros((6, 4)), Basis(input=jnp.zeros((6, 2)), output=None), 2,
+    ...                        key=jax.random.key(0))
+    >>> p.input.shape, p.output
+    ((6, 2), None)
+  """
+
+  orthonormal = False
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None) -> Basis:
+    del grad
+    if key is None:
+      key = jax.random.key(0)
+    keys = (key, _fold_in(key, 1))
+    return Basis(*(None if q is None else linalg.gaussian(k, q.shape) / math.sqrt(rank)
+                   for q, k in zip(previous, keys)))
+
+
+def is_orthonormal(refresh) -> bool:
+  """Whether a refresh returns orthonormal columns (every refresh does unless it says ``orthonormal = False``)."""
+  return getattr(refresh, "orthonormal", True)
+
+
 REFRESH_METHODS = {
     "svd": exact_refresh,
     "randomized": RandomizedRefresh(),
     "randomized_warm": RandomizedRefresh(iterations=0, warm_start=True),
+    "random": RandomProjection(),
 }
 """The refreshes :func:`galore_jax.galore` accepts by name."""
 

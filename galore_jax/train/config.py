@@ -2,7 +2,9 @@
 
 The ``optimizer`` section's GaLore keys are the fields of :class:`~galore_jax.GaLoreOptions`
 (:data:`GALORE_KEYS`): a new GaLore option reaches the config, ``--config.optimizer.*`` and
-:func:`build_optimizer` without touching this file.
+:func:`build_optimizer` without touching this file. Fira reads them all (``scale`` is its α); APOLLO
+takes its scale and projection from its own keys (``apollo_scale``, ``apollo_proj``) and APOLLO-Mini
+is rank 1 (:func:`optimizer_options`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from flax import nnx
 
 from galore_jax.models import llama
 from galore_jax.optim import AdaptiveGap, GaLoreOptions, galore_adafactor, galore_adamw, galore_adamw_8bit
-from galore_jax.optim import scale_by_adam_8bit
-from galore_jax.train import divergence, layerwise, sharding
+from galore_jax.optim import apollo_adamw, apollo_mini, fira_adamw, scale_by_adam_8bit
+from galore_jax.optim import refresh as refresh_lib
+from galore_jax.optim.apollo import SCALE_TYPES
+from galore_jax.train import divergence, layerwise, sharding, steps
 
 # GaLoreOptions' fields a command line can set (target and dimension_numbers are code: use the library for those).
 GALORE_KEYS = tuple(f.name for f in dataclasses.fields(GaLoreOptions) if f.name not in ("target", "dimension_numbers"))
@@ -74,7 +78,7 @@ def validate(cfg) -> None:
   if cfg.optimizer.name not in BUILDERS:
     raise ConfigError(f"optimizer.name {cfg.optimizer.name!r} is not one of {tuple(BUILDERS)}")
   if cfg.optimizer.name in LOW_RANK:
-    galore_options(cfg.optimizer)
+    _validate_low_rank(cfg.optimizer, learning_rate_schedule(cfg.train))
   if cfg.optimizer.name.endswith("8bit") and cfg.optimizer.block_size not in (256, 2048):
     raise ConfigError(f"optimizer.block_size must be 256 or 2048, got {cfg.optimizer.block_size}")
   if cfg.train.layerwise and cfg.model.scan_layers:
@@ -84,6 +88,30 @@ def validate(cfg) -> None:
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                       f"{model_cfg.max_position_embeddings}")
+  if cfg.optimizer.name in CHECKS_LEAVES:  # their update rules refuse some projections of some kernels at init
+    try:
+      jax.eval_shape(build_optimizer(cfg).init, steps.params_of(abstract_model(cfg)))
+    except ValueError as e:
+      raise ConfigError(f"optimizer.proj_type={cfg.optimizer.proj_type!r}: {e}") from None
+
+
+def _validate_low_rank(o, schedule) -> None:
+  """The low-rank optimizers' keys, then the optimizer built from them (its own checks, as config errors)."""
+  if o.name in LIMITED and o.norm_growth_limit != 0 and not o.norm_growth_limit > 1:
+    raise ConfigError(f"optimizer.norm_growth_limit must be > 1 (γ; the references use 1.01) or 0 (off), "
+                      f"got {o.norm_growth_limit!r}")
+  if o.name in APOLLO:
+    if o.apollo_scale_type not in SCALE_TYPES:
+      raise ConfigError(f"optimizer.apollo_scale_type must be one of {SCALE_TYPES}, got {o.apollo_scale_type!r}")
+    if o.apollo_proj not in APOLLO_PROJECTIONS:
+      raise ConfigError(f"optimizer.apollo_proj must be one of {APOLLO_PROJECTIONS}, got {o.apollo_proj!r}")
+    if o.apollo_scale is not None and not o.apollo_scale > 0:
+      raise ConfigError(f"optimizer.apollo_scale must be positive, got {o.apollo_scale!r}")
+  options = optimizer_options(o)  # the GaLore keys' own ConfigErrors
+  try:
+    BUILDERS[o.name](o, schedule, options)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"optimizer.{e}") from None
 
 
 def _validate_mesh(cfg) -> None:
@@ -166,6 +194,36 @@ def galore_options(optimizer_cfg) -> GaLoreOptions:
     raise ConfigError(f"optimizer.{e}") from None
 
 
+APOLLO = frozenset({"apollo_adamw", "apollo_mini"})
+APOLLO_PROJECTIONS = ("random", "svd")
+
+
+def optimizer_options(optimizer_cfg) -> dict[str, Any]:
+  """The GaLore options a low-rank optimizer of the config is built with.
+
+  The GaLore keys as they are, except for APOLLO: ``refresh`` comes from ``apollo_proj`` and ``scale`` from
+  ``apollo_scale`` (``None``: the method's own, 1 for APOLLO and 128 for APOLLO-Mini; GaLore's α would mean
+  something else), and APOLLO-Mini's rank is 1 whatever ``optimizer.rank`` says.
+  """
+  o = optimizer_cfg
+  options = galore_options(o).as_kwargs()
+  if o.name in APOLLO:
+    options["refresh"] = o.apollo_proj
+    del options["scale"]
+    if o.apollo_scale is not None:
+      options["scale"] = o.apollo_scale
+    if o.name == "apollo_mini":
+      options["rank"] = 1
+  return options
+
+
+def reports_overlap(cfg) -> bool:
+  """Whether the run's bases are orthonormal, so that the subspace overlap of a refresh means something."""
+  if cfg.optimizer.name not in LOW_RANK:
+    return False
+  return refresh_lib.is_orthonormal(refresh_lib.resolve(optimizer_options(cfg.optimizer)["refresh"]))
+
+
 def _dtype_or_none(name):
   """Config dtypes: a name, or None / 'None' / '' for the default."""
   return None if name in (None, "", "None", "none") else name
@@ -189,6 +247,27 @@ def _galore_adafactor(o, schedule, options):
   return galore_adafactor(schedule, beta1=o.adafactor_beta1, weight_decay=o.weight_decay, **options)
 
 
+def _norm_growth_limit(o):
+  return o.norm_growth_limit if o.norm_growth_limit else None  # 0: off (APOLLO's disable_nl)
+
+
+def _fira_adamw(o, schedule, options):
+  return fira_adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    moment_dtype=_dtype_or_none(o.moment_dtype), norm_growth_limit=_norm_growth_limit(o), **options)
+
+
+def _apollo_adamw(o, schedule, options):
+  return apollo_adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      moment_dtype=_dtype_or_none(o.moment_dtype), scale_type=o.apollo_scale_type,
+                      scale_front=o.apollo_scale_front, norm_growth_limit=_norm_growth_limit(o), **options)
+
+
+def _apollo_mini(o, schedule, options):
+  return apollo_mini(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                     moment_dtype=_dtype_or_none(o.moment_dtype), scale_front=o.apollo_scale_front,
+                     norm_growth_limit=_norm_growth_limit(o), **options)
+
+
 def _adamw(o, schedule, options):
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mu_dtype=_dtype_or_none(o.moment_dtype))
@@ -203,10 +282,15 @@ BUILDERS = {
     "galore_adamw": _galore_adamw,
     "galore_adamw_8bit": _galore_adamw_8bit,
     "galore_adafactor": _galore_adafactor,
+    "fira_adamw": _fira_adamw,
+    "apollo_adamw": _apollo_adamw,
+    "apollo_mini": _apollo_mini,
     "adamw": _adamw,
     "adamw_8bit": _adamw_8bit,
 }
-LOW_RANK = frozenset({"galore_adamw", "galore_adamw_8bit", "galore_adafactor"})  # take the GaLore options
+LOW_RANK = frozenset({"galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw"} | APOLLO)  # GaLore options
+LIMITED = frozenset({"fira_adamw"} | APOLLO)  # read optimizer.norm_growth_limit
+CHECKS_LEAVES = frozenset({"fira_adamw", "apollo_adamw"})  # per-channel factors: some projections are refused at init
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
@@ -215,7 +299,7 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
   With ``train.layerwise`` a :class:`~galore_jax.train.layerwise.ByLayer`: one state per decoder layer.
   """
   o = cfg.optimizer
-  options = galore_options(o).as_kwargs() if o.name in LOW_RANK else {}
+  options = optimizer_options(o) if o.name in LOW_RANK else {}
   tx = BUILDERS[o.name](o, learning_rate_schedule(cfg.train), options)
   if cfg.train.layerwise:
     return layerwise.by_layer(tx, cfg.train.grad_clip)

@@ -70,10 +70,10 @@ def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
     opt_state = jax.eval_shape(config.build_optimizer(cfg).init, params)
   weights, state, grads = tree_bytes(params), tree_bytes(opt_state), gradient_bytes(cfg, params)
   activations = activation_estimate(cfg, model_cfg)
-  galore = cfg.optimizer.name in config.LOW_RANK
+  low_rank = cfg.optimizer.name in config.LOW_RANK
   return {
       "preset": cfg.model.preset, "optimizer": cfg.optimizer.name,
-      "rank": cfg.optimizer.rank if galore else None,
+      "rank": config.optimizer_options(cfg.optimizer)["rank"] if low_rank else None,
       "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
       "tokens_per_micro_batch": cfg.train.batch_size // cfg.train.grad_accum * cfg.data.seq_len,
       "param_dtype": str(model_cfg.param_dtype), "remat": model_cfg.remat,
@@ -102,9 +102,8 @@ def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
   params = steps.params_of(abstract)
   tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
-  galore = cfg.optimizer.name in config.LOW_RANK
   step_fns = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
-                              report_overlap=galore, layerwise_updates=cfg.train.layerwise,
+                              report_overlap=config.reports_overlap(cfg), layerwise_updates=cfg.train.layerwise,
                               skip_nonfinite=cfg.train.nonfinite == "skip")
   start = time.perf_counter()
   compiled = step_fns.train.lower(params, opt_state, abstract_batch(cfg)).compile()
@@ -144,6 +143,7 @@ def format_report(report: dict[str, Any]) -> str:
   rows = [("weights", "weights_gb"), ("gradients alive at once", "gradients_gb"),
           ("optimizer state", "optimizer_state_gb"), ("  low-rank moments", "moments_low_rank_gb"),
           ("  projector bases", "projector_bases_gb"), ("  full-rank states", "full_rank_states_gb"),
+          ("  update-rule states (limiter norms)", "rule_states_gb"),
           ("activations (estimate)", "activations_estimate_gb"), ("analytic total", "analytic_total_gb"),
           ("XLA arguments", "xla_argument_gb"), ("XLA outputs", "xla_output_gb"), ("XLA aliased", "xla_alias_gb"),
           ("XLA temporaries", "xla_temp_gb"), ("XLA peak (args+out-alias+temp)", "xla_peak_gb"),

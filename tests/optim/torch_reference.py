@@ -74,17 +74,22 @@ def torch_deltas(make_optimizer: Callable[[list[dict]], Any], problem: Problem, 
   return (deltas, snapshots) if snapshot is not None else deltas
 
 
-def optax_deltas(tx: optax.GradientTransformation, problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Each step's ``(ΔW, Δbias)`` in torch layout under ``tx`` (jitted, fed the same gradients)."""
+def optax_deltas(tx: optax.GradientTransformation, problem: Problem, snapshot: Callable[[Any], Any] | None = None):
+  """Each step's ``(ΔW, Δbias)`` in torch layout under ``tx`` (jitted, fed the same gradients).
+
+  With ``snapshot(state)`` also returns its value after each step (e.g. the basis used by that step).
+  """
   params = {"attn": {"kernel": jnp.asarray(problem.weight.T)}, "norm": jnp.asarray(problem.bias)}
   state = tx.init(params)
   step = jax.jit(tx.update)
-  deltas = []
+  deltas, snapshots = [], []
   for g, gb in zip(problem.grads, problem.bias_grads):
     updates, state = step({"attn": {"kernel": jnp.asarray(g.T)}, "norm": jnp.asarray(gb)}, state, params)
     params = optax.apply_updates(params, updates)
     deltas.append((np.asarray(updates["attn"]["kernel"]).T, np.asarray(updates["norm"])))
-  return deltas
+    if snapshot is not None:
+      snapshots.append(snapshot(state))
+  return (deltas, snapshots) if snapshot is not None else deltas
 
 
 def relative_error(a, b) -> float:
@@ -104,3 +109,18 @@ def subspace_residual(update: np.ndarray, basis, rank: int) -> float:
     p = basis.numpy()
     inside = p @ (p.T @ update) if p.shape[1] == rank else (update @ p.T) @ p
   return float(np.linalg.norm(update - inside) / np.linalg.norm(update))
+
+
+def reference_basis(basis):
+  """One of our :class:`~galore_jax.Basis` as the references' projectors hold it (torch tensors, torch layout).
+
+  The input side ``Q_in [in, r]`` is a ``right`` projector ``(r, in)``, the output side ``Q_out [out, r]`` a
+  ``left`` one ``(out, r)``, both a ``full`` pair ``[left, right]``.
+  """
+  import torch
+
+  right = None if basis.input is None else torch.tensor(np.asarray(basis.input, np.float32).T.copy())
+  left = None if basis.output is None else torch.tensor(np.asarray(basis.output, np.float32))
+  if left is not None and right is not None:
+    return [left, right]
+  return left if left is not None else right

@@ -105,3 +105,29 @@ def test_tokenizer_defaults_to_the_hf_checkpoints_own(tmp_path):
   cfg.model.hf_checkpoint, cfg.data.tokenizer = str(tmp_path / "missing"), None  # validate reports a missing model
   config.resolve(cfg)
   assert cfg.data.tokenizer is None
+
+
+@pytest.mark.parametrize("name,key,value,needle", [
+    ("apollo_adamw", "apollo_scale_type", "row", "optimizer.apollo_scale_type"),
+    ("apollo_mini", "apollo_proj", "orthogonal", "optimizer.apollo_proj"),
+    ("apollo_adamw", "apollo_scale", -1.0, "optimizer.apollo_scale"),
+    ("fira_adamw", "norm_growth_limit", 0.5, "optimizer.norm_growth_limit"),
+    ("apollo_adamw", "on_refresh", "project", "optimizer.on_refresh='project' needs orthonormal bases"),
+    ("fira_adamw", "proj_type", "full", r"optimizer.proj_type='full': fira: leaf 'layers/0/attn/\w+/kernel'"),
+])
+def test_bad_family_values_are_refused(name, key, value, needle):
+  cfg = make_config(name=name, **{key: value})
+  with pytest.raises(config.ConfigError, match=needle):
+    config.validate(cfg)
+
+
+def test_apollo_options_come_from_its_own_keys():
+  """APOLLO's scale and projection are its own keys (GaLore's α and refresh mean other things); APOLLO-Mini is rank 1."""
+  mini = config.optimizer_options(make_config(name="apollo_mini", scale=0.25, refresh="svd").optimizer)
+  assert mini["rank"] == 1 and mini["refresh"] == "random" and "scale" not in mini  # the alias's 128
+  apollo = make_config(name="apollo_adamw", apollo_scale=2.0, apollo_proj="svd")
+  options = config.optimizer_options(apollo.optimizer)
+  assert (options["rank"], options["scale"], options["refresh"]) == (4, 2.0, "svd")
+  assert config.reports_overlap(apollo)  # SVD bases are orthonormal: their overlap means something
+  assert not config.reports_overlap(make_config(name="apollo_mini"))
+  assert config.optimizer_options(make_config(name="fira_adamw", scale=0.5).optimizer)["scale"] == 0.5

@@ -23,12 +23,12 @@ def small_config(**optimizer):
   return cfg
 
 
-def closed_form_state_bytes(cfg) -> int:
+def closed_form_state_bytes(cfg, rank=None) -> int:
   """Projector r·min(m,n) + moments 2·r·max(m,n) per targeted matrix, fp32 Adam for the rest, and three int32
   step counts (GaLore's, Adam's, the learning-rate schedule's)."""
   m = config.model_config(cfg)
   h, f, q, kv = m.hidden_size, m.intermediate_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
-  r = cfg.optimizer.rank
+  r = cfg.optimizer.rank if rank is None else rank
   matrices = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
   per_layer = sum(min(r, a, b) * min(a, b) + 2 * min(r, a, b) * max(a, b) for a, b in matrices)
   rest = 2 * (2 * m.vocab_size * h + (2 * m.num_hidden_layers + 1) * h)
@@ -45,6 +45,18 @@ def test_report_has_the_promised_keys_and_exact_state_bytes():
       report["moments_low_rank_gb"] + report["projector_bases_gb"] + report["full_rank_states_gb"])
   assert report["xla_peak_gb"] > report["weights_gb"]
   assert "device_peak_gb" not in report  # CPU: no real step
+
+
+@pytest.mark.parametrize("name,rank", [("fira_adamw", 64), ("apollo_adamw", 64), ("apollo_mini", 1)])
+def test_family_state_bytes_are_galores_plus_a_limiter_norm_per_matrix(name, rank):
+  """Fira and APOLLO keep GaLore's state (APOLLO-Mini at rank 1 whatever optimizer.rank says), one fp32 limiter
+  norm per projected matrix (7 per layer) and one more step count (the bias correction's)."""
+  cfg = small_config(name=name)
+  report = dry_run.analytic(cfg)
+  limiter = 4 * 7 * config.model_config(cfg).num_hidden_layers
+  assert report["rank"] == rank
+  assert report["optimizer_state_gb"] * 1e9 == pytest.approx(closed_form_state_bytes(cfg, rank) + 4 + limiter, abs=0.5)
+  assert report["rule_states_gb"] * 1e9 == pytest.approx(limiter, abs=0.5)
 
 
 def test_galore_state_is_smaller_than_adamw_state():

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs.base import base
-from galore_jax import galore_adamw, galore_adamw_8bit
+from galore_jax import apollo_adamw, fira_adamw, galore_adamw, galore_adamw_8bit
 from galore_jax.train import config, layerwise, steps
 from galore_jax.models import llama
 
@@ -109,6 +109,15 @@ def test_layerwise_equals_whole_tree_with_accumulation_and_clipping(grad_clip):
   if grad_clip:  # the clip was active: the pre-clip norm is far above it
     assert min(r["grad_norm"] for r in ref_metrics) > 10 * grad_clip
   assert np.isnan(metrics[0]["subspace_overlap"]) and 0 < metrics[2]["subspace_overlap"] <= 1
+
+
+@pytest.mark.parametrize("make", [fira_adamw, apollo_adamw])
+def test_layerwise_fira_and_apollo_equal_their_whole_tree_step(make):
+  """Their limiter norms and random projections live in each layer's own state, as the bases do."""
+  tx = layerwise.by_layer(make(1e-2, rank=4, update_proj_gap=2, weight_decay=0.01), 0.0)
+  reference, _ = run(tx, layerwise_updates=False, grad_accum=2)
+  swept, _ = run(tx, layerwise_updates=True, grad_accum=2)
+  assert_same_training(swept, reference, initial_params())
 
 
 def test_by_layer_equals_the_plain_chain():

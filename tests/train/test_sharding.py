@@ -190,6 +190,23 @@ def test_sharded_steps_equal_the_single_device_steps(name, data, fsdp, axis_type
   chex.assert_trees_all_close(actual[1], expected[1], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["fira_adamw", "apollo_mini"])
+def test_family_sharded_steps_equal_the_single_device_steps(name):
+  """Fira and APOLLO-Mini (rank-1 random projections) on the Explicit 1x8 mesh: the single-device steps; their
+  limiter norms (one number per matrix) are replicated."""
+  expected, expected_metrics = reference(name)
+  layout = layout_for(name, 1, 8, "explicit")
+  actual, metrics, live = run(name, 3, layout)
+  assert_placed(live[0], layout.params)
+  assert_placed(live[1], layout.opt_state)
+  rule_specs = jax.tree.leaves(sharding.spec_tree(layout.opt_state)[0].rule_state, is_leaf=lambda x: isinstance(x, P))
+  assert rule_specs and all(spec == P() for spec in rule_specs)
+  for m, e in zip(metrics, expected_metrics):
+    np.testing.assert_allclose(m["loss"], e["loss"], rtol=1e-5)
+  chex.assert_trees_all_close(actual[0], expected[0], rtol=1e-4, atol=2e-5)
+  chex.assert_trees_all_close(actual[1], expected[1], rtol=1e-3, atol=1e-5)
+
+
 def test_galore_update_under_explicit_axes_without_auto_axes():
   """tx.update on split gradients under an Explicit mesh: the refresh gathers its operands (the SVD cannot
   take a split matrix), the projections keep legal types, and the result is the single-device one."""

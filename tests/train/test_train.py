@@ -40,12 +40,24 @@ def train_lines(workdir):
   return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, corpus):
+def finish(tmp_path_factory, corpus, *extra):
   workdir = str(tmp_path_factory.mktemp("run") / "w")
-  result = run(train_cmd(workdir, corpus, steps=40))
+  result = run(train_cmd(workdir, corpus, *extra, steps=40))
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
+
+
+APOLLO = ("--config.optimizer.name=apollo_adamw",)  # random projections re-drawn from step keys, limiter norms
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+  return finish(tmp_path_factory, corpus)
+
+
+@pytest.fixture(scope="module")
+def finished_apollo_run(tmp_path_factory, corpus):
+  return finish(tmp_path_factory, corpus, *APOLLO)
 
 
 def test_loss_goes_down_and_metrics_are_complete(finished_run):
@@ -62,10 +74,12 @@ def test_loss_goes_down_and_metrics_are_complete(finished_run):
   assert os.listdir(os.path.join(finished_run, "tensorboard"))
 
 
-def test_resume_after_sigkill_reproduces_the_loss_series(tmp_path, corpus, finished_run):
+@pytest.mark.parametrize("reference_run,extra", [("finished_run", ()), ("finished_apollo_run", APOLLO)])
+def test_resume_after_sigkill_reproduces_the_loss_series(tmp_path, corpus, request, reference_run, extra):
+  finished_run = request.getfixturevalue(reference_run)
   workdir = str(tmp_path / "killed")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
-  proc = subprocess.Popen(train_cmd(workdir, corpus, steps=40), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(train_cmd(workdir, corpus, *extra, steps=40), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   checkpoint_20 = os.path.join(workdir, "checkpoints", "20")
   deadline = time.time() + 300
@@ -77,7 +91,7 @@ def test_resume_after_sigkill_reproduces_the_loss_series(tmp_path, corpus, finis
   killed_at = len(train_lines(workdir)[0])
   assert killed_at < 40, "the run finished before it was killed"
 
-  result = run(train_cmd(workdir, corpus, steps=40))
+  result = run(train_cmd(workdir, corpus, *extra, steps=40))
   assert result.returncode == 0, result.stderr[-3000:]
   resumed, resumed_evals = train_lines(workdir)
   reference, reference_evals = train_lines(finished_run)
@@ -143,6 +157,9 @@ def test_eval_restores_reports_and_exports_to_transformers(tmp_path, finished_ru
         (["--config.optimizer.update_proj_gap=0"], "optimizer.update_proj_gap"),
         (["--config.data.seq_len=4096"], "seq_len"),
         (["--config.optimizer.name=sgd"], "optimizer.name"),
+        (["--config.optimizer.name=apollo_adamw", "--config.optimizer.apollo_scale_type=row"],
+         "optimizer.apollo_scale_type"),
+        (["--config.optimizer.name=fira_adamw", "--config.optimizer.proj_type=full"], "fira: leaf 'layers/0/"),
         (["--config.data.path=/no/such/corpus"], "/no/such/corpus"),
         (["--config.data.tokenizer=/no/such/tokenizer"], "/no/such/tokenizer"),
         (["--config=configs/no_such_config.py"], "no_such_config.py"),
