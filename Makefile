@@ -22,7 +22,7 @@ train: $(VENV)/.installed
 	$(PY) train.py --config configs/tiny.py
 
 bench: $(VENV)/.installed
-	$(PY) bench/step_time.py
+	$(PY) -m bench.step_time
 
 clean:
 	rm -rf $(VENV) .pytest_cache

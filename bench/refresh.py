@@ -1,14 +1,14 @@
 """Fast subspace refresh: quality on real Llama gradients, time on a preset's kernel shapes, and a short training run.
 
   python -m bench.refresh [--preset llama_1b] [--layers 1] [--exact_layers N] [--rank R] [--fast a,b]
-                          [--exact_algorithms jacobi,qr] [--model llama_20m] [--quality_steps 200]
+                          [--exact_algorithms a,b] [--model llama_20m] [--quality_steps 200]
                           [--train_steps 300] [--skip_quality] [--skip_train] [--out PATH]
 
 1. quality: a byte-level (vocab 256) llama_20m (--model) trained with optax.adamw on the embedded corpus (the Python
    standard library's source, galore_jax.train.data, packed rows of 128 bytes); the gradients of its
    attention/MLP kernels at step N (and N - gap, as the previous basis of the warm start) are refreshed exactly
    and by each fast refresh at rank 64; per matrix: energy captured by the fast basis over that of the exact
-   top-r basis, and the subspace overlap (mean squared cosine of principal angles).
+   top-r basis, and the subspace overlap (mean squared cosine of principal angles), for each refresh of --fast.
 2. time: one refresh of all attention/MLP kernels of `--layers` layers of `--preset` (Flax layout, std sides;
    shapes from galore_jax.models.llama, rank from the preset's paper config, bench/common.py), measured on a
    jitted update that returns only the new state (XLA drops the projections), best of --repeats; the fast
@@ -16,8 +16,8 @@
    The gradients are synthetic: Gaussian factors with a power-law spectrum s_i = i^-alpha (alpha from --alpha),
    energy ratios are measured on them. Full-model figures are scaled per layer and flagged as extrapolated
    unless every layer was timed.
-3. train: galore_adamw (rank 64, gap 50) on the byte-level llama_20m, exact vs fast refresh, same data
-   and seed; eval loss on held-out text.
+3. train: galore_adamw (rank 64, gap 50) on the byte-level llama_20m, exact vs fast refreshes (--train_refreshes),
+   same data and seed; eval loss on held-out text.
 
 The results file is rewritten after each phase and after each timed refresh, so a later failure or time limit
 keeps what was measured. Prints a final JSON line {exact_s, fast_s, speedup, min_energy_ratio, ...} and writes
@@ -54,6 +54,7 @@ FAST = {  # all: oversampling 10; names hold no comma (the --fast separator)
     "randomized(finish unbatched)": RandomizedRefresh(batch_budget_bytes=0),
     "randomized(jacobi eigh)": RandomizedRefresh(eigh_algorithm="jacobi"),
 }
+TRAIN_REFRESHES = {"svd": "svd", **FAST}  # phase 3's choices: the exact refresh (the baseline) and the fast ones
 SEQ_LEN, BATCH = 128, 16
 
 
@@ -90,7 +91,8 @@ def gradient_fn(graphdef):
 # ----------------------------------------------------------------------------- 1. quality on real gradients
 
 
-def quality(preset: str, train_rows: data.Rows, n_steps: int, gap: int, rank: int) -> tuple[list[dict], float]:
+def quality(preset: str, train_rows: data.Rows, n_steps: int, gap: int, rank: int,
+            fast: list[str]) -> tuple[list[dict], float]:
   """Per matrix of the small model at step ``n_steps`` of AdamW: each fast basis's energy ratio and overlap."""
   graphdef, params = small_model(preset)
   tx = optax.adamw(1e-3)
@@ -109,11 +111,11 @@ def quality(preset: str, train_rows: data.Rows, n_steps: int, gap: int, rank: in
   for j, p in enumerate(plans):
     if p is not None:
       g_prev, g = (jnp.asarray(grads_at[t][j], jnp.float32) for t in (n_steps - gap, n_steps))
-      rows.append(quality_row(p, g, g_prev, key=jax.random.fold_in(jax.random.key(0), j)))
+      rows.append(quality_row(p, g, g_prev, jax.random.fold_in(jax.random.key(0), j), fast))
   return rows, float(metrics["loss"])
 
 
-def quality_row(p, g, g_prev, key) -> dict:
+def quality_row(p, g, g_prev, key, fast: list[str]) -> dict:
   exact = refresh_lib.svd_basis(g, p.rank, p.sides)
   prev = refresh_lib.svd_basis(g_prev, p.rank, p.sides)
   e_exact = float(projection.captured_energy(g, exact))
@@ -121,17 +123,17 @@ def quality_row(p, g, g_prev, key) -> dict:
   row = {"path": p.path, "shape": [p.m, p.n], "rank": p.rank, "exact_energy": e_exact,
          "spectrum_alpha": float(-np.polyfit(np.log(np.arange(1, len(s) + 1)), np.log(s + 1e-30), 1)[0]),
          "previous_basis_energy_ratio": float(projection.captured_energy(g, prev)) / e_exact}
-  for name, fn in FAST.items():
-    b = fn(g, prev, p.rank, key=key, warm=True)
+  for name in fast:
+    b = FAST[name](g, prev, p.rank, key=key, warm=True)
     row[name] = {"energy_ratio": float(projection.captured_energy(g, b)) / e_exact,
                  "overlap": float(projection.subspace_overlap(b, exact))}
   return row
 
 
-def quality_summary(rows: list[dict]) -> dict:
+def quality_summary(rows: list[dict], fast: list[str]) -> dict:
   return {name: {"min_energy_ratio": min(r[name]["energy_ratio"] for r in rows),
                  "mean_energy_ratio": float(np.mean([r[name]["energy_ratio"] for r in rows])),
-                 "min_overlap": min(r[name]["overlap"] for r in rows)} for name in FAST}
+                 "min_overlap": min(r[name]["overlap"] for r in rows)} for name in fast}
 
 
 # ----------------------------------------------------------------------------- 2. time on a preset's kernel shapes
@@ -148,9 +150,9 @@ def synthetic(key, m, n, alpha, d=1024):
 
 def kernel_grads(preset: str, layers: int, alpha: float) -> dict:
   """Synthetic gradients of the attention/MLP kernels of the first ``layers`` layers, in the model's tree layout."""
-  tree, i = {}, 0
+  tree, i, kernels = {}, 0, common.layer_kernels(llama.preset(preset))
   for layer in range(layers):
-    for name, shape in common.layer_kernels(llama.preset(preset)).items():
+    for name, shape in kernels.items():
       module, proj = name.split("/")
       tree.setdefault(layer, {}).setdefault(module, {})[proj] = {"kernel": synthetic(jax.random.key(i), *shape, alpha)}
       i += 1
@@ -257,6 +259,8 @@ def parser() -> common.ArgumentParser:
                   "and 3")
   ap.add_argument("--quality_steps", type=int, default=200)
   ap.add_argument("--train_steps", type=int, default=300)
+  ap.add_argument("--train_refreshes", default="svd,randomized,randomized_warm", help="comma-separated refreshes "
+                  "of phase 3, svd (the baseline, always run) and any of --fast's choices")
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--max_bytes", type=int, default=8_000_000, help="bytes of the embedded corpus to train on")
   ap.add_argument("--skip_quality", action="store_true")
@@ -268,13 +272,16 @@ def parser() -> common.ArgumentParser:
 def parse(argv: list[str]):
   args = parser().parse_args(argv)
   args.fast = common.choose(args.fast, FAST, "fast refresh")
+  args.train_refreshes = ["svd"] + [n for n in common.choose(args.train_refreshes, TRAIN_REFRESHES, "train refresh")
+                                    if n != "svd"]
   args.exact_algorithms = [a for a in args.exact_algorithms.split(common.SEPARATOR) if a]
   args.rank = args.rank or common.rank(args.preset)
   args.exact_layers = args.exact_layers or args.layers
   args.model_layers = llama.PRESETS[args.preset].num_hidden_layers
-  for name in ("layers", "exact_layers"):
-    if not 1 <= getattr(args, name) <= args.model_layers:
-      common.fail(f"--{name} {getattr(args, name)} is not within 1..{args.model_layers} ({args.preset})")
+  if not 1 <= args.layers <= args.model_layers:
+    common.fail(f"--layers {args.layers} is not within 1..{args.model_layers} ({args.preset})")
+  if not 1 <= args.exact_layers <= args.layers:
+    common.fail(f"--exact_layers {args.exact_layers} is not within 1..--layers {args.layers}")
   if args.quality_steps < 2:
     common.fail(f"--quality_steps {args.quality_steps} must be at least 2")
   args.out = args.out or os.path.join(common.RESULTS, f"refresh-{jax.devices()[0].platform}-{args.preset}.json")
@@ -331,8 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
   train_rows, val_rows = (None, None) if args.skip_quality and args.skip_train else byte_rows(args.max_bytes)
   if not args.skip_quality:
     start = time.perf_counter()
-    state["rows"], loss = quality(args.model, train_rows, args.quality_steps, gap=min(50, args.quality_steps // 2), rank=64)
-    state["summary_q"] = quality_summary(state["rows"])
+    state["rows"], loss = quality(args.model, train_rows, args.quality_steps, gap=min(50, args.quality_steps // 2),
+                                  rank=64, fast=args.fast)
+    state["summary_q"] = quality_summary(state["rows"], args.fast)
     print(f"quality ({args.model} real gradients, {len(state['rows'])} matrices, loss {loss:.3f}, "
           f"{time.perf_counter() - start:.0f}s):", json.dumps(state["summary_q"]), flush=True)
     write()
@@ -345,8 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{state['alpha']:.2f}, {time.perf_counter() - start:.0f}s):", json.dumps(state["timings"]), flush=True)
   if not args.skip_train:
     state["train"] = train_compare(args.model, train_rows, val_rows, args.train_steps, rank=64, gap=50,
-                                   refreshes={"svd": "svd", "randomized": "randomized",
-                                              "randomized_warm": "randomized_warm"})
+                                   refreshes={name: TRAIN_REFRESHES[name] for name in args.train_refreshes})
     write()
   result = record(args, argv, **state)
   print(json.dumps(result["final"]))

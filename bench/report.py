@@ -203,16 +203,20 @@ def render(page: str, body: list[str]) -> str:
   return page.rstrip() + ("\n\n" if page.strip() else "") + section + "\n"
 
 
-def main(argv: list[str] | None = None) -> str:
+def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
-  ap.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
-  args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-  page = open(args.out).read() if os.path.exists(args.out) else NEW_PAGE
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
+  ap.add_argument("--out", default="docs/performance.md", help="relative to the repository root")
+  return ap
+
+
+def main(argv: list[str] | None = None) -> str:
+  out = os.path.join(ROOT, parser().parse_args(sys.argv[1:] if argv is None else argv).out)
+  page = open(out).read() if os.path.exists(out) else NEW_PAGE
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
     f.write(render(page, sections()))
-  print(f"wrote the tables of {args.out}")
-  return args.out
+  print(f"wrote the tables of {out}")
+  return out
 
 
 if __name__ == "__main__":

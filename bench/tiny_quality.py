@@ -1,12 +1,12 @@
 """Quality on configs/tiny.py: final eval loss of GaLore variants against exact-SVD fp32-state GaLore.
 
-  python -m bench.tiny_quality [--seeds 0 1] [--variants svd randomized 8bit] [--workdir /tmp/tiny_quality]
+  python -m bench.tiny_quality [--seeds 0] [--variants svd randomized 8bit] [--workdir /tmp/tiny_quality]
                                [--set KEY=VALUE ...] [--collect_only] [--out PATH]
 
 Each variant is one `python train.py --config configs/tiny.py` run (400 steps, llama_20m with a 4096-token
 BPE on the embedded corpus, rank 64, T = 100) with the overrides below (and `--set` ones, passed to every run
 as `--config.KEY=VALUE`); the eval loss at the last step is read from its metrics.jsonl. The spread between
-seeds of the baseline says how much of a difference is noise. A run whose workdir already holds a final eval
+seeds of the baseline (e.g. `--seeds 0 1`) says how much of a difference is noise. A run whose workdir already holds a final eval
 loss is not repeated. The results file is rewritten after each run. Writes bench/results/tiny_quality-cpu.json.
 """
 
