@@ -36,9 +36,9 @@ from galore_jax.models import llama
 from galore_jax.optim.introspect import tree_bytes
 from galore_jax.train import steps
 
-__all__ = ["PRESETS", "RESULTS", "ROOT", "ArgumentParser", "attn_mlp_dimension_numbers", "choose", "command", "fail", "layer_kernels",
-           "paper_settings", "provenance", "random_batch", "rank", "run_config", "seconds", "set_count", "summary",
-           "timings", "tree_bytes", "versions", "write_json"]
+__all__ = ["PRESETS", "RESULTS", "ROOT", "SEPARATOR", "ArgumentParser", "attn_mlp_dimension_numbers", "choose",
+           "command", "fail", "layer_kernels", "paper_settings", "provenance", "random_batch", "rank", "run_config",
+           "seconds", "set_count", "summary", "timings", "tree_bytes", "versions", "write_json"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

@@ -2,7 +2,8 @@
 # Llama-7B on one GPU, measured in ONE device call that a session with a GPU runs first (~7.5 min of device time):
 #
 #   OUT=$OUT bash bench/gpu_7b.sh            # on the device machine, .whl carried (bench/README.md); results in $OUT
-#   GPU_7B_TINY=1 bash bench/gpu_7b.sh       # the same parts on tiny shapes (CPU is fine): tests/bench runs this
+#   GPU_7B_TINY=1 bash bench/gpu_7b.sh       # the same parts on tiny shapes (CPU is fine; memory: the first variant
+#                                            # only), 600 s limits: tests/bench runs this
 #   GPU_7B_PRINT=1 bash bench/gpu_7b.sh      # print the commands, run nothing (tests/bench checks their arguments)
 #
 # Parts, in this order, each under its own time limit (seconds, env), each writing its results file as it goes:
@@ -21,19 +22,21 @@ export PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/bench/.jax_cache}
 PY=${PYTHON:-python3}
 PARTS=${PARTS:-memory refresh train}
+VARIANTS="galore_adamw_8bit + layerwise,galore_adamw (fp32 states) + layerwise,adamw (bf16 states)"
 if [ -n "${GPU_7B_TINY:-}" ]; then  # tiny presets, so that the test suite runs every part end to end on a CPU
   OUT=${OUT:-/tmp/gpu_7b_tiny}
-  MEMORY=(--presets llama_9m --tokens 64 --layers 1)
+  LIMIT_S=600  # a loaded CPU, not the device's budget
+  MEMORY=(--presets llama_9m --tokens 64 --layers 1 --variants "${VARIANTS%%,*}")  # the first variant only
   REFRESH=(--preset llama_9m --layers 1 --exact_layers 1)
   TRAIN=(--config configs/tiny.py --steps 2 --batch_size 2 --max_bytes 100000 --set model.num_hidden_layers=1)
 else
   OUT=${OUT:-bench/results}
-  MEMORY=(--presets llama_7b --tokens 256)
+  LIMIT_S=
+  MEMORY=(--presets llama_7b --tokens 256 --variants "$VARIANTS")
   REFRESH=(--preset llama_7b --layers 32 --exact_layers 32)
   TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1)
 fi
-MEMORY+=(--variants "galore_adamw_8bit + layerwise,galore_adamw (fp32 states) + layerwise,adamw (bf16 states)"
-         --real_step --out "$OUT/memory-7b-gpu")
+MEMORY+=(--real_step --out "$OUT/memory-7b-gpu")
 REFRESH+=(--fast randomized --skip_quality --skip_train --repeats 1 --out "$OUT/refresh-gpu-llama_7b.json")
 TRAIN+=(--workdir /tmp/gpu_7b_train --out "$OUT/train-gpu-llama7b.json")
 
@@ -55,7 +58,7 @@ heartbeat() {  # a progress line every 30 s: the part running and the device mem
   while sleep 30; do
     local memory
     memory=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null | head -1)
-    echo "[gpu_7b] $(( $(date +%s) - START )) s: $(cat "$STATUS" 2>/dev/null) running${memory:+, GPU memory used $memory}"
+    echo "[gpu_7b] $(( $(date +%s) - START )) s: $(cat "$STATUS" 2>/dev/null) running${memory:+, GPU memory $memory}"
   done
 }
 
@@ -72,11 +75,12 @@ if [ -z "${GPU_7B_PRINT:-}" ]; then
   HEARTBEAT=$!
   trap 'kill $HEARTBEAT 2>/dev/null; rm -f "$STATUS"' EXIT
 fi
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 for name in $PARTS; do
   case $name in
-    memory) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 part memory "${MEMORY_S:-200}" bench.memory "${MEMORY[@]}" ;;
-    refresh) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 part refresh "${REFRESH_S:-90}" bench.refresh "${REFRESH[@]}" ;;
-    train) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 part train "${TRAIN_S:-150}" bench.train_run "${TRAIN[@]}" ;;
+    memory) part memory "${MEMORY_S:-${LIMIT_S:-200}}" bench.memory "${MEMORY[@]}" ;;
+    refresh) part refresh "${REFRESH_S:-${LIMIT_S:-90}}" bench.refresh "${REFRESH[@]}" ;;
+    train) part train "${TRAIN_S:-${LIMIT_S:-150}}" bench.train_run "${TRAIN[@]}" ;;
     *) echo "error: unknown part $name (memory, refresh, train)" >&2; exit 2 ;;
   esac
 done

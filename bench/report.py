@@ -34,7 +34,8 @@ def provenance(path: str, record: dict) -> str:
   device = record.get("device")
   if isinstance(device, dict):
     device = device.get("device_kind")
-  return f"*{device} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → `{path}`*"
+  return (f"*{device} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → "
+          f"`{path}`*")
 
 
 def speed_section() -> list[str]:
@@ -44,16 +45,16 @@ def speed_section() -> list[str]:
     lines += [f"**Training step, {r['preset']}{layers} ({r['params'] / 1e6:.1f}M params, {r['dtype']}), "
               f"{r['tokens_per_step']} tokens/step, rank {r['rank']}, T = {r['update_proj_gap']}, "
               f"{r['device']}**", "",
-              "| optimizer | first step | refresh step | other steps (median) | amortized | tokens/s | MFU | vs AdamW | "
-              "vs galore-torch | compile |",
+              "| optimizer | first step | refresh step | other steps (median) | amortized | tokens/s | MFU | "
+              "vs AdamW | vs galore-torch | compile |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["results"].items():
       torch_ratio = x.get("tokens_per_sec_ratio_to_galore_torch")
       mfu = x.get("mfu")
       compile_cell = f"{x['compile_s']:.0f} s" if x.get("compile_s") else ""
       first = f"{x['first_step_s']:.3f} s" if "first_step_s" in x else "(the refresh step)"
-      lines.append(f"| {name} | {first} | {x['refresh_s']:.3f} s | {x['non_refresh_s']:.3f} s | {x['amortized_s']:.3f} s | "
-                   f"{x['tokens_per_sec']:,.0f} | {'' if mfu is None else f'{mfu:.1%}'} | "
+      lines.append(f"| {name} | {first} | {x['refresh_s']:.3f} s | {x['non_refresh_s']:.3f} s | "
+                   f"{x['amortized_s']:.3f} s | {x['tokens_per_sec']:,.0f} | {'' if mfu is None else f'{mfu:.1%}'} | "
                    f"{x['amortized_ratio_to_adamw']:.3f}× | {'' if torch_ratio is None else f'{torch_ratio:.2f}×'} | "
                    f"{compile_cell} |")
     lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
@@ -79,10 +80,11 @@ def refresh_parts_section() -> list[str]:
     lines += [f"**Refresh kernel by kernel**, {r['preset']} (rank {r['rank']}, k = rank + {r['oversampling']}), "
               f"{r['device']}: one randomized refresh of every basis {r['model_refresh_s']:.2f} s one matrix at a "
               f"time" + ("" if "model_refresh_batched_finish_s" not in r else
-                         f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per shape")
+                         f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per "
+                         "shape")
               + f" (exact SVD {r['model_exact_svd_s']:.2f} s)", "",
-              "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | exact SVD | "
-              "largest kernels |", "|---|---|---|---|---|---|---|"]
+              "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | "
+              "exact SVD | largest kernels |", "|---|---|---|---|---|---|---|"]
     ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
     for x in r["results"]:
       sec = x["seconds"]
@@ -116,7 +118,8 @@ def memory_section() -> list[str]:
   for path, r in load("memory-*.json"):
     if isinstance(r, list):  # the GPU list of bench/memory.py --real_step
       lines += ["**Memory of one real step on the GPU**", "",
-                "| model | variant | tokens | analytic total (dry run) | XLA peak (GPU compile) | device peak (real step) |",
+                "| model | variant | tokens | analytic total (dry run) | XLA peak (GPU compile) | "
+                "device peak (real step) |",
                 "|---|---|---|---|---|---|"]
       gb = lambda x, key: f"{x[key]:.2f} GB" if x.get(key) is not None else "–"
       for x in r:
@@ -160,7 +163,8 @@ def step_time_section() -> list[str]:
       refresh = "–" if x["refresh_s"] is None else f"{x['refresh_s']:.3f} s"
       amortized = "–" if x["ratio_to_adamw"] is None else f"{x['ratio_to_adamw']:.2f}×"
       lines.append(f"| {name} | {refresh} | {x['non_refresh_s']:.4f} s | {amortized} | "
-                   f"{x['non_refresh_ratio_to_adamw']:.2f}× | {x['state_bytes'] / 2**20:,.0f} MiB | {copies} | {temp} |")
+                   f"{x['non_refresh_ratio_to_adamw']:.2f}× | {x['state_bytes'] / 2**20:,.0f} MiB | {copies} | "
+                   f"{temp} |")
     lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
@@ -168,8 +172,10 @@ def step_time_section() -> list[str]:
 def compile_section() -> list[str]:
   lines = []
   for path, r in load("compile_time-*.json"):
-    cells = ", ".join(f"{name} {x['compile_s']:.0f} s ({x['ratio_to_adamw']:.1f}×)" for name, x in r["results"].items())
-    lines += [f"**Compile time of the train step**, {r['preset']} ({r['kernels']} kernels, r = {r['rank']}): {cells}.", "",
+    cells = ", ".join(f"{name} {x['compile_s']:.0f} s ({x['ratio_to_adamw']:.1f}×)"
+                      for name, x in r["results"].items())
+    lines += [f"**Compile time of the train step**, {r['preset']} ({r['kernels']} kernels, r = {r['rank']}): "
+              f"{cells}.", "",
               provenance(path, r), ""]
   return lines
 

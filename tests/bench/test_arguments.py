@@ -100,3 +100,19 @@ def test_gpu_7b_default_commands_parse():
     else:
       assert args.config == "configs/llama7b.py" and args.batch_size * 256 == 2048
   assert modules == ["bench.memory", "bench.refresh", "bench.train_run"]
+
+
+def test_ranks_and_settings_come_from_the_paper_configs():
+  from configs import llama1b, llama7b
+
+  assert common.rank("llama_1b") == llama1b.get_config().optimizer.rank == 512
+  seven = llama7b.get_config()
+  assert common.paper_settings("llama_7b") == {"rank": seven.optimizer.rank, "update_proj_gap": 500,
+                                                "scale": seven.optimizer.scale, "lr": seven.train.lr}
+  assert common.rank("llama_35m") == 384 // 4  # no paper config: a quarter of the hidden size
+  with pytest.raises(ValueError, match="unknown preset 'llama_2b'"):
+    common.run_config("llama_2b")
+  assert common.layer_kernels(common.llama.preset("llama_1b")) == {
+      "attn/k_proj": (2048, 2048), "attn/o_proj": (2048, 2048), "attn/q_proj": (2048, 2048),
+      "attn/v_proj": (2048, 2048), "mlp/down_proj": (5461, 2048), "mlp/gate_proj": (2048, 5461),
+      "mlp/up_proj": (2048, 5461)}

@@ -46,15 +46,20 @@ def test_memory_analytic_total_is_the_sum_of_its_parts(tmp_path):
 
 def test_refresh_writes_each_phase_before_the_next_and_scales_to_the_model(tmp_path, monkeypatch):
   out = tmp_path / "refresh.json"
-  train_compare = refresh.train_compare
+  timing, train_compare = refresh.timing, refresh.train_compare
 
-  def after_quality_and_timing(*args, **kwargs):  # the file already holds phases 1 and 2 when phase 3 starts
+  def after_quality(*args, **kwargs):  # a failure from here on keeps the quality figures (issue 20)
     written = json.load(open(out))
-    assert written["quality_real_gradients"]["summary"] and written["timing"]["results"]["svd"]
-    assert written["training"] is None
+    assert written["quality_real_gradients"]["summary"] and written["timing"] is None
+    return timing(*args, **kwargs)
+
+  def after_timing(*args, **kwargs):
+    written = json.load(open(out))
+    assert written["timing"]["results"]["svd"] and written["training"] is None
     return train_compare(*args, **kwargs)
 
-  monkeypatch.setattr(refresh, "train_compare", after_quality_and_timing)
+  monkeypatch.setattr(refresh, "timing", after_quality)
+  monkeypatch.setattr(refresh, "train_compare", after_timing)
   # one layer: on XLA:CPU (jax 0.10.2) the batched randomized refresh of two llama_9m layers (--layers 2 runs it as
   # randomized+batch_refresh) deadlocks in most runs on a loaded 2-core machine (bench/README.md)
   record = refresh.main(["--preset", "llama_9m", "--layers", "1", "--fast", "randomized,randomized_warm", "--model",
@@ -134,9 +139,8 @@ def test_gpu_7b_runs_every_part_on_tiny_shapes(tmp_path):
   done = subprocess.run(["bash", os.path.join(common.ROOT, "bench", "gpu_7b.sh")], env=env, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0 and done.stdout.count(": exit code 0 at") == 3, done.stdout[-3000:] + done.stderr[-3000:]
-  flat = json.load(open(tmp_path / "memory-7b-gpu.json"))
-  assert [r["variant"] for r in flat] == ["galore_adamw_8bit + layerwise", "galore_adamw (fp32 states) + layerwise",
-                                          "adamw (bf16 states)"]
+  flat = json.load(open(tmp_path / "memory-7b-gpu.json"))  # tiny: the first variant (the full list: test_arguments)
+  assert [r["variant"] for r in flat] == ["galore_adamw_8bit + layerwise"] and flat[0]["layerwise"]
   assert all("device_peak_gb" in r and r["analytic_total_gb"] > 0 and r["tokens"] == 64 for r in flat)
   assert json.load(open(tmp_path / "memory-7b-gpu-full.json"))["command"].startswith("python -m bench.memory")
   final = json.load(open(tmp_path / "refresh-gpu-llama_7b.json"))["final"]
