@@ -37,7 +37,8 @@ else
   TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1)
 fi
 MEMORY+=(--real_step --out "$OUT/memory-7b-gpu")
-REFRESH+=(--fast randomized --skip_quality --skip_train --repeats 1 --out "$OUT/refresh-gpu-llama_7b.json")
+REFRESH+=(--fast randomized --skip_quality --skip_train --skip_batch_refresh --repeats 1
+          --out "$OUT/refresh-gpu-llama_7b.json")
 TRAIN+=(--workdir /tmp/gpu_7b_train --out "$OUT/train-gpu-llama7b.json")
 
 part() {  # part NAME LIMIT_S MODULE ARGS...: run one part under its time limit (its whole process group)

@@ -12,7 +12,8 @@
 2. time: one refresh of all attention/MLP kernels of `--layers` layers of `--preset` (Flax layout, std sides;
    shapes from galore_jax.models.llama, rank from the preset's paper config, bench/common.py), measured on a
    jitted update that returns only the new state (XLA drops the projections), best of --repeats; the fast
-   refreshes first, then the exact SVD (refresh="svd") on --exact_layers of them, scaled to the same layer count.
+   refreshes first (and, with --layers > 1, the default one with batch_refresh=True unless --skip_batch_refresh),
+   then the exact SVD (refresh="svd") on --exact_layers of them, scaled to the same layer count.
    The gradients are synthetic: Gaussian factors with a power-law spectrum s_i = i^-alpha (alpha from --alpha),
    energy ratios are measured on them. Full-model figures are scaled per layer and flagged as extrapolated
    unless every layer was timed.
@@ -164,17 +165,21 @@ def first_layers(grads: dict, n: int) -> dict:
 
 
 def time_refresh(grads, rank, refresh, batch_refresh=False, repeats=2):
-  """Seconds of one refresh of every leaf of `grads` (best of `repeats`, compiled and warm), and the bases.
+  """Seconds of one refresh of every leaf of `grads` (best of `repeats` >= 1, compiled and warm), and the bases.
 
   Only the new optimizer state is returned from the jitted update, so XLA drops the projections: what runs
   is the refresh branch (count = gap: a refresh with a previous basis, so warm starts are warm).
   """
   tx = galore(optax.identity(), rank=rank, update_proj_gap=10, refresh=refresh, batch_refresh=batch_refresh)
   new_state = jax.jit(lambda g, s: tx.update(g, s)[1])
-  fresh = jax.block_until_ready(new_state(grads, tx.init(grads)))  # step 0: the bases the warm start uses
+  # Step 0 compiles the update and refreshes too (cold): it warms the executable up and gives the previous bases.
+  fresh = jax.block_until_ready(new_state(grads, tx.init(grads)))
   on = fresh._replace(count=jnp.int32(10))
-  bases = jax.block_until_ready(new_state(grads, on)).bases  # the warm-up call
-  return min(common.timings(new_state, grads, on, warmup=0, repeats=repeats)), bases
+  samples = []
+  for _ in range(repeats):
+    state, seconds = common.seconds(new_state, grads, on)
+    samples.append(seconds)
+  return min(samples), state.bases
 
 
 def timing(args, alpha: float, write) -> dict:
@@ -190,7 +195,7 @@ def timing(args, alpha: float, write) -> dict:
     results[name] = {"refresh_s": s, "measured_layers": args.layers}
     fast_bases[name] = {p.path: bases[p.path] for p in plans}
     write(results)
-  if args.layers > 1:
+  if args.layers > 1 and not args.skip_batch_refresh:
     s, _ = time_refresh(grads, args.rank, FAST["randomized"], batch_refresh=True, repeats=args.repeats)
     results["randomized+batch_refresh"] = {"refresh_s": s, "measured_layers": args.layers}
     write(results)
@@ -265,6 +270,8 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--max_bytes", type=int, default=8_000_000, help="bytes of the embedded corpus to train on")
   ap.add_argument("--skip_quality", action="store_true")
   ap.add_argument("--skip_train", action="store_true")
+  ap.add_argument("--skip_batch_refresh", action="store_true", help="do not time randomized+batch_refresh (the "
+                  "default refresh with batch_refresh=True, timed when --layers > 1)")
   ap.add_argument("--out", default=None, help="default bench/results/refresh-<platform>-<preset>.json")
   return ap
 
@@ -284,6 +291,8 @@ def parse(argv: list[str]):
     common.fail(f"--exact_layers {args.exact_layers} is not within 1..--layers {args.layers}")
   if args.quality_steps < 2:
     common.fail(f"--quality_steps {args.quality_steps} must be at least 2")
+  if args.repeats < 1:
+    common.fail(f"--repeats {args.repeats} must be at least 1")
   args.out = args.out or os.path.join(common.RESULTS, f"refresh-{jax.devices()[0].platform}-{args.preset}.json")
   return args
 

@@ -97,6 +97,7 @@ def test_gpu_7b_default_commands_parse():
                                "adamw (bf16 states)"]
     elif module == "bench.refresh":
       assert (args.preset, args.layers, args.exact_layers, args.rank) == ("llama_7b", 32, 32, 1024)
+      assert args.fast == ["randomized"] and args.skip_quality and args.skip_train and args.skip_batch_refresh
     else:
       assert args.config == "configs/llama7b.py" and args.batch_size * 256 == 2048
   assert modules == ["bench.memory", "bench.refresh", "bench.train_run"]
