@@ -28,18 +28,19 @@ if [ -n "${GPU_7B_TINY:-}" ]; then  # tiny presets, so that the test suite runs 
   LIMIT_S=600  # a loaded CPU, not the device's budget
   MEMORY=(--presets llama_9m --tokens 64 --layers 1 --variants "${VARIANTS%%,*}")  # the first variant only
   REFRESH=(--preset llama_9m --layers 1 --exact_layers 1)
-  TRAIN=(--config configs/tiny.py --steps 2 --batch_size 2 --max_bytes 100000 --set model.num_hidden_layers=1)
+  TRAIN=(--config configs/tiny.py --steps 2 --batch_size 2 --max_bytes 100000 --set model.num_hidden_layers=1
+         --workdir "$OUT/train_workdir")
 else
   OUT=${OUT:-bench/results}
   LIMIT_S=
   MEMORY=(--presets llama_7b --tokens 256 --variants "$VARIANTS")
   REFRESH=(--preset llama_7b --layers 32 --exact_layers 32)
-  TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1)
+  TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1 --workdir /tmp/gpu_7b_train)
 fi
 MEMORY+=(--real_step --out "$OUT/memory-7b-gpu")
 REFRESH+=(--fast randomized --skip_quality --skip_train --skip_batch_refresh --repeats 1
           --out "$OUT/refresh-gpu-llama_7b.json")
-TRAIN+=(--workdir /tmp/gpu_7b_train --out "$OUT/train-gpu-llama7b.json")
+TRAIN+=(--out "$OUT/train-gpu-llama7b.json")
 
 part() {  # part NAME LIMIT_S MODULE ARGS...: run one part under its time limit (its whole process group)
   local name=$1 limit=$2

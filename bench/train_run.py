@@ -28,6 +28,7 @@ from bench import common
 from galore_jax.train import metrics
 
 POLL_S = 1.0
+MARK = ".bench_train_run"  # in a workdir this script made: only such a workdir is emptied
 NO_END = 10**9  # train.steps, eval.every and checkpoint.every of the stopped run: it never evaluates or saves
 
 
@@ -40,7 +41,8 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--max_bytes", type=int, default=2_000_000, help="bytes of the embedded corpus (data.max_bytes)")
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                   help="another config override, e.g. train.layerwise=True")
-  ap.add_argument("--workdir", default="/tmp/train_run", help="emptied first")
+  ap.add_argument("--workdir", default="/tmp/train_run", help="a new directory, or one this script made (emptied "
+                  "first); any other existing directory is refused")
   ap.add_argument("--out", default=None, help="default bench/results/train-<backend>-<config file name>.json")
   return ap
 
@@ -55,7 +57,15 @@ def parse(argv: list[str]):
   for name in ("steps", "batch_size", "grad_accum", "max_bytes"):
     if getattr(args, name) < 1:
       common.fail(f"--{name} {getattr(args, name)} must be positive")
+  if os.path.exists(args.workdir) and not os.path.exists(os.path.join(args.workdir, MARK)):
+    common.fail(f"--workdir {args.workdir!r} exists and was not made by bench.train_run; name a new directory")
   return args
+
+
+def fresh_workdir(workdir: str) -> None:
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  open(os.path.join(workdir, MARK), "w").close()
 
 
 def train_command(args) -> list[str]:
@@ -108,7 +118,7 @@ def run(args, write) -> str | None:
 def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
-  shutil.rmtree(args.workdir, ignore_errors=True)
+  fresh_workdir(args.workdir)
   provenance = common.provenance(__spec__.name, argv, probe=True)  # train.py gets the whole device
   stem = os.path.splitext(os.path.basename(args.config))[0]
   out = args.out or os.path.join(common.RESULTS, f"train-{provenance['backend']}-{stem}.json")

@@ -82,6 +82,19 @@ def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
   assert err.startswith(message) and err.count("\n") == 1
 
 
+def test_train_run_refuses_a_workdir_it_did_not_make(tmp_path, capsys):
+  from bench import train_run
+
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "checkpoints").mkdir()
+  with pytest.raises(SystemExit, match="^2$"):
+    train_run.parse(["--workdir", str(tmp_path / "run")])
+  assert capsys.readouterr().err.startswith(f"error: --workdir '{tmp_path / 'run'}' exists and was not made by ")
+  assert (tmp_path / "run" / "checkpoints").is_dir()
+  train_run.fresh_workdir(str(tmp_path / "mine"))
+  assert train_run.parse(["--workdir", str(tmp_path / "mine")]).workdir == str(tmp_path / "mine")
+
+
 def test_gpu_7b_default_commands_parse():
   """The device script's full-size commands (printed, not run) are valid invocations of their scripts."""
   printed = subprocess.run(["bash", os.path.join(common.ROOT, "bench", "gpu_7b.sh")], env=dict(os.environ,
