@@ -175,8 +175,7 @@ def compile_section() -> list[str]:
     cells = ", ".join(f"{name} {x['compile_s']:.0f} s ({x['ratio_to_adamw']:.1f}×)"
                       for name, x in r["results"].items())
     lines += [f"**Compile time of the train step**, {r['preset']} ({r['kernels']} kernels, r = {r['rank']}): "
-              f"{cells}.", "",
-              provenance(path, r), ""]
+              f"{cells}.", ""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
 
