@@ -321,9 +321,9 @@ def final_figures(args, timings: dict, summary_q: dict) -> dict:
   return final
 
 
-def record(args, argv, rows, summary_q, alpha, timings, train) -> dict:
+def record(args, provenance, rows, summary_q, alpha, timings, train) -> dict:
   return {
-      **common.provenance(__spec__.name, argv),
+      **provenance,
       "quality_real_gradients": None if not rows else {
           "model": f"{args.model}, vocab 256 (bytes of the embedded corpus, packed rows), adamw 1e-3, "
                    f"batch {BATCH}x{SEQ_LEN}",
@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
   state = {"rows": [], "summary_q": {}, "alpha": args.alpha, "timings": None, "train": None}
-  write = lambda: common.write_json(args.out, record(args, argv, **state))
+  provenance = common.provenance(__spec__.name, argv)
+  write = lambda: common.write_json(args.out, record(args, provenance, **state))
   train_rows, val_rows = (None, None) if args.skip_quality and args.skip_train else byte_rows(args.max_bytes)
   if not args.skip_quality:
     start = time.perf_counter()
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     state["train"] = train_compare(args.model, train_rows, val_rows, args.train_steps, rank=64, gap=50,
                                    refreshes={name: TRAIN_REFRESHES[name] for name in args.train_refreshes})
     write()
-  result = record(args, argv, **state)
+  result = record(args, provenance, **state)
   print(json.dumps(result["final"]))
   return result
 

@@ -53,7 +53,8 @@ def optimizers(settings: dict) -> dict[str, optax.GradientTransformation]:
       "galore_jax.galore_adamw(randomized_warm) bf16 states": galore_adamw(lr, **galore, refresh="randomized_warm",
                                                                            **bf16),
       "galore_jax.galore_adamw(randomized)": galore_adamw(lr, **galore, refresh="randomized"),
-      "optax.contrib.galore": optax.contrib.galore(lr, **galore, weight_dimension_numbers=common.attn_mlp_dimension_numbers),
+      "optax.contrib.galore": optax.contrib.galore(
+          lr, **galore, weight_dimension_numbers=common.attn_mlp_dimension_numbers),
       "galore_jax.galore_adamw": galore_adamw(lr, **galore),
   }
 
@@ -216,8 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
   runs = [(name, lambda tx=chosen[name]: time_jax(model_cfg, tx, batch, args.steps, gap)) for name in args.only]
   if args.torch:
     runs.insert(min(2, len(runs)), (TORCH, lambda: time_torch(model_cfg, settings, batch, args.steps)))
+    import torch  # noqa: F401 - imported before the provenance is taken, which then records its version
   results = {}
-  record = {"preset": args.preset, "scan_layers": args.scan_layers, "params": n_params, "dtype": args.dtype,
+  record = {**common.provenance(__spec__.name, argv), "preset": args.preset, "scan_layers": args.scan_layers,
+            "params": n_params, "dtype": args.dtype,
             "tokens_per_step": args.tokens, "seq_len": args.seq_len, "rank": settings["rank"],
             "update_proj_gap": gap, "scale": settings["scale"], "learning_rate": settings["lr"],
             "timed_steps": args.steps, "peak_flops": peak, "results": results}
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['non_refresh_s']:8.4f}s  amortized(T={gap}) {r['amortized_s']:8.4f}s  {r['tokens_per_sec']:10.0f} tok/s",
           flush=True)
     add_ratios(results)
-    common.write_json(args.out, {**common.provenance(__spec__.name, argv), **record})
+    common.write_json(args.out, record)
   print(json.dumps({name: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                     for name, r in results.items()}))
   return record

@@ -34,7 +34,9 @@ XLA's figures for the compiled step (`compiled`: temporaries, bytes accessed, an
 program, which every step pays).
 
 GaLore settings are the paper's (rank, T, scale and lr of the preset's configs/llama*.py, bench/common.py:
-e.g. rank 256, T = 200, scale 0.25, lr 0.01 for 350M; weight decay 0 everywhere); galore_adamw runs with fp32 bases and moments and, as configs/llama*.py, with bf16 ones. Both GaLore implementations project exactly the attn/mlp kernels:
+e.g. rank 256, T = 200, scale 0.25, lr 0.01 for 350M; weight decay 0 everywhere); galore_adamw runs with fp32
+bases and moments and, as configs/llama*.py, with bf16 ones. Both GaLore implementations project exactly the
+attn/mlp kernels:
 galore_jax by its default target, optax.contrib.galore through `weight_dimension_numbers` (None for every
 other leaf), so embed/lm_head/norms get plain full-rank Adam in both. Note the two choose different sides
 for a non-square kernel: galore_jax follows galore-torch's 'std' rule (project the smaller dimension, low-rank

@@ -6,8 +6,9 @@
 Each variant is one `python train.py --config configs/tiny.py` run (400 steps, llama_20m with a 4096-token
 BPE on the embedded corpus, rank 64, T = 100) with the overrides below (and `--set` ones, passed to every run
 as `--config.KEY=VALUE`); the eval loss at the last step is read from its metrics.jsonl. The spread between
-seeds of the baseline (e.g. `--seeds 0 1`) says how much of a difference is noise. A run whose workdir already holds a final eval
-loss is not repeated. The results file is rewritten after each run. Writes bench/results/tiny_quality-cpu.json.
+seeds of the baseline (e.g. `--seeds 0 1`) says how much of a difference is noise. A run whose workdir already
+holds a final eval loss is not repeated. The results file is rewritten after each run. Writes
+bench/results/tiny_quality-cpu.json.
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def parse(argv: list[str]):
   return args
 
 
-def record(args, argv, runs: dict) -> dict:
+def record(args, provenance: dict, runs: dict) -> dict:
   for r in runs.values():
     base = runs.get(f"svd_s{r['seed']}", {}).get("eval_loss")
     if base and r["eval_loss"]:
       r["rel_diff_to_svd_same_seed"] = r["eval_loss"] / base - 1
   baselines = [r["eval_loss"] for r in runs.values() if r["variant"] == "svd" and r["eval_loss"]]
   overrides = "".join(f", {o}" for o in args.overrides)
-  return {**common.provenance(__spec__.name, argv),
+  return {**provenance,
           "config": f"{CONFIG} (400 steps, llama_20m vocab 4096, rank 64, update_proj_gap 100{overrides})",
           "svd_seed_spread": (max(baselines) / min(baselines) - 1) if len(baselines) > 1 else None, "runs": runs}
 
@@ -70,6 +71,7 @@ def record(args, argv, runs: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
+  provenance = common.provenance(__spec__.name, argv)
   runs = {}
   for seed in args.seeds:
     for variant in args.variants:
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
       if final_eval_loss(workdir) is not None:  # --collect_only: runs that were not made are left out
         runs[f"{variant}_s{seed}"] = {"variant": variant, "seed": seed, "eval_loss": final_eval_loss(workdir),
                                       "command": " ".join(["python"] + cmd[1:])}
-        common.write_json(args.out, record(args, argv, runs))
-  result = record(args, argv, runs)
+        common.write_json(args.out, record(args, provenance, runs))
+  result = record(args, provenance, runs)
   print(json.dumps({k: round(v["rel_diff_to_svd_same_seed"], 4) for k, v in runs.items()
                     if "rel_diff_to_svd_same_seed" in v} | {"svd_seed_spread": result["svd_seed_spread"]}))
   return result

@@ -10,7 +10,8 @@ the paper's 7B run), a metrics line every step, no eval and no checkpoint: once 
 run is stopped (SIGKILL; a 7B checkpoint would take minutes to write). From its metrics.jsonl: per step the
 loss, tokens/s, step time, MFU and device memory peak (GPU); the summary takes the median over the steps after
 the first (which compiles the step and refreshes the bases) and the largest memory peak. The results file
-(bench/results/train-<backend>-<config file name>.json, e.g. train-gpu-llama7b.json) is rewritten as steps arrive, so a time limit keeps what ran.
+(bench/results/train-<backend>-<config file name>.json, e.g. train-gpu-llama7b.json) is rewritten as steps
+arrive, so a time limit keeps what ran.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def test_step_time_without_refresh_steps_reports_the_other_steps_only(tmp_path):
 
 
 def test_report_renders_missing_refresh_figures_and_scanned_layers(monkeypatch):
-  step_time = {"preset": "llama_1b", "params": 1.2e9, "dtype": "bfloat16", "shapes": {"layers": 24, "preset_layers": 24},
+  step_time = {"preset": "llama_1b", "params": 1.2e9, "dtype": "bfloat16",
+               "shapes": {"layers": 24, "preset_layers": 24},
                "settings": {"rank": 512, "update_proj_gap": 200},
                "results": {"adamw": {"refresh_s": None, "non_refresh_s": 0.01, "ratio_to_adamw": None,
                                      "non_refresh_ratio_to_adamw": 1.0, "state_bytes": 2**30}}}
