@@ -1,8 +1,8 @@
 """Where a randomized subspace refresh spends its time: each kernel of one matrix's refresh, timed apart.
 
-  python bench/refresh_parts.py [--preset llama_1b] [--repeats 5] [--out PATH]
+  python -m bench.refresh_parts [--preset llama_1b] [--repeats 5] [--out PATH]
 
-For every distinct GaLore kernel shape of the preset (Flax layout, 'std' sides, the paper's rank r,
+For every distinct GaLore kernel shape of the preset (Flax layout, 'std' sides, the preset's paper rank r,
 k = r + 10 columns) the building blocks of `RandomizedRefresh` are jitted and timed alone on random fp32
 matrices: the range-finder matmuls, the LU and QR of the tall `[d, k]` blocks, the `k×k` Gram matrix and
 its `eigh` (the default, and Jacobi and QDWH where the backend has them; jax 0.10 has no top-r subset
@@ -17,49 +17,33 @@ that galore_jax now runs. Writes bench/results/refresh_parts-<backend>-<preset>.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+from bench import common
+from galore_jax import RandomizedRefresh
+from galore_jax.models import llama
+from galore_jax.optim import basis as projection, linalg, refresh as refresh_lib
+from galore_jax.optim.executors import finish_chunk
 
-from galore_jax import RandomizedRefresh  # noqa: E402
-from galore_jax.optim import basis as projection, linalg, refresh as refresh_lib  # noqa: E402
-from galore_jax.models import llama  # noqa: E402
-from galore_jax.optim.executors import finish_chunk  # noqa: E402
-
-RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 OVERSAMPLING = 10
 
 
 def kernel_shapes(cfg: llama.LlamaConfig) -> dict[tuple[int, int], int]:
   """(in, out) -> how many attention/MLP kernels of that shape the model has."""
-  D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-  H, N, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
   counts: dict[tuple[int, int], int] = {}
-  for shape in [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]:
-    counts[shape] = counts.get(shape, 0) + L
+  for shape in common.layer_kernels(cfg).values():
+    counts[shape] = counts.get(shape, 0) + cfg.num_hidden_layers
   return counts
 
 
 def timed(fn, *args, repeats: int) -> float:
-  compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  """Median seconds of ``fn(*args)``, compiled ahead of time, after one warm-up call."""
+  return statistics.median(common.timings(jax.jit(fn).lower(*args).compile(), *args, warmup=1, repeats=repeats))
 
 
 def eigh_with(implementation: str, gram, repeats: int) -> float | None:
@@ -124,18 +108,20 @@ def parts_of(m: int, n: int, rank: int, count: int, repeats: int) -> dict[str, f
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--preset", default="llama_1b", choices=sorted(RANKS))
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args()
-  cfg = llama.preset(args.preset)
-  rank = RANKS[args.preset]
-  device = jax.devices()[0]
-  shapes = kernel_shapes(cfg)
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
+  ap.add_argument("--preset", default="llama_1b", choices=common.PRESETS)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--out", default=None, help="default bench/results/refresh_parts-<backend>-<preset>.json")
+  return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser().parse_args(argv)
+  rank = common.rank(args.preset)
   results, model_refresh, model_two_stage, model_svd = [], 0.0, 0.0, 0.0
-  for (m, n), count in shapes.items():
+  for (m, n), count in kernel_shapes(llama.preset(args.preset)).items():
     parts = parts_of(m, n, rank, count, args.repeats)
     model_refresh += count * parts["whole randomized refresh"]
     batched = [v for k, v in parts.items() if k.startswith("finish batched") and v is not None]
@@ -144,26 +130,19 @@ def main() -> None:
     results.append({"shape": [m, n], "count": count, "seconds": parts})
     print(f"[{m}, {n}] x{count}: " + ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}"
                                              for k, v in parts.items()), flush=True)
-  import flax
-
   record = {
-      "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
-      "backend": jax.default_backend(), "device": device.device_kind, "cpu_count": os.cpu_count(),
-      "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
-                   "python": platform.python_version()},
-      "env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
+      **common.provenance(__spec__.name, argv),
       "preset": args.preset, "rank": rank, "oversampling": OVERSAMPLING, "repeats": args.repeats,
       "refresh": "RandomizedRefresh() defaults: 1 LU-stabilised power iteration, QR, eigh of the k x k Gram matrix; "
                  "finish = eigh, the product with the range, sign alignment",
       "model_refresh_s": model_refresh, "model_refresh_batched_finish_s": model_two_stage,
       "model_exact_svd_s": model_svd, "results": results,
   }
-  out = args.out or f"bench/results/refresh_parts-{jax.default_backend()}-{args.preset}.json"
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1)
-  print(json.dumps({"model_refresh_s": round(model_refresh, 3), "model_refresh_batched_finish_s": round(model_two_stage, 3),
-                    "model_exact_svd_s": round(model_svd, 3), "out": out}))
+  out = common.write_json(args.out or f"{common.RESULTS}/refresh_parts-{jax.default_backend()}-{args.preset}.json",
+                          record)
+  print(json.dumps({"model_refresh_s": round(model_refresh, 3), "model_refresh_batched_finish_s":
+                    round(model_two_stage, 3), "model_exact_svd_s": round(model_svd, 3), "out": out}))
+  return record
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Regenerate README.md's "Performance" section from the results files under bench/results/.
+"""Regenerate the tables of docs/performance.md from the results files under bench/results/.
 
-  python bench/report.py            # rewrites the text between the PERFORMANCE markers in README.md
+  python -m bench.report [--out docs/performance.md]
+
+Rewrites the text between the PERFORMANCE markers of the page and keeps the hand-written text around them; a page
+that does not exist yet is created with a one-line title above the markers.
 """
 
 from __future__ import annotations
@@ -8,14 +11,22 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- PERFORMANCE:BEGIN (bench/report.py) -->", "<!-- PERFORMANCE:END -->"
+from bench import common
+
+ROOT = common.ROOT
+BEGIN, END = "<!-- PERFORMANCE:BEGIN (python -m bench.report) -->", "<!-- PERFORMANCE:END -->"
+NEW_PAGE = "# Performance\n\n"
 
 
 def load(pattern: str) -> list[tuple[str, dict]]:
-  paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", pattern)))
+  paths = sorted(glob.glob(os.path.join(common.RESULTS, pattern)))
   return [(os.path.relpath(p, ROOT), json.load(open(p))) for p in paths]
+
+
+def seconds(value: float | None, spec: str = ".2f") -> str:
+  return "–" if value is None else f"{value:{spec}} s"
 
 
 def provenance(path: str, record: dict) -> str:
@@ -23,7 +34,8 @@ def provenance(path: str, record: dict) -> str:
   device = record.get("device")
   if isinstance(device, dict):
     device = device.get("device_kind")
-  return f"*{device} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → `{path}`*"
+  return (f"*{device} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → "
+          f"`{path}`*")
 
 
 def speed_section() -> list[str]:
@@ -33,16 +45,16 @@ def speed_section() -> list[str]:
     lines += [f"**Training step, {r['preset']}{layers} ({r['params'] / 1e6:.1f}M params, {r['dtype']}), "
               f"{r['tokens_per_step']} tokens/step, rank {r['rank']}, T = {r['update_proj_gap']}, "
               f"{r['device']}**", "",
-              "| optimizer | first step | refresh step | other steps (median) | amortized | tokens/s | MFU | vs AdamW | "
-              "vs galore-torch | compile |",
+              "| optimizer | first step | refresh step | other steps (median) | amortized | tokens/s | MFU | "
+              "vs AdamW | vs galore-torch | compile |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["results"].items():
       torch_ratio = x.get("tokens_per_sec_ratio_to_galore_torch")
       mfu = x.get("mfu")
       compile_cell = f"{x['compile_s']:.0f} s" if x.get("compile_s") else ""
       first = f"{x['first_step_s']:.3f} s" if "first_step_s" in x else "(the refresh step)"
-      lines.append(f"| {name} | {first} | {x['refresh_s']:.3f} s | {x['non_refresh_s']:.3f} s | {x['amortized_s']:.3f} s | "
-                   f"{x['tokens_per_sec']:,.0f} | {'' if mfu is None else f'{mfu:.1%}'} | "
+      lines.append(f"| {name} | {first} | {x['refresh_s']:.3f} s | {x['non_refresh_s']:.3f} s | "
+                   f"{x['amortized_s']:.3f} s | {x['tokens_per_sec']:,.0f} | {'' if mfu is None else f'{mfu:.1%}'} | "
                    f"{x['amortized_ratio_to_adamw']:.3f}× | {'' if torch_ratio is None else f'{torch_ratio:.2f}×'} | "
                    f"{compile_cell} |")
     lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
@@ -53,9 +65,11 @@ def refresh_section() -> list[str]:
   lines = []
   for path, r in load("refresh-*.json"):
     f = r["final"]
-    lines += [f"**Subspace refresh** ({r['device']}): exact SVD {f['exact_s']:.2f} s vs `{f['fast']}` "
-              f"{f['fast_s']:.2f} s for {f['layers_timed']} layer(s) of {f.get('preset', 'llama_1b')} kernels "
-              f"(speedup {f['speedup']:.1f}×), worst energy ratio {f['min_energy_ratio']:.4f} of the exact top-r "
+    speedup = "–" if f.get("speedup") is None else f"{f['speedup']:.1f}×"
+    energy = "–" if f.get("min_energy_ratio") is None else f"{f['min_energy_ratio']:.4f}"
+    lines += [f"**Subspace refresh** ({r['device']}): exact SVD {seconds(f['exact_s'])} vs `{f['fast']}` "
+              f"{seconds(f['fast_s'])} for {f['layers_timed']} layer(s) of {f.get('preset', 'llama_1b')} kernels "
+              f"(speedup {speedup}), worst energy ratio {energy} of the exact top-r "
               "basis; per-variant numbers and real-gradient quality in the file.", "", provenance(path, r), ""]
   return lines
 
@@ -66,10 +80,11 @@ def refresh_parts_section() -> list[str]:
     lines += [f"**Refresh kernel by kernel**, {r['preset']} (rank {r['rank']}, k = rank + {r['oversampling']}), "
               f"{r['device']}: one randomized refresh of every basis {r['model_refresh_s']:.2f} s one matrix at a "
               f"time" + ("" if "model_refresh_batched_finish_s" not in r else
-                         f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per shape")
+                         f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per "
+                         "shape")
               + f" (exact SVD {r['model_exact_svd_s']:.2f} s)", "",
-              "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | exact SVD | "
-              "largest kernels |", "|---|---|---|---|---|---|---|"]
+              "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | "
+              "exact SVD | largest kernels |", "|---|---|---|---|---|---|---|"]
     ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
     for x in r["results"]:
       sec = x["seconds"]
@@ -103,11 +118,14 @@ def memory_section() -> list[str]:
   for path, r in load("memory-*.json"):
     if isinstance(r, list):  # the GPU list of bench/memory.py --real_step
       lines += ["**Memory of one real step on the GPU**", "",
-                "| model | variant | tokens | XLA peak (GPU compile) | device peak (real step) |", "|---|---|---|---|---|"]
+                "| model | variant | tokens | analytic total (dry run) | XLA peak (GPU compile) | "
+                "device peak (real step) |",
+                "|---|---|---|---|---|---|"]
+      gb = lambda x, key: f"{x[key]:.2f} GB" if x.get(key) is not None else "–"
       for x in r:
-        peak = f"{x['device_peak_gb']:.2f} GB" if x.get("device_peak_gb") is not None else x.get("error", "–")
-        xla = f"{x['xla_peak_gb']:.2f} GB" if x.get("xla_peak_gb") is not None else "–"
-        lines.append(f"| {x.get('preset')} | {x.get('variant')} | {x.get('tokens')} | {xla} | {peak} |")
+        peak = gb(x, "device_peak_gb") if x.get("device_peak_gb") is not None else x.get("error", "–")
+        lines.append(f"| {x.get('preset')} | {x.get('variant')} | {x.get('tokens')} | {gb(x, 'analytic_total_gb')} | "
+                     f"{gb(x, 'xla_peak_gb')} | {peak} |")
       lines += ["", provenance(path, r[0]) if r else "", ""]
       continue
     if path.endswith("-full.json"):
@@ -145,7 +163,8 @@ def step_time_section() -> list[str]:
       refresh = "–" if x["refresh_s"] is None else f"{x['refresh_s']:.3f} s"
       amortized = "–" if x["ratio_to_adamw"] is None else f"{x['ratio_to_adamw']:.2f}×"
       lines.append(f"| {name} | {refresh} | {x['non_refresh_s']:.4f} s | {amortized} | "
-                   f"{x['non_refresh_ratio_to_adamw']:.2f}× | {x['state_bytes'] / 2**20:,.0f} MiB | {copies} | {temp} |")
+                   f"{x['non_refresh_ratio_to_adamw']:.2f}× | {x['state_bytes'] / 2**20:,.0f} MiB | {copies} | "
+                   f"{temp} |")
     lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
@@ -153,30 +172,56 @@ def step_time_section() -> list[str]:
 def compile_section() -> list[str]:
   lines = []
   for path, r in load("compile_time-*.json"):
-    cells = ", ".join(f"{name} {x['compile_s']:.0f} s ({x['ratio_to_adamw']:.1f}×)" for name, x in r["results"].items())
-    lines += [f"**Compile time of the train step**, {r['preset']} ({r['kernels']} kernels, r = {r['rank']}): {cells}.", "",
-              provenance(path, r), ""]
+    cells = ", ".join(f"{name} {x['compile_s']:.0f} s ({x['ratio_to_adamw']:.1f}×)"
+                      for name, x in r["results"].items())
+    lines += [f"**Compile time of the train step**, {r['preset']} ({r['kernels']} kernels, r = {r['rank']}): "
+              f"{cells}.", ""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
 
-def main() -> None:
-  body = ["## Performance", "",
-          "Generated by `python bench/report.py` from `bench/results/`; every number names its device, date and "
-          "command. Ratios are measured side by side in one process. Training-step tables: the first step after init "
-          "refreshes the bases and pays every one-time cost of a first run; the refresh step is a later one (step "
-          "counter set to T), what every T-th step costs, and the amortized step uses it. Files that predate that "
-          "split timed the first step only and used it as the refresh step.", ""]
-  body += speed_section() + compile_section() + refresh_section() + refresh_parts_section() + quality_section() + memory_section() + step_time_section()
-  readme_path = os.path.join(ROOT, "README.md")
-  readme = open(readme_path).read()
+def train_section() -> list[str]:
+  lines = []
+  for path, r in load("train-*.json"):
+    x, opt = r["summary"], r.get("config", {}).get("optimizer", {})
+    mfu = "–" if x.get("mfu") is None else f"{x['mfu']:.1%}"
+    peak = "–" if x.get("memory_peak_gb") is None else f"{x['memory_peak_gb']:.1f} GB"
+    tokens = "–" if x.get("tokens_per_sec") is None else f"{x['tokens_per_sec']:,.0f}"
+    lines += [f"**`train.py`, {r.get('preset')}** ({opt.get('name')}, rank {opt.get('rank')}, refresh "
+              f"{opt.get('refresh')}), {r['tokens_per_step']} tokens/step, {x['steps']} steps on {r['device']}: "
+              f"{tokens} tokens/s, MFU {mfu}, step {seconds(x.get('step_time_s'), '.3f')} (median after the first, "
+              f"which took {seconds(x.get('first_step_s'), '.1f')} with the compile), device memory peak {peak}"
+              + (f"; stopped early: {r['error']}" if r.get("error") else "") + ".", "",
+              f"*`{r['train_command']}`*", "", provenance(path, r), ""]
+  return lines
+
+
+def sections() -> list[str]:
+  return (speed_section() + train_section() + compile_section() + refresh_section() + refresh_parts_section()
+          + quality_section() + memory_section() + step_time_section())
+
+
+def render(page: str, body: list[str]) -> str:
+  """``page`` with the text between its markers replaced by ``body`` (markers appended when absent)."""
   section = BEGIN + "\n" + "\n".join(body).rstrip() + "\n" + END
-  if BEGIN in readme:
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    readme = readme[:start] + section + readme[end:]
-  else:
-    readme = readme.replace("## Layout", section + "\n\n## Layout")
-  open(readme_path, "w").write(readme)
-  print(f"wrote the Performance section of {readme_path}")
+  if BEGIN in page and END in page:
+    return page[:page.index(BEGIN)] + section + page[page.index(END) + len(END):]
+  return page.rstrip() + ("\n\n" if page.strip() else "") + section + "\n"
+
+
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
+  ap.add_argument("--out", default="docs/performance.md", help="relative to the repository root")
+  return ap
+
+
+def main(argv: list[str] | None = None) -> str:
+  out = os.path.join(ROOT, parser().parse_args(sys.argv[1:] if argv is None else argv).out)
+  page = open(out).read() if os.path.exists(out) else NEW_PAGE
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(render(page, sections()))
+  print(f"wrote the tables of {out}")
+  return out
 
 
 if __name__ == "__main__":

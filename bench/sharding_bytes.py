@@ -1,10 +1,10 @@
 """Parameter and optimizer-state bytes per device under FSDP, from the shardings on abstract shapes (nothing allocated).
 
-  python bench/sharding_bytes.py [--configs llama1b llama7b] [--fsdp 1 2 4 8]
+  python -m bench.sharding_bytes [--configs llama1b llama7b] [--fsdp 1 2 4 8] [--out PATH]
 
 For each config (its dtypes, rank and gap) and each optimizer (galore_adamw, adamw), lays the
 parameters and the optimizer state out on a ``(data=1, fsdp=k)`` mesh of CPU devices with
-``galore_jax.sharding.Layout.build`` and sums, over leaves, the shard shape's bytes
+``galore_jax.train.sharding.Layout.build`` and sums, over leaves, the shard shape's bytes
 (``NamedSharding.shard_shape``); GaLore's projector bases are also reported on their own. The data
 axis only replicates these trees, so ``data`` does not change the numbers. Writes
 bench/results/sharding-state-bytes.json.
@@ -12,20 +12,17 @@ bench/results/sharding-state-bytes.json.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import importlib
-import json
-import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
+from bench import common
+from galore_jax.optim import basis as projection
+from galore_jax.train import config as training, sharding, steps
 
-from galore_jax.optim import basis as projection  # noqa: E402
-from galore_jax.train import config as training, sharding, steps  # noqa: E402
+OPTIMIZERS = ("galore_adamw", "adamw")
 
 
 def basis_bytes(state, shardings) -> int:
@@ -44,7 +41,7 @@ def measure(config_name: str, optimizer: str, fsdp: int) -> dict:
   state = jax.eval_shape(tx.init, params)
   mesh = sharding.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
   layout = sharding.Layout.build(mesh, tx, params, cfg.mesh.min_shard_size)
-  total = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  total = common.tree_bytes
   return {
       "config": config_name, "preset": cfg.model.preset, "optimizer": optimizer, "fsdp": fsdp,
       "rank": cfg.optimizer.rank if optimizer.startswith("galore") else None,
@@ -55,30 +52,52 @@ def measure(config_name: str, optimizer: str, fsdp: int) -> dict:
   }
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--configs", nargs="+", default=["llama1b", "llama7b"])
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
+  ap.add_argument("--configs", nargs="+", default=["llama1b", "llama7b"], help="names of configs/<name>.py")
   ap.add_argument("--fsdp", nargs="+", type=int, default=[1, 2, 4, 8])
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                "sharding-state-bytes.json"))
-  args = ap.parse_args()
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", max(args.fsdp))
+  ap.add_argument("--out", default=os.path.join(common.RESULTS, "sharding-state-bytes.json"))
+  return ap
+
+
+def parse(argv: list[str]):
+  args = parser().parse_args(argv)
+  configs_dir = os.path.join(common.ROOT, "configs")
+  for name in args.configs:
+    if not os.path.isfile(os.path.join(configs_dir, f"{name}.py")):
+      common.fail(f"no config configs/{name}.py")
+  if min(args.fsdp) < 1:
+    common.fail(f"--fsdp {min(args.fsdp)} must be at least 1")
+  return args
+
+
+def cpu_devices(n: int) -> None:
+  """At least ``n`` CPU devices: set before jax starts, or already there (e.g. the test suite's 8)."""
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # the backend has started: it keeps its devices
+    pass
+  if len(jax.devices("cpu")) < n:
+    common.fail(f"--fsdp {n} needs {n} CPU devices; jax started with {len(jax.devices('cpu'))}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse(argv)
+  cpu_devices(max(args.fsdp))
   rows = []
   for config_name in args.configs:
-    for optimizer in ("galore_adamw", "adamw"):
+    for optimizer in OPTIMIZERS:
       for fsdp in args.fsdp:
         row = measure(config_name, optimizer, fsdp)
         rows.append(row)
         print(f"{config_name:9s} {optimizer:13s} fsdp {fsdp}: params {row['param_bytes_per_device'] / 2**30:7.3f} GiB, "
               f"optimizer state {row['opt_state_bytes_per_device'] / 2**30:7.3f} GiB per device "
               f"(bases {row['galore_basis_bytes_per_device'] / 2**30:.3f} GiB)", flush=True)
-  record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join(sys.argv), "jax": jax.__version__, "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
-  print(f"wrote {args.out}")
+  record = {**common.provenance(__spec__.name, argv), "rows": rows}
+  print(f"wrote {common.write_json(args.out, record)}")
+  return record
 
 
 if __name__ == "__main__":

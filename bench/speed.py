@@ -1,18 +1,20 @@
 """Training-step speed, side by side in one process: optax.adamw, optax.contrib.galore, galore_adamw (and
 galore-torch's GaLoreAdamW on transformers' PyTorch Llama with --torch).
 
-  python bench/speed.py [--preset llama_20m] [--tokens 4096] [--seq_len 256] [--steps 10] [--torch]
+  python -m bench.speed [--preset llama_20m] [--tokens 4096] [--seq_len 256] [--steps 10] [--torch]
+                        [--dtype float32|bfloat16] [--scan_layers] [--only a,b] [--out PATH]
 
 Every optimizer trains the same model (bf16 or fp32, --dtype) on the same random tokens with the real
-jitted train step of galore_jax.training. galore_adamw runs with fp32 bases and moments (the library's
+jitted train step of galore_jax.train.steps. galore_adamw runs with fp32 bases and moments (the library's
 default) and with bf16 ones (configs/llama*.py, and what galore-torch keeps for a bf16 model). The first step
 after init refreshes the bases (count 0) and also pays every one-time cost of a first run (solver handles,
 workspaces, lazily loaded kernels): it is reported as `first_step_s`. The timed non-refresh steps follow;
 then the step counter is set to T (galore-torch: each projected parameter's `step`) so that one more step
 refreshes, warm: `refresh_s`, what every T-th step of a training run costs. `amortized_s` =
 (refresh + (T-1)·non-refresh) / T with T = update_proj_gap.
-GaLore settings are the paper's for the preset (rank, T = 200, scale 0.25) and target exactly the
-attention and MLP matrices for both GaLore implementations. Writes a JSON results file.
+GaLore settings are the preset's paper settings (rank, T, scale, lr: bench/common.py, from configs/llama*.py)
+and target exactly the attention and MLP matrices for both GaLore implementations. The results file is
+rewritten after each optimizer: a time limit keeps what finished.
 
 --scan_layers stacks the layers' kernels (``[L, in, out]``, run by ``lax.scan``): galore_adamw then projects each
 stack with one batched matmul per kernel type instead of one per layer. optax.contrib.galore cannot project
@@ -21,99 +23,60 @@ stacked kernels (it refuses batch axes), so it is left out there.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import optax
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+from bench import common
+from galore_jax import galore_adamw
+from galore_jax.models import llama
+from galore_jax.train import metrics, steps
 
-from galore_jax import galore_adamw  # noqa: E402
-from galore_jax.train import metrics, steps as training  # noqa: E402
-from galore_jax.models import llama  # noqa: E402
-from galore_jax.optim.plan import DEFAULT_TARGET, path_str  # noqa: E402
-from step_time import set_count  # noqa: E402
-
-RANKS = {"llama_9m": 32, "llama_20m": 64, "llama_35m": 128, "llama_60m": 128, "llama_130m": 256,
-         "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
-LR, SCALE, GAP = 0.01, 0.25, 200
+TORCH = "galore-torch GaLoreAdamW"
 
 
-def attn_mlp_dims(params):
-  """optax.contrib.galore's weight_dimension_numbers restricted to the attn/mlp kernels (None = not projected)."""
-  import re
-
-  from optax.contrib import GaLoreDimensionNumbers
-
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: GaLoreDimensionNumbers(0, 1) if x.ndim == 2 and re.search(DEFAULT_TARGET, path_str(p)) else None,
-      params)
-
-
-def optimizers(rank):
+def optimizers(settings: dict) -> dict[str, optax.GradientTransformation]:
+  """The JAX optimizers by name (no name holds a comma: --only's separator)."""
+  lr, galore = settings["lr"], {k: settings[k] for k in ("rank", "update_proj_gap", "scale")}
+  bf16 = dict(basis_dtype="bfloat16", moment_dtype="bfloat16")
   return {
-      "adamw": optax.adamw(LR, eps=1e-6),
+      "adamw": optax.adamw(lr, eps=1e-6),
       # configs/llama*.py's precision and galore-torch's in a bf16 model: bases and moments stored in bf16
-      "galore_jax.galore_adamw(randomized) bf16 states": galore_adamw(
-          LR, rank=rank, update_proj_gap=GAP, scale=SCALE, refresh="randomized", basis_dtype="bfloat16",
-          moment_dtype="bfloat16"),
+      "galore_jax.galore_adamw(randomized) bf16 states": galore_adamw(lr, **galore, refresh="randomized", **bf16),
       # the previous basis plus 10 random columns as the test matrix, no power iteration: no LU in the sketch
-      "galore_jax.galore_adamw(randomized_warm) bf16 states": galore_adamw(
-          LR, rank=rank, update_proj_gap=GAP, scale=SCALE, refresh="randomized_warm", basis_dtype="bfloat16",
-          moment_dtype="bfloat16"),
-      "galore_jax.galore_adamw(randomized)": galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
-                                                          refresh="randomized"),
-      "optax.contrib.galore": optax.contrib.galore(LR, rank=rank, update_proj_gap=GAP, scale=SCALE,
-                                                   weight_dimension_numbers=attn_mlp_dims),
-      "galore_jax.galore_adamw": galore_adamw(LR, rank=rank, update_proj_gap=GAP, scale=SCALE),
+      "galore_jax.galore_adamw(randomized_warm) bf16 states": galore_adamw(lr, **galore, refresh="randomized_warm",
+                                                                           **bf16),
+      "galore_jax.galore_adamw(randomized)": galore_adamw(lr, **galore, refresh="randomized"),
+      "optax.contrib.galore": optax.contrib.galore(
+          lr, **galore, weight_dimension_numbers=common.attn_mlp_dimension_numbers),
+      "galore_jax.galore_adamw": galore_adamw(lr, **galore),
   }
 
 
-def random_batch(batch, seq_len, vocab, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (batch, seq_len)
-  tokens = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones(shape, np.float32),
-          "segment_ids": np.ones(shape, np.int32), "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                                                                 shape).copy()}
-
-
-def time_jax(model_cfg, tx, batch, steps):
+def time_jax(model_cfg, tx, batch, n_steps: int, gap: int):
   """(compile_s, first step, warm refresh step, non-refresh step times, final loss) of the real train step.
 
   Compiled ahead of time. The first step after init (count 0) and the step run with the counter set to T
   refresh every basis for both GaLore implementations and do nothing special for AdamW.
   """
   model = llama.Llama(model_cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.graphdef(model), training.params_of(model)
+  graphdef, params = nnx.graphdef(model), steps.params_of(model)
   del model
-  step = training.make_steps(graphdef, tx, grad_accum=1, packed=False, report_overlap=False).train
+  step = steps.make_steps(graphdef, tx, grad_accum=1, packed=False, report_overlap=False).train
   state = jax.jit(tx.init)(params)
-  start = time.perf_counter()
-  compiled = step.lower(params, state, batch).compile()
-  compile_s = time.perf_counter() - start
-
-  def timed_step(params, state):
-    start = time.perf_counter()
-    params, state, m = compiled(params, state, batch)
-    jax.block_until_ready(m)
-    return params, state, m, time.perf_counter() - start
-
-  params, state, m, first = timed_step(params, state)
+  compiled, compile_s = common.seconds(lambda: step.lower(params, state, batch).compile())
+  (params, state, m), first = common.seconds(compiled, params, state, batch)
   times = []
-  for _ in range(steps):
-    params, state, m, seconds = timed_step(params, state)
+  for _ in range(n_steps):
+    (params, state, m), seconds = common.seconds(compiled, params, state, batch)
     times.append(seconds)
-  params, state, m, refresh = timed_step(params, set_count(state, GAP))
+  (params, state, m), refresh = common.seconds(compiled, params, common.set_count(state, gap), batch)
   return compile_s, first, refresh, times, float(m["loss"])
 
 
@@ -134,7 +97,7 @@ def _import_galore_torch():
   return GaLoreAdamW
 
 
-def time_torch(model_cfg, rank, batch, steps):
+def time_torch(model_cfg, settings: dict, batch, n_steps: int):
   """galore-torch's GaLoreAdamW on transformers' LlamaForCausalLM (sdpa attention), the reference script's grouping.
 
   One forward/backward without an optimizer step warms CUDA up; the first optimizer step then refreshes
@@ -158,11 +121,12 @@ def time_torch(model_cfg, rank, batch, steps):
   galore = [p for n, p in model.named_parameters() if p.ndim == 2 and ("attn" in n or "mlp" in n)]
   ids = {id(p) for p in galore}
   regular = [p for p in model.parameters() if id(p) not in ids]
-  groups = [{"params": regular}, {"params": galore, "rank": rank, "update_proj_gap": GAP, "scale": SCALE,
-                                  "proj_type": "std"}]
+  gap = settings["update_proj_gap"]
+  groups = [{"params": regular}, {"params": galore, "rank": settings["rank"], "update_proj_gap": gap,
+                                  "scale": settings["scale"], "proj_type": "std"}]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    opt = GaLoreAdamW(groups, lr=LR)
+    opt = GaLoreAdamW(groups, lr=settings["lr"])
   inputs = torch.tensor(batch["inputs"], dtype=torch.long, device=device)
   targets = torch.tensor(batch["targets"], dtype=torch.long, device=device)
 
@@ -188,80 +152,88 @@ def time_torch(model_cfg, rank, batch, steps):
   model.zero_grad(set_to_none=True)
   sync()
   _, first = timed_step()
-  times = [timed_step()[1] for _ in range(steps)]
+  times = [timed_step()[1] for _ in range(n_steps)]
   for p in galore:  # GaLoreProjector refreshes when the parameter's step % update_proj_gap == 0
-    opt.state[p]["step"] = GAP
+    opt.state[p]["step"] = gap
   loss, refresh = timed_step()
   return 0.0, first, refresh, times, loss
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--preset", default="llama_20m")
-  parser.add_argument("--tokens", type=int, default=4096, help="tokens per optimizer step")
-  parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=10, help="timed non-refresh steps")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--torch", action="store_true", help="also time galore-torch (needs torch + galore-torch)")
-  parser.add_argument("--scan_layers", action="store_true",
-                      help="stack the layers and run them with lax.scan (galore-torch keeps its own loop)")
-  parser.add_argument("--only", default=None, help="comma-separated subset of the JAX optimizers to time")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
+  ap.add_argument("--preset", default="llama_20m", choices=common.PRESETS)
+  ap.add_argument("--tokens", type=int, default=4096, help="tokens per optimizer step")
+  ap.add_argument("--seq_len", type=int, default=256)
+  ap.add_argument("--steps", type=int, default=10, help="timed non-refresh steps")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--torch", action="store_true", help="also time galore-torch (needs torch + galore-torch)")
+  ap.add_argument("--scan_layers", action="store_true",
+                  help="stack the layers and run them with lax.scan (galore-torch keeps its own loop)")
+  ap.add_argument("--only", default=None, help="comma-separated subset of the JAX optimizers to time: " +
+                  ", ".join(optimizers(common.paper_settings("llama_9m"))))
+  ap.add_argument("--out", default=None, help="default bench/results/speed-<backend>-<preset>-<tokens>[-scan].json")
+  return ap
 
+
+def parse(argv: list[str]):
+  args = parser().parse_args(argv)
+  args.settings = common.paper_settings(args.preset)
+  known = optimizers(args.settings)
+  args.only = common.choose(args.only, known, "optimizer") if args.only else list(known)
+  if args.scan_layers:
+    args.only = [name for name in args.only if name != "optax.contrib.galore"]
+  if args.tokens % args.seq_len or args.tokens <= 0:
+    common.fail(f"--tokens {args.tokens} is not a positive multiple of --seq_len {args.seq_len}")
+  scan = "-scan" if args.scan_layers else ""
+  args.out = args.out or os.path.join(common.RESULTS,
+                                      f"speed-{jax.default_backend()}-{args.preset}-{args.tokens}{scan}.json")
+  return args
+
+
+def figures(tokens: int, gap: int, timed, flops: float | None, peak: float | None) -> dict:
+  """One optimizer's entry from ``(compile_s, first, refresh, non-refresh times, loss)``."""
+  compile_s, first, refresh, times, loss = timed
+  non_refresh = statistics.median(times)
+  amortized = (refresh + (gap - 1) * non_refresh) / gap
+  entry = {"compile_s": compile_s, "first_step_s": first, "refresh_s": refresh, "non_refresh_s": non_refresh,
+           "non_refresh_spread_s": [min(times), max(times)], "amortized_s": amortized,
+           "tokens_per_sec": tokens / amortized, "final_loss": loss}
+  if flops and peak:
+    entry["mfu"] = flops * tokens / amortized / peak
+  return entry
+
+
+def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse(argv)
+  settings, gap = args.settings, args.settings["update_proj_gap"]
   model_cfg = llama.preset(args.preset, param_dtype=args.dtype, dtype=args.dtype,
                            max_position_embeddings=max(args.seq_len, 256), scan_layers=args.scan_layers)
-  rank = RANKS[args.preset]
-  batch = random_batch(args.tokens // args.seq_len, args.seq_len, model_cfg.vocab_size)
-  device = jax.devices()[0]
-  n_params = llama.count_params(model_cfg) if hasattr(llama, "count_params") else None
-  flops = training.flops_per_token(model_cfg, n_params, args.seq_len) if n_params else None
-  peak = metrics.peak_flops(device)
-
+  batch = common.random_batch(args.tokens // args.seq_len, args.seq_len, model_cfg.vocab_size)
+  n_params = llama.count_params(model_cfg)
+  flops = steps.flops_per_token(model_cfg, n_params, args.seq_len)
+  peak = metrics.peak_flops(jax.devices()[0])
+  chosen = optimizers(settings)
+  runs = [(name, lambda tx=chosen[name]: time_jax(model_cfg, tx, batch, args.steps, gap)) for name in args.only]
+  if args.torch:
+    runs.insert(min(2, len(runs)), (TORCH, lambda: time_torch(model_cfg, settings, batch, args.steps)))
+    import torch  # noqa: F401 - imported before the provenance is taken, which then records its version
   results = {}
-  chosen = optimizers(rank)
-  if args.only:
-    chosen = {name: tx for name, tx in chosen.items() if name in args.only.split(",")}
-  if args.scan_layers:
-    chosen.pop("optax.contrib.galore", None)
-  runs = [(name, lambda tx=tx: time_jax(model_cfg, tx, batch, args.steps)) for name, tx in chosen.items()]
-  if args.torch:
-    runs.insert(min(2, len(runs)), ("galore-torch GaLoreAdamW", lambda: time_torch(model_cfg, rank, batch, args.steps)))
-  import flax
-
-  record = {
-      "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
-      "backend": jax.default_backend(), "device": device.device_kind, "cpu_count": os.cpu_count(),
-      "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
-                   "python": platform.python_version()},
-      "preset": args.preset, "scan_layers": args.scan_layers, "params": n_params, "dtype": args.dtype,
-      "tokens_per_step": args.tokens, "seq_len": args.seq_len, "rank": rank, "update_proj_gap": GAP,
-      "timed_steps": args.steps, "peak_flops": peak, "results": results,
-  }
-  if args.torch:
-    import torch
-
-    record["versions"]["torch"] = torch.__version__
-  scan = "-scan" if args.scan_layers else ""
-  out = args.out or f"bench/results/speed-{jax.default_backend()}-{args.preset}-{args.tokens}{scan}.json"
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  record = {**common.provenance(__spec__.name, argv), "preset": args.preset, "scan_layers": args.scan_layers,
+            "params": n_params, "dtype": args.dtype,
+            "tokens_per_step": args.tokens, "seq_len": args.seq_len, "rank": settings["rank"],
+            "update_proj_gap": gap, "scale": settings["scale"], "learning_rate": settings["lr"],
+            "timed_steps": args.steps, "peak_flops": peak, "results": results}
   for name, timed in runs:  # the results file is rewritten after each run: a time limit keeps what finished
-    compile_s, first, refresh, times, loss = timed()
-    non_refresh = statistics.median(times)
-    amortized = (refresh + (GAP - 1) * non_refresh) / GAP
-    results[name] = {"compile_s": compile_s, "first_step_s": first, "refresh_s": refresh,
-                     "non_refresh_s": non_refresh,
-                     "non_refresh_spread_s": [min(times), max(times)], "amortized_s": amortized,
-                     "tokens_per_sec": args.tokens / amortized, "final_loss": loss}
-    if flops and peak:
-      results[name]["mfu"] = flops * args.tokens / amortized / peak
-    print(f"{name:<26} first {first:8.3f}s  refresh {refresh:8.3f}s  step {non_refresh:8.4f}s  "
-          f"amortized(T={GAP}) {amortized:8.4f}s  {args.tokens / amortized:10.0f} tok/s", flush=True)
+    results[name] = r = figures(args.tokens, gap, timed(), flops, peak)
+    print(f"{name:<26} first {r['first_step_s']:8.3f}s  refresh {r['refresh_s']:8.3f}s  step "
+          f"{r['non_refresh_s']:8.4f}s  amortized(T={gap}) {r['amortized_s']:8.4f}s  {r['tokens_per_sec']:10.0f} tok/s",
+          flush=True)
     add_ratios(results)
-    with open(out, "w") as f:
-      json.dump(record, f, indent=1)
+    common.write_json(args.out, record)
   print(json.dumps({name: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                     for name, r in results.items()}))
+  return record
 
 
 def add_ratios(results):
@@ -270,8 +242,8 @@ def add_ratios(results):
     for r in results.values():
       r["amortized_ratio_to_adamw"] = r["amortized_s"] / base["amortized_s"]
       r["non_refresh_ratio_to_adamw"] = r["non_refresh_s"] / base["non_refresh_s"]
-  if "galore-torch GaLoreAdamW" in results:
-    torch_tps = results["galore-torch GaLoreAdamW"]["tokens_per_sec"]
+  if TORCH in results:
+    torch_tps = results[TORCH]["tokens_per_sec"]
     for r in results.values():
       r["tokens_per_sec_ratio_to_galore_torch"] = r["tokens_per_sec"] / torch_tps
 
