@@ -1,8 +1,8 @@
 """Optimizer state bytes of the low-rank family (GaLore, Fira, APOLLO, APOLLO-Mini) beside AdamW, analytic.
 
-  python -m bench.family_memory [--presets llama_7b llama_1b] [--out bench/results/family_memory-analytic.json]
+  python -m bench.family_memory [--presets llama_7b llama_1b] [--out PATH]
 
-Nothing is allocated: the parameters are the abstract model's ``ShapeDtypeStruct`` s and the state is
+Writes bench/results/family_memory-analytic.json. Nothing is allocated: the parameters are the abstract model's ``ShapeDtypeStruct`` s and the state is
 ``jax.eval_shape(tx.init, params)`` of the app's optimizer for that config (``galore_jax.train.dry_run.analytic``),
 split by ``galore_jax.optim.introspect.state_breakdown``. Settings: bf16 weights, and per variant the state
 dtype it names; ranks as the papers (GaLore and Fira: 1024 at 7B, 512 at 1B; APOLLO: 256 at 7B, the rank at
@@ -14,15 +14,10 @@ against the papers' optimizer-state figures, which count the projected matrices.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
-import subprocess
+import os
 import sys
 
-import jax
-
+from bench import common
 from configs.base import base
 from galore_jax.train import dry_run
 
@@ -74,31 +69,28 @@ def row(preset: str, label: str, optimizer: dict) -> dict:
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--presets", nargs="+", default=list(RANKS), choices=list(RANKS))
-  parser.add_argument("--out", default="bench/results/family_memory-analytic.json")
-  args = parser.parse_args()
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
+  ap.add_argument("--presets", nargs="+", default=list(RANKS), choices=list(RANKS))
+  ap.add_argument("--out", default=os.path.join(common.RESULTS, "family_memory-analytic.json"))
+  return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser().parse_args(argv)
   rows = [row(preset, label, optimizer) for preset in args.presets for label, optimizer in variants(preset).items()]
-  commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-  record = {
-      "command": "python -m bench.family_memory " + " ".join(sys.argv[1:]),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": "none: analytic (jax.eval_shape of the optimizer's init on the abstract model)",
-      "versions": {"python": platform.python_version(), "jax": jax.__version__},
-      "git_commit": commit,
-      "ranks": {p: {"galore_fira": g, "apollo": a, "apollo_mini": 1} for p, (g, a) in RANKS.items()},
-      "paper_7b_state_gb": PAPER_7B_GB,
-      "results": rows,
-  }
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=1)
+  record = {**common.provenance(__spec__.name, argv),
+            "note": "analytic: jax.eval_shape of the optimizer's init on the abstract model, nothing allocated",
+            "ranks": {p: {"galore_fira": g, "apollo": a, "apollo_mini": 1} for p, (g, a) in RANKS.items()},
+            "paper_7b_state_gb": PAPER_7B_GB, "results": rows}
   print(f"{'preset':<9} {'variant':<32} {'rank':>5} {'state':>8} {'projected':>10} {'full-rank':>10} {'paper':>6}  GB")
   for r in rows:
     paper = r.get("paper_7b_state_gb")
     print(f"{r['preset']:<9} {r['variant']:<32} {r['rank'] or '':>5} {r['optimizer_state_gb']:>8.3f} "
           f"{r['projected_matrices_gb']:>10.3f} {r['full_rank_states_gb']:>10.3f} {'' if paper is None else paper:>6}")
-  print(f"wrote {args.out}")
+  print(f"wrote {common.write_json(args.out, record)}")
+  return record
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bench import common, compile_time, memory, refresh, refresh_parts, report, sharding_bytes, tiny_quality
+from bench import common, compile_time, family_memory, memory, refresh, refresh_parts, report, sharding_bytes, tiny_quality
 
 
 def test_compile_time_ratios_are_against_adamw(tmp_path):
@@ -42,6 +42,19 @@ def test_memory_analytic_total_is_the_sum_of_its_parts(tmp_path):
     assert r["optimizer_state_gb"] == pytest.approx(r["moments_low_rank_gb"] + r["projector_bases_gb"] +
                                                     r["full_rank_states_gb"])
   assert galore["gradients_gb"] < adamw["gradients_gb"] and galore["optimizer_state_gb"] < adamw["optimizer_state_gb"]
+
+
+def test_family_memory_splits_each_state_into_its_parts(tmp_path):
+  out = tmp_path / "family.json"
+  record = family_memory.main(["--presets", "llama_1b", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  rows = {r["variant"]: r for r in record["results"]}
+  for r in rows.values():
+    assert r["optimizer_state_gb"] == pytest.approx(r["moments_low_rank_gb"] + r["projector_bases_gb"] +
+                                                    r["rule_states_gb"] + r["full_rank_states_gb"])
+  galore, fira = rows["galore_adamw (bf16 states)"], rows["fira_adamw (bf16 states)"]
+  assert 0 < fira["rule_states_gb"] < 1e-6 and fira["moments_low_rank_gb"] == galore["moments_low_rank_gb"]
+  assert rows["apollo_mini (bf16 states)"]["projected_matrices_gb"] < 0.01 * galore["projected_matrices_gb"]
 
 
 def test_refresh_writes_each_phase_before_the_next_and_scales_to_the_model(tmp_path, monkeypatch):
