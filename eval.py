@@ -29,52 +29,26 @@ def fail(message: str) -> None:
   sys.exit(EXIT_BAD_INPUT)
 
 
-def load_run_config(workdir: str):
-  from ml_collections import config_dict
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    fail(f"workdir {workdir!r} has no config.json: not a training run")
-  try:
-    with open(path) as f:
-      cfg = config_dict.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-    fail(f"{path} is not a readable config: {e}")
-  cfg.workdir = workdir
-  return cfg
-
-
 def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, export_hf: str | None) -> dict:
   import jax
   from flax import nnx
 
-  from galore_jax.train import checkpoint, config, data, metrics, steps
+  from galore_jax.train import checkpoint, config, data, metrics, restore, steps
   from galore_jax.models import hf, llama
 
-  cfg = load_run_config(workdir)
   checkpoint.quiet_orbax_logging()
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=1, read_only=True)
-  steps_saved = ckpts.all_steps()
-  if not steps_saved:
-    fail(f"workdir {workdir!r} has no checkpoint")
-  step = max(steps_saved) if step is None else step
-  if step not in steps_saved:
-    fail(f"--step {step} is not among the saved steps {steps_saved}")
-
   try:
-    abstract = config.abstract_model(cfg)
-    params, _ = ckpts.restore_params(step, steps.params_of(abstract))
+    model, cfg, step = restore.restore_run(workdir, step)
     model_cfg = config.model_config(cfg)
     dataset = data.build_data(cfg.data, workdir=workdir, vocab_size=model_cfg.vocab_size,
                               batch_size=cfg.train.batch_size,
                               eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
                               eval_batches=cfg.eval.batches, seed=cfg.seed)
   except (config.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointDamaged, ValueError) as e:
-    fail(str(e))
-  model = nnx.merge(nnx.graphdef(abstract), params)
+    fail(str(e))  # RunNotLoadable is a ValueError
+  graphdef, params = nnx.split(model)
 
-  eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(nnx.graphdef(abstract), p), b,
-                                                            cfg.data.packing))
+  eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(graphdef, p), b, cfg.data.packing))
   loss_sum = tokens = 0.0
   for batch in dataset.eval_batches:
     l, t = eval_step(params, batch)
@@ -86,7 +60,6 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   sample = dataset.tokenizer.decode(list(map(int, out[0])))
   if export_hf:
     hf.to_hf(model, export_hf, tokenizer=dataset.tokenizer)
-  ckpts.close()
   return {"step": step, "eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss), "eval_tokens": tokens,
           "sample": sample, "export_hf": export_hf}
 

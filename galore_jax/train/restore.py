@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, NamedTuple
 
-from galore_jax.train.checkpoint import CheckpointMismatch, Checkpoints
+from galore_jax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpoints
 
-__all__ = ["CheckpointMismatch", "RunNotLoadable", "load_model", "load_run_config"]
+__all__ = ["CheckpointDamaged", "CheckpointMismatch", "Restored", "RunNotLoadable", "load_model", "load_run_config",
+           "restore_run"]
 
 
 class RunNotLoadable(ValueError):
@@ -37,9 +39,17 @@ def load_run_config(workdir: str):
     with open(path) as f:
       cfg = config_dict.ConfigDict(json.load(f))
   except (OSError, ValueError) as e:
-    raise RunNotLoadable(f"{path!r} cannot be read: {e}") from None
+    raise RunNotLoadable(f"{path} is not a readable config: {e}") from None
   cfg.workdir = workdir
   return cfg
+
+
+class Restored(NamedTuple):
+  """A run's checkpoint as a model: the model, the run's config, and which step it is."""
+
+  model: Any
+  config: Any
+  step: int
 
 
 def load_model(workdir: str, step: int | None = None):
@@ -54,10 +64,16 @@ def load_model(workdir: str, step: int | None = None):
     device, in the dtypes they were trained in; ``config``: the run's ConfigDict.
 
   Raises:
-    RunNotLoadable: no readable ``config.json``, no checkpoint, ``step`` is not a saved step, or its
-      files cannot be read.
+    RunNotLoadable: no readable ``config.json``, no checkpoint, or ``step`` is not a saved step.
     CheckpointMismatch: the checkpoint's parameters differ from what the config builds.
+    CheckpointDamaged: the step's files are missing or unreadable (the message names the file).
   """
+  restored = restore_run(workdir, step)
+  return restored.model, restored.config
+
+
+def restore_run(workdir: str, step: int | None = None) -> Restored:
+  """:func:`load_model`, also saying which step it loaded (the latest when ``step`` is None)."""
   from flax import nnx
 
   from galore_jax.train import config, steps
@@ -75,13 +91,7 @@ def load_model(workdir: str, step: int | None = None):
     step = saved[-1] if step is None else step
     if step not in saved:
       raise RunNotLoadable(f"step {step} is not among the saved steps {saved} of {workdir!r}")
-    try:
-      params, _ = ckpts.restore_params(step, steps.params_of(abstract))
-    except CheckpointMismatch:
-      raise
-    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for unreadable files
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise RunNotLoadable(f"checkpoint step {step} in {ckpts.directory} cannot be read: {reason}") from None
+    params, _ = ckpts.restore_params(step, steps.params_of(abstract))
   finally:
     ckpts.close()
-  return nnx.merge(nnx.graphdef(abstract), params), cfg
+  return Restored(nnx.merge(nnx.graphdef(abstract), params), cfg, step)

@@ -417,8 +417,6 @@ def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(t
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
   assert result.stderr.startswith(f"error: {bare}/config.json is not a readable config: Expecting")
 
-  assert "checkpoint" in result.stderr.strip().splitlines()[-1]
-
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.train.stepz=3", "unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?"),
@@ -520,14 +518,15 @@ def test_load_model_refuses_what_is_not_there(tmp_path, finished_run):
 def test_load_model_names_an_unreadable_checkpoint(tmp_path, finished_run):
   import shutil
 
-  from galore_jax.train import RunNotLoadable, load_model
+  from galore_jax.train import load_model
+  from galore_jax.train.checkpoint import CheckpointDamaged
 
   workdir = tmp_path / "corrupt"
   shutil.copytree(finished_run, workdir)
   for path in (workdir / "checkpoints" / "40" / "params").rglob("*"):
     if path.is_file() and path.parent.name == "d":  # the array data, not the metadata
       path.write_bytes(b"garbage")
-  with pytest.raises(RunNotLoadable, match=rf"checkpoint step 40 in {workdir}/checkpoints cannot be read: "):
+  with pytest.raises(CheckpointDamaged, match=rf"checkpoint step 40 in {workdir}/checkpoints is damaged: "):
     load_model(str(workdir))
   assert load_model(str(workdir), step=30)[1].train.steps == 40
 
