@@ -2,7 +2,8 @@
 
   python train.py --config configs/tiny.py [--config.train.steps=1000 ...]
   python train.py --config configs/llama1b.py --config.mesh.data=2 --config.mesh.fsdp=4   # 8 devices
-  python train.py --config configs/llama7b.py --dry_run      # will it fit? (allocates nothing)
+  python train.py --config configs/llama7b.py --dry_run      # will it fit? (allocates nothing, seconds)
+  python train.py --config configs/llama7b_24gb.py --dry_run_compile   # and XLA's figures of the compiled step
 
 On several hosts, start the same command on every host with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set (see the README, "Multiple devices").
@@ -23,8 +24,10 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstract shapes and print a memory "
-                              "breakdown; allocates nothing, reads no data, writes nothing.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the train step's memory breakdown, analytically (seconds, even "
+                              "for Llama-7B on a CPU); allocates nothing, reads no data, writes nothing.")
+_DRY_RUN_COMPILE = flags.DEFINE_bool("dry_run_compile", False, "--dry_run plus XLA's figures: compile the train step on "
+                                      "abstract shapes (minutes for Llama-7B on a CPU; on a GPU also one real step).")
 EXIT_BAD_INPUT = 2
 
 
@@ -81,7 +84,7 @@ def run(cfg) -> None:
   from flax import nnx
   from tqdm import tqdm
 
-  from galore_jax.train import checkpoint, config, data, metrics, sharding, steps
+  from galore_jax.train import checkpoint, config, data, metrics, out_of_memory, sharding, steps
 
   initialize_distributed()
 
@@ -89,10 +92,10 @@ def run(cfg) -> None:
     config.validate(cfg)
   except config.ConfigError as e:
     fail(str(e))
-  if _DRY_RUN.value:
+  if _DRY_RUN.value or _DRY_RUN_COMPILE.value:
     from galore_jax.train import dry_run
 
-    report = dry_run.dry_run(cfg)
+    report = dry_run.dry_run(cfg, compile=_DRY_RUN_COMPILE.value)
     print(dry_run.format_report(report))
     print(json.dumps(report))
     return
@@ -159,6 +162,7 @@ def run(cfg) -> None:
   put = (lambda batch: batch) if layout is None else (lambda batch: sharding.shard_batch(batch, mesh))
   schedule = config.learning_rate_schedule(cfg.train)
   device = jax.devices()[0]
+  train_step = out_of_memory.checked_first_step(step_fns.train, device)  # a step that does not fit is bad input
   n_params = steps.count_params(params)
   flops_per_token = steps.flops_per_token(model_cfg, n_params, cfg.data.seq_len)
   peak = metrics.peak_flops(device)
@@ -187,7 +191,12 @@ def run(cfg) -> None:
   step = start
   while step < cfg.train.steps and not interrupted.flag:
     batch = next(dataset.train)
-    params, opt_state, m = step_fns.train(params, opt_state, put(batch))
+    try:
+      params, opt_state, m = train_step(params, opt_state, put(batch))
+    except out_of_memory.OutOfMemory as e:
+      bar.leave = False
+      bar.close()
+      abort(str(e))
     window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
     step += 1
     refreshed = gap is not None and step > 1 and (step - 1) % gap == 0

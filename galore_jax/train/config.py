@@ -56,8 +56,6 @@ def validate(cfg) -> None:
     galore_options(cfg.optimizer)
   if cfg.optimizer.name.endswith("8bit") and cfg.optimizer.block_size not in (256, 2048):
     raise ConfigError(f"optimizer.block_size must be 256 or 2048, got {cfg.optimizer.block_size}")
-  if cfg.train.layerwise and cfg.model.scan_layers:
-    raise ConfigError("train.layerwise=True needs model.scan_layers=False (one parameter tree per layer)")
   _validate_mesh(cfg)
   model_cfg = model_config(cfg)
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
@@ -153,7 +151,8 @@ def _dtype_or_none(name):
 def build_optimizer(cfg) -> optax.GradientTransformation:
   """The config's optimizer, with global-norm clipping in front when ``train.grad_clip > 0``.
 
-  With ``train.layerwise`` a :class:`~galore_jax.train.layerwise.ByLayer`: one state per decoder layer.
+  With ``train.layerwise`` a :class:`~galore_jax.train.layerwise.ByLayer`: one state per decoder layer
+  (stacked on a leading layer axis with ``model.scan_layers``).
   """
   o, schedule = cfg.optimizer, learning_rate_schedule(cfg.train)
   moment_dtype = _dtype_or_none(o.moment_dtype)
@@ -172,7 +171,7 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mu_dtype=moment_dtype)
   if cfg.train.layerwise:
-    return layerwise.by_layer(tx, cfg.train.grad_clip)
+    return layerwise.by_layer(tx, cfg.train.grad_clip, stacked=cfg.model.scan_layers)
   if cfg.train.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
   return tx
