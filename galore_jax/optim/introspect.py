@@ -50,20 +50,28 @@ def _replaced(new: Basis, old: Basis) -> jax.Array:
   return jnp.any(jnp.stack([jnp.any(n[..., 0] != o[..., 0]) for n, o in zip(new, old) if n is not None]))
 
 
+def refresh_overlap_sum(old_opt_state, new_opt_state) -> tuple[jax.Array, jax.Array]:
+  """``(sum, count)`` over the bases this step's refresh replaced of their subspace overlaps: the parts that
+  :func:`refresh_overlap` divides, so that states updated piece by piece (layerwise) can be summed as they go."""
+  olds, news = galore_states(old_opt_state), galore_states(new_opt_state)
+  pairs = [(o, n) for old, new in zip(olds, news) for o, n in zip(old.bases.values(), new.bases.values())]
+  if not pairs:
+    return jnp.float32(0), jnp.float32(0)
+  # count is one step number, or one per layer (all equal) for a state stacked over layers
+  changed = jnp.stack([_replaced(n, o) for o, n in pairs]) & jnp.all(olds[0].count > 0)
+
+  def total(_):
+    overlaps = jnp.stack([subspace_overlap(n, o) for o, n in pairs])
+    return jnp.sum(jnp.where(changed, overlaps, 0.0))
+
+  return jax.lax.cond(jnp.any(changed), total, lambda _: jnp.float32(0), None), jnp.sum(changed.astype(jnp.float32))
+
+
 def refresh_overlap(old_opt_state, new_opt_state) -> jax.Array:
   """Mean subspace overlap (in [0, 1]) of the bases this step's refresh replaced; NaN when none was.
 
   Per leaf, so it is right under ``stagger`` and ``adaptive_gap`` too. The first refresh replaces
   placeholder bases and reports NaN.
   """
-  olds, news = galore_states(old_opt_state), galore_states(new_opt_state)
-  pairs = [(o, n) for old, new in zip(olds, news) for o, n in zip(old.bases.values(), new.bases.values())]
-  if not pairs:
-    return jnp.float32(jnp.nan)
-  changed = jnp.stack([_replaced(n, o) for o, n in pairs]) & (olds[0].count > 0)
-
-  def overlap(_):
-    overlaps = jnp.stack([subspace_overlap(n, o) for o, n in pairs])
-    return jnp.sum(jnp.where(changed, overlaps, 0.0)) / jnp.sum(changed)
-
-  return jax.lax.cond(jnp.any(changed), overlap, lambda _: jnp.float32(jnp.nan), None)
+  total, count = refresh_overlap_sum(old_opt_state, new_opt_state)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.float32(jnp.nan))

@@ -81,8 +81,6 @@ def validate(cfg) -> None:
     _validate_low_rank(cfg.optimizer, learning_rate_schedule(cfg.train))
   if cfg.optimizer.name.endswith("8bit") and cfg.optimizer.block_size not in (256, 2048):
     raise ConfigError(f"optimizer.block_size must be 256 or 2048, got {cfg.optimizer.block_size}")
-  if cfg.train.layerwise and cfg.model.scan_layers:
-    raise ConfigError("train.layerwise=True needs model.scan_layers=False (one parameter tree per layer)")
   _validate_mesh(cfg)
   model_cfg = model_config(cfg)
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
@@ -296,13 +294,14 @@ CHECKS_LEAVES = frozenset({"fira_adamw", "apollo_adamw"})  # per-channel factors
 def build_optimizer(cfg) -> optax.GradientTransformation:
   """The config's optimizer, with global-norm clipping in front when ``train.grad_clip > 0``.
 
-  With ``train.layerwise`` a :class:`~galore_jax.train.layerwise.ByLayer`: one state per decoder layer.
+  With ``train.layerwise`` a :class:`~galore_jax.train.layerwise.ByLayer`: one state per decoder layer
+  (stacked on a leading layer axis with ``model.scan_layers``).
   """
   o = cfg.optimizer
   options = optimizer_options(o) if o.name in LOW_RANK else {}
   tx = BUILDERS[o.name](o, learning_rate_schedule(cfg.train), options)
   if cfg.train.layerwise:
-    return layerwise.by_layer(tx, cfg.train.grad_clip)
+    return layerwise.by_layer(tx, cfg.train.grad_clip, stacked=cfg.model.scan_layers)
   if cfg.train.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
   return tx

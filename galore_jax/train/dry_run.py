@@ -1,8 +1,10 @@
-"""Will it fit? Build a run's real train step on abstract shapes, compile it, and report memory.
+"""Will it fit? A run's train-step memory from its config, analytically in seconds or from XLA's compile.
 
-Nothing is allocated and no data or tokenizer is read: parameters, optimizer state and the batch
-are ``ShapeDtypeStruct``s, and XLA's buffer assignment of the compiled step gives the peak. On a
-GPU one real step is also run to read the allocator's peak.
+Nothing is allocated and no data or tokenizer is read: parameters and optimizer state are
+``ShapeDtypeStruct`` s. The analytic report (weights, gradients alive at once, the optimizer state
+split into its parts, activations) takes seconds even for Llama-7B; with ``compile=True`` the real
+train step is also compiled on abstract shapes and XLA's buffer assignment gives the peak (minutes at
+7B on a CPU). On a GPU a compiled dry run also runs one real step to read the allocator's peak.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from galore_jax.train import config, layerwise, steps
 
 GB = 1e9
 LIMITS = (
-    "XLA's CPU buffer assignment is not the GPU's: on CPU bf16 matmuls are upcast to fp32, which inflates "
-    "temporaries (measured: 4 bf16 layers of 4096x11008, temp 1.00 GB vs 0.60 GB in fp32). A GPU verdict comes "
-    "from this dry run compiled on the GPU (still no allocation) and from device_peak_gb of a real step."
+    "XLA's CPU buffer assignment is not the GPU's: XLA:CPU computes bf16 matmuls in fp32 from fp32 copies of their "
+    "operands, which inflates temporaries (4 bf16 layers of 4096x11008: temp 1.00 GB vs 0.60 GB in fp32; Llama-7B: "
+    "the whole-tree GaLore step holds an fp32 copy of every projected gradient across the refresh, 25.9 GB, and "
+    "with scanned layers the stacked bf16 weights are converted to fp32 once outside the loops, 25.9 GB). A GPU "
+    "verdict comes from this dry run compiled on the GPU (still no allocation) and from device_peak_gb of a real step."
 )
 
 
@@ -32,7 +36,11 @@ def gradient_bytes(cfg, params) -> int:
   if not cfg.train.layerwise:
     return tree_bytes(params)
   layers, head, rest = layerwise.split_groups(params)
-  return max([tree_bytes(p) for p in layers.values()] + [tree_bytes(head), tree_bytes(rest)])
+  if cfg.model.scan_layers:  # stacked [L, ...]: one layer is 1/L of them
+    layer = tree_bytes(layers) // layerwise.layers_of(params, stacked=True).n
+  else:
+    layer = max(tree_bytes(p) for p in layers.values())
+  return max(layer, tree_bytes(head), tree_bytes(rest))
 
 
 def abstract_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
@@ -43,19 +51,25 @@ def abstract_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def activation_estimate(cfg, model_cfg) -> int:
-  """Bytes of activations kept for the backward pass of one micro-batch (a rough analytic figure).
+  """Bytes of activations kept for the backward pass (a rough analytic figure).
 
-  With remat each block keeps its input (B·S·D) and the block being differentiated is recomputed, which
-  holds its ~ (10·D + 3·F)·B·S values once; without remat every block keeps those values. Attention
-  probabilities (B·H·S², fp32) are counted for one block. The fp32 logits and their gradient
-  (2·B·S·V·4 bytes) come on top.
+  Whole-tree step (micro-batches run one after another): with remat each block keeps its input
+  (b·S·D) and the block being differentiated is recomputed, which holds its ~ (10·D + 3·F)·b·S values
+  once; without remat every block keeps those values. Attention probabilities (b·H·S², fp32) are
+  counted for one block. The fp32 logits and their gradient (2·b·S·V·4 bytes) come on top.
+  Layerwise updates run the forward pass of every micro-batch first: every layer's input is kept for
+  the whole batch (L·B·S·D), with the cotangents into and out of the current layer (2·B·S·D), and one
+  block is recomputed at a time for one micro-batch (remat changes nothing there).
   """
-  b = cfg.train.batch_size // cfg.train.grad_accum
+  batch, b = cfg.train.batch_size, cfg.train.batch_size // cfg.train.grad_accum
   s, d, f, v = cfg.data.seq_len, model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size
   item = jnp.dtype(model_cfg.dtype).itemsize
   block = b * s * (10 * d + 3 * f) * item + b * model_cfg.num_attention_heads * s * s * 4
+  logits = 2 * b * s * v * 4
+  if cfg.train.layerwise:
+    return (model_cfg.num_hidden_layers + 2) * batch * s * d * item + block + logits
   kept = model_cfg.num_hidden_layers * (b * s * d * item if model_cfg.remat else block)
-  return kept + (block if model_cfg.remat else 0) + 2 * b * s * v * 4
+  return kept + (block if model_cfg.remat else 0) + logits
 
 
 def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
@@ -87,7 +101,10 @@ def analytic(cfg, params=None, opt_state=None) -> dict[str, Any]:
 
 
 def sequences_that_fit(cfg, budget_gb: float) -> int:
-  """The most sequences per micro-batch whose analytic total stays within ``budget_gb`` (0 if none)."""
+  """The most sequences per step, in one micro-batch, whose analytic total stays within ``budget_gb`` (0 if none).
+
+  Without layerwise updates this is also the most sequences per micro-batch with any accumulation;
+  with them every micro-batch's layer inputs are kept, so accumulating does not raise it."""
   one = cfg.copy_and_resolve_references()
   one.train.batch_size, one.train.grad_accum = 1, 1
   fixed = analytic(one)
@@ -96,21 +113,24 @@ def sequences_that_fit(cfg, budget_gb: float) -> int:
   return max(0, int(free // per_sequence))
 
 
-def dry_run(cfg, *, real_step: bool | None = None) -> dict[str, Any]:
-  """The memory report of ``cfg``'s train step; ``real_step`` (default: on GPU) also runs one step."""
+def dry_run(cfg, *, compile: bool = True, real_step: bool | None = None) -> dict[str, Any]:
+  """The memory report of ``cfg``'s train step: analytic, and with ``compile`` also XLA's figures of the compiled
+  step; ``real_step`` (default: on GPU, when compiled) also runs one step."""
   abstract = config.abstract_model(cfg)
   params = steps.params_of(abstract)
   tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
+  device = jax.devices()[0]
+  report = {**analytic(cfg, params, opt_state), "backend": jax.default_backend(), "device": device.device_kind}
+  if not compile:
+    return report
   step_fns = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=config.reports_overlap(cfg), layerwise_updates=cfg.train.layerwise,
                               skip_nonfinite=cfg.train.nonfinite == "skip")
   start = time.perf_counter()
   compiled = step_fns.train.lower(params, opt_state, abstract_batch(cfg)).compile()
-  compile_s = time.perf_counter() - start
+  report["compile_s"] = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  device = jax.devices()[0]
-  report = {**analytic(cfg, params, opt_state), "compile_s": compile_s, "backend": jax.default_backend(), "device": device.device_kind}
   if memory is not None:
     arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
     alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
@@ -150,8 +170,11 @@ def format_report(report: dict[str, Any]) -> str:
           ("device peak, one real step", "device_peak_gb")]
   lines = [f"{report['preset']} · {report['optimizer']}" + (f" r={report['rank']}" if report["rank"] else "") +
            f" · {report['tokens_per_step']} tokens/step ({report['tokens_per_micro_batch']} per micro-batch) · "
-           f"{report['param_dtype']} · remat={report['remat']} · {report['backend']} ({report['device']}) · "
-           f"compiled in {report['compile_s']:.1f}s"]
+           f"{report['param_dtype']} · remat={report['remat']} · layerwise={report['layerwise']} · "
+           f"{report['backend']} ({report['device']}) · " +
+           (f"compiled in {report['compile_s']:.1f}s" if "compile_s" in report else
+            "analytic (--dry_run_compile adds XLA's figures of the compiled step)")]
   lines += [f"  {label:<34}{report[key]:>10.2f} GB" for label, key in rows if report.get(key) is not None]
-  lines.append(f"  note: {LIMITS}")
+  if "xla_peak_gb" in report:
+    lines.append(f"  note: {LIMITS}")
   return "\n".join(lines)

@@ -9,8 +9,7 @@ cannot clip by the global norm. Here the backward pass is swept layer by layer, 
    last layer's output, per micro-batch; the head is updated at once, before the sweep;
 3. for ``l = L-1 … 0``: the layer is recomputed and differentiated for each micro-batch in turn, its
    parameter gradient ``G_l`` summed over the micro-batches (the exact accumulated gradient), then
-   consumed at once by the layer's own optimizer state, and freed before layer ``l-1`` starts
-   (``optimization_barrier`` fixes that order for XLA);
+   consumed at once by the layer's own optimizer state, and freed before layer ``l-1`` starts;
 4. the embedding (the "rest" group; with tied embeddings also the final norm) last.
 
 With ``grad_clip > 0`` the clip factor needs the global norm before any update, so a first sweep
@@ -18,12 +17,23 @@ computes only the per-group norms; the second pass starts from the loss cotangen
 factor (gradients are linear in it), so it yields the clipped gradients directly: one more backward
 pass, correct clipping, and still one group's gradient at a time.
 Skipping a non-finite step (``skip_nonfinite``) needs its verdict before the first update, so the
-norm sweep runs then even without clipping, and the second pass starts from the cotangent times 1 (finite)
-or 0 (not): every group's update is a select between its new and old values, made as the group is
-updated, so no old copy of the model outlives its group.
+norm sweep runs then even without clipping: every group's update is a select between its new and old
+values, made as the group is updated, so no old copy of the model outlives its group.
+
 The optimizer state is one state per layer plus one for the head and one for the rest (:func:`by_layer`);
 every GaLore leaf is refreshed, projected and updated exactly as in the whole-tree step (the per-leaf
-schedule is the same; ``stagger`` offsets and randomized-refresh keys are drawn per group).
+schedule is the same; ``stagger`` offsets and randomized-refresh keys are drawn per layer).
+
+Two layouts of the layers (:class:`Layers`), as the model's ``scan_layers``:
+
+* unrolled (``params['layers'][i]``): the sweep is a Python loop, one copy of the layer's backward pass
+  and optimizer update per layer in the program (``optimization_barrier`` fixes the order for XLA);
+* stacked (kernels ``[L, in, out]``): the sweep is one ``lax.scan`` in reverse whose carry holds the
+  cotangent, the stacked parameters and the stacked optimizer state; each iteration reads layer ``l``'s
+  slice, updates it and writes it back in place (``dynamic_update_slice`` on the carry). The program holds
+  one layer's backward pass and update whatever the depth, so it compiles in about the time of a
+  whole-tree step. The layer state is the unrolled one stacked on a leading layer axis, like the
+  parameters: ``state['layers']`` leaf ``[L, ...]`` is ``[state['layers'][i] for i]`` stacked.
 
 Peak memory beyond weights and optimizer state: the largest group's gradient (a layer's, the head's or
 the embedding's) and the boundary activations, instead of a full gradient tree. Micro-batches are
@@ -32,6 +42,8 @@ unrolled (a Python loop): inside ``lax.scan`` loops XLA kept every layer's buffe
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -40,6 +52,7 @@ import optax
 from flax import nnx
 
 from galore_jax.models import llama
+from galore_jax.optim import NothingTargetedWarning
 
 
 class ByLayer(NamedTuple):
@@ -47,12 +60,14 @@ class ByLayer(NamedTuple):
 
   ``update`` on a whole gradient tree clips by the global norm, then updates every group: the
   reference the layerwise step must equal. The layerwise step itself uses ``inner`` and ``grad_clip``.
+  ``stacked``: the layers' parameters are stacked on a leading axis (``scan_layers``).
   """
 
   init: Callable[[Any], Any]
   update: Callable[..., Any]
   inner: optax.GradientTransformation
   grad_clip: float
+  stacked: bool = False
 
 
 HEAD = ("final_norm", "lm_head")
@@ -72,32 +87,43 @@ def split_groups(tree: dict) -> tuple[dict, dict, dict]:
           {k: v for k, v in others.items() if k not in head_keys})
 
 
-def by_layer(inner: optax.GradientTransformation, grad_clip: float = 0.0) -> ByLayer:
-  """``inner`` applied per decoder layer (``params['layers'][i]``), to the head and to the other parameters.
+def by_layer(inner: optax.GradientTransformation, grad_clip: float = 0.0, stacked: bool = False) -> ByLayer:
+  """``inner`` applied per decoder layer, to the head and to the other parameters.
 
-  The state is ``{"layers": {i: state}, "head": state, "rest": state}`` (no ``head`` with tied embeddings).
+  The state is ``{"layers": ..., "head": state, "rest": state}`` (no ``head`` with tied embeddings). With
+  unrolled layers ``state["layers"]`` is ``{i: state}``, one per ``params['layers'][i]``; with ``stacked``
+  layers (kernels ``[L, in, out]``) it is one state whose every leaf has a leading layer axis, slice ``i``
+  being layer ``i``'s own state (each layer's GaLore step count, bases and moments, as unrolled).
   """
 
   def init(params):
     layers, head, rest = split_groups(params)
-    state = {"layers": {k: inner.init(p) for k, p in layers.items()}, "rest": inner.init(rest)}
-    return {**state, "head": inner.init(head)} if head else state
+    layer_state = jax.vmap(inner.init)(layers) if stacked else {k: inner.init(p) for k, p in layers.items()}
+    with warnings.catch_warnings():  # the head and the embedding hold no projected matrix by design
+      warnings.simplefilter("ignore", NothingTargetedWarning)
+      state = {"layers": layer_state, "rest": inner.init(rest)}
+      return {**state, "head": inner.init(head)} if head else state
+
+  def update_layers(grads, state, params):
+    if stacked:  # layer by layer (a scan over the leading axis), each with its own state
+      return jax.lax.map(lambda a: inner.update(*a), (grads, state, params))
+    out = {k: inner.update(g, state[k], None if params is None else params[k]) for k, g in grads.items()}
+    return {k: u for k, (u, _) in out.items()}, {k: s for k, (_, s) in out.items()}
 
   def update(grads, state, params=None):
     if grad_clip > 0:
       grads = clip(grads, jnp.sqrt(_sum_squares(grads)), grad_clip)
     layer_grads, head_grads, rest_grads = split_groups(grads)
-    layer_params, head_params, rest_params = split_groups(params) if params is not None else ({}, None, None)
-    updates, new_state = {}, {"layers": {}}
-    for k, g in layer_grads.items():
-      updates[k], new_state["layers"][k] = inner.update(g, state["layers"][k], layer_params.get(k))
+    layer_params, head_params, rest_params = split_groups(params) if params is not None else (None, None, None)
+    updates, new_state = {}, {}
+    updates["layers"], new_state["layers"] = update_layers(layer_grads, state["layers"], layer_params)
     rest_updates, new_state["rest"] = inner.update(rest_grads, state["rest"], rest_params)
     head_updates = {}
     if head_grads:
       head_updates, new_state["head"] = inner.update(head_grads, state["head"], head_params)
-    return {**rest_updates, **head_updates, "layers": updates}, new_state
+    return {**rest_updates, **head_updates, "layers": updates["layers"]}, new_state
 
-  return ByLayer(init, update, inner, float(grad_clip))
+  return ByLayer(init, update, inner, float(grad_clip), bool(stacked))
 
 
 def clip_factor(norm: jax.Array, max_norm: float) -> jax.Array:
@@ -115,39 +141,93 @@ def _sum_squares(tree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """How the sweep reads, writes and visits the layers of a tree whose ``layers`` entry has ``n`` of them.
+
+  Unrolled: a layer tree is ``{key: layer}`` and ``i`` a Python int. Stacked: every leaf has a leading
+  layer axis and ``i`` may be traced; reads and writes are dynamic slices.
+  """
+
+  n: int
+  keys: tuple[str, ...] | None  # unrolled: keys[i] is layer i; None when stacked
+
+  @property
+  def stacked(self) -> bool:
+    return self.keys is None
+
+  def get(self, tree, i):
+    if self.stacked:
+      return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+    return tree[self.keys[i]]
+
+  def above(self, i):
+    """The layer above ``i`` (``i`` itself for the top layer)."""
+    return jnp.minimum(i + 1, self.n - 1) if self.stacked else min(i + 1, self.n - 1)
+
+  def set(self, tree, i, value):
+    if self.stacked:
+      return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, 0), tree, value)
+    return {**tree, self.keys[i]: value}
+
+  def forward(self, block: Callable, params, x0):
+    """``(top, inputs)``: the output of the last layer and every layer's input (``get(inputs, i)``)."""
+    if self.stacked:
+      return jax.lax.scan(lambda x, p: (block(p, x), x), x0, params)
+    inputs, x = {}, x0
+    for i, k in enumerate(self.keys):
+      inputs[k], x = x, block(params[k], x)
+    return x, inputs
+
+  def sweep(self, body: Callable, carry):
+    """``carry = body(i, carry)`` for ``i = n-1 … 0``: a reverse ``lax.scan``, or a loop with barriers."""
+    if self.stacked:
+      return jax.lax.scan(lambda c, i: (body(i, c), None), carry, jnp.arange(self.n), reverse=True)[0]
+    for i in reversed(range(self.n)):
+      carry = jax.lax.optimization_barrier(body(i, carry))
+    return carry
+
+
+def layers_of(params: dict, stacked: bool) -> Layers:
+  layers = params["layers"]
+  if stacked:
+    return Layers(n=jax.tree.leaves(layers)[0].shape[0], keys=None)
+  return Layers(n=len(layers), keys=tuple(layers))
+
+
 def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
-               overlap: Callable[[Any, Any], jax.Array] | None = None, skip_nonfinite: bool = False) -> Callable:
+               overlap: Callable[[Any, Any], tuple[jax.Array, jax.Array]] | None = None,
+               skip_nonfinite: bool = False) -> Callable:
   """``train(params, opt_state, batch) -> (params, opt_state, metrics)`` with layerwise updates (not jitted).
 
   The metrics are those of the whole-tree step: ``loss`` (per-token mean), ``tokens``, ``grad_norm``
-  (before clipping), ``finite`` (loss and norm finite) and, with ``overlap``, ``subspace_overlap =
-  overlap(old_state, new_state)``. With ``skip_nonfinite`` a step that is not ``finite`` changes nothing.
+  (before clipping), ``finite`` (loss and norm finite) and, with ``overlap(old, new) -> (sum, count)``
+  (:func:`~galore_jax.optim.introspect.refresh_overlap_sum`), ``subspace_overlap``: the mean over every
+  group's replaced bases (NaN when none was). Each group's part is taken as soon as it is updated, so no
+  group's old bases outlive its update (kept for one metric at the end, they were a second set of bases).
+  With ``skip_nonfinite`` a step that is not ``finite`` changes nothing.
   """
+  report_overlap = overlap is not None
+  no_overlap = lambda old, new: (jnp.float32(0), jnp.float32(0))
+  overlap = overlap or no_overlap
   inner, grad_clip = tx.inner, tx.grad_clip
 
   def train(params, opt_state, batch):
     model = nnx.merge(graphdef, params)
     cfg = model.config
-    if cfg.scan_layers:
-      raise ValueError("layerwise updates need model.scan_layers=False (one parameter tree per layer)")
-    block_def, keys = nnx.graphdef(model.layers[0]), list(params["layers"])  # keys[i] is layer i
-    n_layers = len(keys)
-    _, head_params, rest_params = split_groups(params)
+    if cfg.scan_layers != tx.stacked:
+      raise ValueError(f"model.scan_layers={cfg.scan_layers} but the optimizer was built with "
+                       f"by_layer(stacked={tx.stacked}): they must agree")
+    block_def = nnx.graphdef(model.layers if cfg.scan_layers else model.layers[0])
+    layers = layers_of(params, cfg.scan_layers)
+    layer_params, head_params, rest_params = split_groups(params)
     other_params = {**head_params, **rest_params}
 
     def rest_model(others):
-      return nnx.merge(graphdef, {**other_params, **others, "layers": params["layers"]})
+      return nnx.merge(graphdef, {**other_params, **others, "layers": layer_params})
 
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
     tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-
-    def block(p, x_BSD, mb):
-      return nnx.merge(block_def, p)(x_BSD, *mb["attention_inputs"])[0]
-
-    def head_loss(rest, x_BSD, mb):
-      logits_BSV = rest_model(rest).head(x_BSD)
-      losses_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, mb["targets"])
-      return jnp.sum(losses_BS * mb["loss_mask"].astype(jnp.float32))
 
     # Micro-batches are a Python loop, not a scan: XLA's while loops made every layer's buffers live at once.
     micro = [jax.tree.map(lambda x, k=k: x[k], micro) for k in range(grad_accum)]
@@ -155,26 +235,34 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
       segments = (mb["segment_ids"], mb["positions"]) if packed else (None, None)
       mb["attention_inputs"] = llama.attention_inputs(cfg, mb["inputs"].shape, *segments)
 
+    def block(p, x_BSD, mb):
+      return nnx.merge(block_def, p)(x_BSD, *mb["attention_inputs"])[0]
+
+    def blocks(p, xs):  # one layer on every micro-batch
+      return [block(p, x, mb) for x, mb in zip(xs, micro)]
+
+    def head_loss(rest, x_BSD, mb):
+      logits_BSV = rest_model(rest).head(x_BSD)
+      losses_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, mb["targets"])
+      return jnp.sum(losses_BS * mb["loss_mask"].astype(jnp.float32))
+
     # 1. forward, keeping each layer's input for every micro-batch
-    xs = [[rest_model(rest_params).embed(mb["inputs"]) for mb in micro]]
-    for i in range(n_layers):
-      xs.append([block(params["layers"][keys[i]], x, mb) for x, mb in zip(xs[-1], micro)])
+    top, inputs = layers.forward(blocks, layer_params, [rest_model(rest_params).embed(mb["inputs"]) for mb in micro])
 
     def head_pass(seed):
       """The loss, the non-layer gradients from the head and the cotangent at the top, all times ``seed``."""
       loss, grads, dx_top = jnp.float32(0), jax.tree.map(jnp.zeros_like, other_params), []
-      for x_BSD, mb in zip(xs[-1], micro):
+      for x_BSD, mb in zip(top, micro):
         loss_k, pullback = jax.vjp(lambda o, x, mb=mb: head_loss(o, x, mb), other_params, x_BSD)
         d_other, dx = pullback(seed.astype(loss_k.dtype))
         loss, grads = loss + loss_k, jax.tree.map(jnp.add, grads, d_other)
         dx_top.append(dx)
       return loss, grads, dx_top
 
-    def layer_grad(i, dx_next):
-      """The accumulated gradient of layer i (summed loss) and the cotangent at its input."""
-      p = params["layers"][keys[i]]
+    def layer_grad(p, xs, dx_next):
+      """A layer's accumulated gradient (summed loss) and the cotangent at its input, per micro-batch."""
       grad, dxs = jax.tree.map(jnp.zeros_like, p), []
-      for x_BSD, dy, mb in zip(xs[i], dx_next, micro):
+      for x_BSD, dy, mb in zip(xs, dx_next, micro):
         _, pullback = jax.vjp(lambda q, x, mb=mb: block(q, x, mb), p, x_BSD)
         dp, dx = pullback(dy)
         grad = jax.tree.map(jnp.add, grad, dp)
@@ -191,16 +279,59 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     def mean(g):
       return jax.tree.map(lambda x: (x / tokens).astype(x.dtype), g)
 
-    def sweep(consume, dx, from_head):
-      """Layers top to bottom, then the rest group; ``consume(group, grad)`` runs as soon as grad exists."""
-      outputs = {}
-      for i in reversed(range(n_layers)):
-        grad, dx = layer_grad(i, dx)
-        outputs[keys[i]], dx = jax.lax.optimization_barrier((consume(keys[i], mean(grad)), dx))
-      return outputs, consume("rest", mean(rest_grad(dx, from_head)))
-
     def head_and_rest(grads):
       return {k: grads[k] for k in head_params}, {k: grads[k] for k in rest_params}
+
+    def norms_sweep(dx_top):
+      """The layers' summed squared gradient and the cotangent at the bottom; nothing updated."""
+
+      def body(i, carry):
+        dx, sq = carry
+        grad, dx = layer_grad(layers.get(layer_params, i), layers.get(inputs, i), dx)
+        return dx, sq + _sum_squares(mean(grad))
+
+      return layers.sweep(body, (dx_top, jnp.float32(0)))
+
+    def kept(finite, new, old):
+      """``new`` unless the step is to be skipped (not finite): a select made as each group is updated."""
+      if not skip_nonfinite:
+        return new
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update_sweep(dx_top, layer_state, finite):
+      """Each layer updated as soon as its gradient exists: bottom cotangent, new layer params and state, squared norm.
+
+      Layer ``i``'s new params and state are carried and written back at the start of the next iteration,
+      before layer ``i-1`` is read, so every read of a stacked buffer is ordered before the write into it
+      and XLA updates it in place. (Written in the same iteration, a read of the old slice that XLA fused
+      into the backward pass had no data path to the write: the stacked carry was copied on every iteration.)
+      """
+
+      def write(p_all, s_all, i, pending):
+        return layers.set(p_all, i, pending[0]), layers.set(s_all, i, pending[1])
+
+      def body(i, carry):
+        dx, p_all, s_all, pending, sq, moved = carry
+        p_all, s_all = write(p_all, s_all, layers.above(i), pending)
+        p, s = layers.get(p_all, i), layers.get(s_all, i)
+        grad, dx = layer_grad(p, layers.get(inputs, i), dx)
+        g = mean(grad)
+        u, new_s = inner.update(g, s, p)
+        new_p, new_s = kept(finite, (optax.apply_updates(p, u), new_s), (p, s))
+        moved = jax.tree.map(jnp.add, moved, overlap(s, new_s))
+        return dx, p_all, s_all, (new_p, new_s), sq + _sum_squares(g), moved
+
+      top = layers.n - 1  # its "layer above" is itself, unchanged: the first write is a no-op
+      start = (dx_top, layer_params, layer_state, (layers.get(layer_params, top), layers.get(layer_state, top)),
+               jnp.float32(0), (jnp.float32(0), jnp.float32(0)))
+      dx, p_all, s_all, pending, sq, moved = layers.sweep(body, start)
+      return (dx, *write(p_all, s_all, 0, pending), sq, moved)
+
+    def update(group, g, finite):
+      p = {"head": head_params, "rest": rest_params}[group]
+      u, new_s = inner.update(g, opt_state[group], p)
+      new_p, new_s = kept(finite, (optax.apply_updates(p, u), new_s), (p, opt_state[group]))
+      return new_p, new_s, overlap(opt_state[group], new_s)
 
     # 2. head: loss, the head's gradient, the cotangent at the top
     loss, from_head, dx_top = head_pass(jnp.float32(1))
@@ -208,8 +339,9 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     head_sq = _sum_squares(mean(head_grads))
     finite = None  # known before the first update only when it is needed: clipping or skipping
     if grad_clip > 0 or skip_nonfinite:
-      layer_sq, rest_sq = sweep(lambda group, g: _sum_squares(g), dx_top, rest_from_head)
-      norm = jnp.sqrt(sum(layer_sq.values()) + rest_sq + head_sq)
+      dx_bottom, layer_sq = norms_sweep(dx_top)
+      rest_sq = _sum_squares(mean(rest_grad(dx_bottom, rest_from_head)))
+      norm = jnp.sqrt(layer_sq + rest_sq + head_sq)
       finite = jnp.isfinite(loss) & jnp.isfinite(norm)
       # Clipping scales every gradient by one factor and gradients are linear in the cotangent, so the
       # second pass starts from the loss cotangent scaled by it; skipping scales by 0 (the update is
@@ -219,30 +351,24 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
       _, from_head, dx_top = head_pass(jnp.where(finite, factor, 0.0) if skip_nonfinite else factor)
       head_grads, rest_from_head = head_and_rest(from_head)
 
-    def update(group, g):
-      named = group in ("head", "rest")
-      p = {"head": head_params, "rest": rest_params}[group] if named else params["layers"][group]
-      s = opt_state[group] if named else opt_state["layers"][group]
-      u, new_s = inner.update(g, s, p)
-      new_p = optax.apply_updates(p, u)
-      if skip_nonfinite:
-        new_p, new_s = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (new_p, new_s), (p, s))
-      return new_p, new_s, _sum_squares(g)
-
-    new_head, new_head_state = {}, None
+    new_head, new_head_state, head_moved = {}, None, no_overlap(None, None)
     if head_params:  # updated before the sweep starts, so the head's gradient is gone by then
-      (new_head, new_head_state, _), dx_top = jax.lax.optimization_barrier((update("head", mean(head_grads)), dx_top))
-    new_layers, (new_rest, new_rest_state, rest_sq) = sweep(update, dx_top, rest_from_head)
+      (new_head, new_head_state, head_moved), dx_top = jax.lax.optimization_barrier(
+          (update("head", mean(head_grads), finite), dx_top))
+    dx_bottom, new_layers, new_layer_state, layer_sq, layers_moved = update_sweep(dx_top, opt_state["layers"], finite)
+    rest_g = mean(rest_grad(dx_bottom, rest_from_head))
+    new_rest, new_rest_state, rest_moved = update("rest", rest_g, finite)
     if finite is None:
-      norm = jnp.sqrt(sum(v[2] for v in new_layers.values()) + rest_sq + head_sq)
+      norm = jnp.sqrt(layer_sq + _sum_squares(rest_g) + head_sq)
       finite = jnp.isfinite(loss) & jnp.isfinite(norm)
-    new_params = {**new_rest, **new_head, "layers": {k: new_layers[k][0] for k in keys}}
-    new_state = {"layers": {k: new_layers[k][1] for k in keys}, "rest": new_rest_state}
+    new_params = {**new_rest, **new_head, "layers": new_layers}
+    new_state = {"layers": new_layer_state, "rest": new_rest_state}
     if head_params:
       new_state["head"] = new_head_state
     metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": norm, "finite": finite}
-    if overlap is not None:
-      metrics["subspace_overlap"] = overlap(opt_state, new_state)
+    if report_overlap:
+      total, count = (sum(parts) for parts in zip(head_moved, layers_moved, rest_moved))
+      metrics["subspace_overlap"] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.float32(jnp.nan))
     return new_params, new_state, metrics
 
   return train

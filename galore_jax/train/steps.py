@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from galore_jax.models import llama
-from galore_jax.optim.introspect import refresh_overlap
+from galore_jax.optim.introspect import refresh_overlap, refresh_overlap_sum
 from galore_jax.train import layerwise, sharding
 
 
@@ -99,7 +99,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
     if not isinstance(tx, layerwise.ByLayer):
       raise TypeError("layerwise_updates needs a layerwise.ByLayer optimizer (train.layerwise=True)")
     train = layerwise.make_train(graphdef, tx, grad_accum=grad_accum, packed=packed,
-                                 overlap=refresh_overlap if report_overlap else None, skip_nonfinite=skip_nonfinite)
+                                 overlap=refresh_overlap_sum if report_overlap else None, skip_nonfinite=skip_nonfinite)
   else:
     train = whole_tree_train
   if layout is not None:

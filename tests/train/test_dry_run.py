@@ -1,4 +1,5 @@
-"""train.py --dry_run: compiled on abstract shapes, memory report with the promised keys and exact state bytes."""
+"""train.py --dry_run: the analytic memory report in seconds (Llama-7B included), --dry_run_compile with XLA's figures
+of the step compiled on abstract shapes; the promised keys and exact state bytes."""
 
 import json
 import os
@@ -7,12 +8,13 @@ import sys
 
 import pytest
 
-from configs import tiny
+from configs import llama7b, llama7b_24gb, tiny
 from galore_jax.train import config, dry_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEYS = ("xla_peak_gb", "weights_gb", "optimizer_state_gb", "analytic_total_gb", "backend", "device",
-        "moments_low_rank_gb", "projector_bases_gb", "full_rank_states_gb", "gradients_gb", "xla_temp_gb")
+ANALYTIC_KEYS = ("weights_gb", "optimizer_state_gb", "analytic_total_gb", "backend", "device", "moments_low_rank_gb",
+                 "projector_bases_gb", "full_rank_states_gb", "gradients_gb", "activations_estimate_gb")
+KEYS = ANALYTIC_KEYS + ("xla_peak_gb", "xla_temp_gb", "compile_s")
 
 
 def small_config(**optimizer):
@@ -60,22 +62,65 @@ def test_family_state_bytes_are_galores_plus_a_limiter_norm_per_matrix(name, ran
 
 
 def test_galore_state_is_smaller_than_adamw_state():
-  galore = dry_run.dry_run(small_config(rank=8))
-  adamw = dry_run.dry_run(small_config(name="adamw"))
+  galore = dry_run.dry_run(small_config(rank=8), compile=False)
+  adamw = dry_run.dry_run(small_config(name="adamw"), compile=False)
   assert adamw["optimizer_state_gb"] * 1e9 == pytest.approx(2 * adamw["weights_gb"] * 1e9 + 8, abs=0.5)  # + 2 counts
   assert galore["optimizer_state_gb"] < adamw["optimizer_state_gb"]
   assert adamw["moments_low_rank_gb"] == 0 and adamw["projector_bases_gb"] == 0
 
 
-@pytest.mark.slow
-def test_command_line_prints_json_last_and_writes_nothing(tmp_path):
+def test_analytic_report_compiles_nothing_and_agrees_with_the_compiled_one():
+  cfg = small_config()
+  analytic, compiled = dry_run.dry_run(cfg, compile=False), dry_run.dry_run(cfg)
+  assert all(key in analytic for key in ANALYTIC_KEYS) and not any(k.startswith("xla_") for k in analytic)
+  assert "compile_s" not in analytic and "analytic (--dry_run_compile" in dry_run.format_report(analytic)
+  assert all(analytic[k] == compiled[k] for k in ANALYTIC_KEYS)
+
+
+def test_layerwise_activations_count_every_micro_batch_layer_inputs():
+  """Layerwise updates keep every layer's input (and the cotangents in and out of the current layer) for every
+  micro-batch: with micro-batches of the same size, each added one adds (L + 2)·b·S·D values; the whole-tree
+  step's estimate depends on the micro-batch only."""
+  cfg = small_config()
+  m = config.model_config(cfg)
+
+  def estimate(batch_size, grad_accum, layerwise):
+    cfg.train.batch_size, cfg.train.grad_accum, cfg.train.layerwise = batch_size, grad_accum, layerwise
+    return dry_run.activation_estimate(cfg, m)
+
+  one_micro_batch = (m.num_hidden_layers + 2) * 2 * cfg.data.seq_len * m.hidden_size * 4  # b = 2, fp32
+  assert estimate(8, 4, True) - estimate(2, 1, True) == 3 * one_micro_batch
+  assert estimate(8, 4, False) == estimate(2, 1, False)
+
+
+@pytest.mark.parametrize("module", [llama7b, llama7b_24gb], ids=["llama7b", "llama7b_24gb"])
+def test_llama7b_configs_analytic_report(module):
+  cfg = module.get_config()
+  checked = cfg.copy_and_resolve_references()
+  del checked["mesh"]  # layerwise runs on one device; this test process has eight
+  config.validate(checked)
+  report = dry_run.dry_run(cfg, compile=False)
+  assert report["params"] == 6_738_415_616 and report["rank"] == 1024
+  if module is llama7b_24gb:  # the recipe: 8-bit states, one layer's gradient, the largest batch within 24 GB
+    assert report["gradients_gb"] < 0.5 and report["moments_low_rank_gb"] < 3.5
+    assert report["analytic_total_gb"] <= 24.0
+    assert cfg.train.batch_size == llama7b_24gb.SEQUENCES_PER_STEP == dry_run.sequences_that_fit(cfg, 24.0) > 0
+
+
+def run_train_py(tmp_path, flag):
   workdir = tmp_path / "never"
   result = subprocess.run(
-      [sys.executable, "train.py", "--config=configs/tiny.py", "--dry_run", f"--config.workdir={workdir}",
+      [sys.executable, "train.py", "--config=configs/tiny.py", flag, f"--config.workdir={workdir}",
        "--config.model.num_hidden_layers=2", "--config.train.batch_size=4"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-2000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert all(key in report for key in KEYS)
-  assert "XLA peak" in result.stdout
   assert not workdir.exists()
+  return result.stdout, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_command_line_prints_json_last_and_writes_nothing(tmp_path):
+  stdout, report = run_train_py(tmp_path, "--dry_run")
+  assert all(key in report for key in ANALYTIC_KEYS) and "XLA peak" not in stdout
+  stdout, report = run_train_py(tmp_path, "--dry_run_compile")
+  assert all(key in report for key in KEYS) and "XLA peak" in stdout

@@ -1,4 +1,5 @@
-"""Layerwise updates equal the whole-tree step: with gradient accumulation, global-norm clipping and refreshes."""
+"""Layerwise updates equal the whole-tree step: with gradient accumulation, global-norm clipping and refreshes,
+with unrolled layers (a Python loop) and stacked ones (a reverse scan updating each layer's slice in place)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,11 @@ from galore_jax.models import llama
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+LAYOUTS = pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "stacked"])
+
+
+def layout(cfg, stacked):
+  return cfg.replace(scan_layers=stacked)
 
 
 def batch(seed, b=4, s=16, packed=False):
@@ -76,14 +82,16 @@ def gradient_recorder() -> optax.GradientTransformation:
                                       lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
 
 
+@LAYOUTS
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
-def test_layerwise_gradients_equal_the_whole_tree_gradients(grad_clip):
+def test_layerwise_gradients_equal_the_whole_tree_gradients(grad_clip, stacked):
   """The sweep's accumulated (and clipped) gradients, as each layer's optimizer receives them."""
-  tx = layerwise.by_layer(gradient_recorder(), grad_clip)
-  params = initial_params()
+  cfg = layout(CFG, stacked)
+  tx = layerwise.by_layer(gradient_recorder(), grad_clip, stacked=stacked)
+  params = initial_params(cfg)
   got = {}
   for swept in (False, True):
-    step = steps.make_steps(nnx.graphdef(llama.Llama(CFG, rngs=nnx.Rngs(0))), tx, grad_accum=2, packed=False,
+    step = steps.make_steps(nnx.graphdef(llama.Llama(cfg, rngs=nnx.Rngs(0))), tx, grad_accum=2, packed=False,
                             layerwise_updates=swept).train
     got[swept] = step(jax.tree.map(jnp.copy, params), tx.init(params), batch(0))[1]
   for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(got[False])[0], jax.tree.leaves(got[True])):
@@ -97,18 +105,22 @@ def galore_tx():  # gap 2 over 4 steps: refreshes at steps 0 and 2, with the kep
   return galore_adamw(1e-2, rank=4, update_proj_gap=2, scale=0.25, weight_decay=0.01)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
-def test_layerwise_equals_whole_tree_with_accumulation_and_clipping(grad_clip):
-  tx = layerwise.by_layer(galore_tx(), grad_clip)
-  reference, ref_metrics = run(tx, layerwise_updates=False, grad_accum=2)
-  swept, metrics = run(tx, layerwise_updates=True, grad_accum=2)
-  assert_same_training(swept, reference, initial_params())
+def test_layerwise_equals_whole_tree_with_accumulation_and_clipping(grad_clip, stacked):
+  cfg = layout(CFG, stacked)
+  tx = layerwise.by_layer(galore_tx(), grad_clip, stacked=stacked)
+  reference, ref_metrics = run(tx, layerwise_updates=False, grad_accum=2, cfg=cfg)
+  swept, metrics = run(tx, layerwise_updates=True, grad_accum=2, cfg=cfg)
+  assert_same_training(swept, reference, initial_params(cfg))
   for m, r in zip(metrics, ref_metrics):
     np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-5)
   if grad_clip:  # the clip was active: the pre-clip norm is far above it
     assert min(r["grad_norm"] for r in ref_metrics) > 10 * grad_clip
   assert np.isnan(metrics[0]["subspace_overlap"]) and 0 < metrics[2]["subspace_overlap"] <= 1
+  # the sweep sums each group's overlaps as it updates it; the reference averages over the whole new state
+  np.testing.assert_allclose(metrics[2]["subspace_overlap"], ref_metrics[2]["subspace_overlap"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("make", [fira_adamw, apollo_adamw])
@@ -120,32 +132,69 @@ def test_layerwise_fira_and_apollo_equal_their_whole_tree_step(make):
   assert_same_training(swept, reference, initial_params())
 
 
-def test_by_layer_equals_the_plain_chain():
-  """One state per layer changes nothing: GaLore's schedule and projections are per leaf."""
+@LAYOUTS
+def test_by_layer_equals_the_plain_chain(stacked):
+  """One state per layer changes nothing: GaLore's schedule and projections are per leaf (per batch element of a
+  stacked kernel, whose layer axis the plain chain treats as a batch axis)."""
+  cfg = layout(CFG, stacked)
   plain = optax.chain(optax.clip_by_global_norm(0.05), galore_tx())
-  reference, _ = run(plain, layerwise_updates=False, grad_accum=1)
-  swept, _ = run(layerwise.by_layer(galore_tx(), 0.05), layerwise_updates=True, grad_accum=1)
-  assert_same_training(swept, reference, initial_params())
+  reference, _ = run(plain, layerwise_updates=False, grad_accum=1, cfg=cfg)
+  swept, _ = run(layerwise.by_layer(galore_tx(), 0.05, stacked=stacked), layerwise_updates=True, grad_accum=1, cfg=cfg)
+  assert_same_training(swept, reference, initial_params(cfg))
 
 
-def test_layerwise_packed_tied_and_8bit():
-  cfg = CFG.replace(tie_word_embeddings=True)
-  tx = layerwise.by_layer(galore_adamw_8bit(1e-2, rank=4, update_proj_gap=2, min_8bit_size=256), 0.0)
+@LAYOUTS
+def test_layerwise_packed_tied_and_8bit(stacked):
+  cfg = layout(CFG.replace(tie_word_embeddings=True), stacked)
+  tx = layerwise.by_layer(galore_adamw_8bit(1e-2, rank=4, update_proj_gap=2, min_8bit_size=256), 0.0, stacked=stacked)
   reference, _ = run(tx, layerwise_updates=False, grad_accum=2, cfg=cfg, packed=True, n_steps=3)
   swept, _ = run(tx, layerwise_updates=True, grad_accum=2, cfg=cfg, packed=True, n_steps=3)
   # a reassociation-sized difference can move an 8-bit moment to the neighbouring code: looser than fp32
   assert_close_trees(swept, reference, atol=1e-4)
 
 
+def stack_layers(tree, n_layers):
+  """An unrolled tree's ``layers`` ``{i: layer}`` as one layer tree with a leading axis (the scan_layers layout)."""
+  layers = [tree["layers"][i] for i in range(n_layers)]
+  return {**tree, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def test_stacked_state_is_the_unrolled_state_stacked():
+  """The same weights trained layerwise, unrolled and stacked: equal weights, and the stacked optimizer state's
+  slice i equals layer i's unrolled state (what a checkpoint of either layout holds)."""
+  tx = {s: layerwise.by_layer(galore_adamw_8bit(1e-2, rank=4, update_proj_gap=2, min_8bit_size=256), 0.05, stacked=s)
+        for s in (False, True)}
+  unrolled = initial_params()
+  params = {False: jax.tree.map(jnp.copy, unrolled), True: stack_layers(jax.tree.map(jnp.copy, unrolled), 3)}
+  state = {s: tx[s].init(params[s]) for s in params}
+  for s in params:
+    step = steps.make_steps(nnx.graphdef(llama.Llama(layout(CFG, s), rngs=nnx.Rngs(0))), tx[s], grad_accum=2,
+                            packed=False, layerwise_updates=True).train
+    for t in range(3):  # refreshes at steps 0 and 2
+      params[s], state[s], _ = step(params[s], state[s], batch(t))
+  assert jax.tree.structure(state[True]["rest"]) == jax.tree.structure(state[False]["rest"])
+  assert_same_training(params[True], stack_layers(params[False], CFG.num_hidden_layers), stack_layers(unrolled, 3))
+  restacked = stack_layers(state[False], CFG.num_hidden_layers)["layers"]
+  assert jax.tree.structure(state[True]["layers"]) == jax.tree.structure(restacked)
+  for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(restacked)[0], jax.tree.leaves(state[True]["layers"])):
+    assert have.shape == want.shape and have.dtype == want.dtype, jax.tree_util.keystr(path)
+    if jnp.issubdtype(want.dtype, jnp.floating):  # bases and moments; 8-bit codes may move by one code
+      np.testing.assert_allclose(np.asarray(have, np.float32), np.asarray(want, np.float32), atol=1e-3, rtol=0,
+                                 err_msg=jax.tree_util.keystr(path))
+    elif want.dtype == jnp.int32:  # step counts
+      np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+
+
+@LAYOUTS
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
-def test_layerwise_step_has_no_full_gradient_tree(grad_clip):
+def test_layerwise_step_has_no_full_gradient_tree(grad_clip, stacked):
   """With accumulation (or clipping), the whole-tree step holds a full gradient tree in XLA's temporaries;
   the layerwise step about half of one (one layer's gradient, the rest group's, activations)."""
-  cfg = CFG.replace(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, vocab_size=64)
+  cfg = layout(CFG.replace(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, vocab_size=64), stacked)
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.graphdef(model), steps.params_of(model)
   grads_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  tx = layerwise.by_layer(galore_adamw(1e-2, rank=8, update_proj_gap=2), grad_clip)
+  tx = layerwise.by_layer(galore_adamw(1e-2, rank=8, update_proj_gap=2), grad_clip, stacked=stacked)
   state = jax.eval_shape(tx.init, params)
   b = batch(0, b=2, s=8)
   temps = {}
@@ -156,12 +205,36 @@ def test_layerwise_step_has_no_full_gradient_tree(grad_clip):
   assert temps[True] < 0.6 * grads_bytes, (temps, grads_bytes)
 
 
-def test_config_wiring_and_scan_layers_refused():
+def test_stacked_program_does_not_grow_with_depth():
+  """The stacked sweep is one scan: its program is the same at 2 and 6 layers; the unrolled one grows with them."""
+  tx_def = lambda stacked: layerwise.by_layer(galore_adamw(1e-2, rank=4, update_proj_gap=2), 1.0, stacked=stacked)
+  size = {}
+  for stacked in (False, True):
+    for n in (2, 6):
+      cfg = layout(CFG.replace(num_hidden_layers=n), stacked)
+      abstract = nnx.eval_shape(lambda cfg=cfg: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+      params, tx = steps.params_of(abstract), tx_def(stacked)
+      step = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=2, packed=False, layerwise_updates=True).train
+      size[stacked, n] = len(step.lower(params, jax.eval_shape(tx.init, params), batch(0)).as_text())
+  assert size[False, 6] > 2 * size[False, 2], size
+  assert size[True, 6] < 1.05 * size[True, 2], size
+
+
+def test_config_wiring():
   cfg = base()
   cfg.train.layerwise = True
   cfg.train.grad_clip = 1.0
+  del cfg["mesh"]  # layerwise runs on one device; this test process has eight
   tx = config.build_optimizer(cfg)
-  assert isinstance(tx, layerwise.ByLayer) and tx.grad_clip == 1.0
+  assert isinstance(tx, layerwise.ByLayer) and tx.grad_clip == 1.0 and not tx.stacked
   cfg.model.scan_layers = True
-  with pytest.raises(config.ConfigError, match="scan_layers"):
-    config.validate(cfg)
+  config.validate(cfg)
+  assert config.build_optimizer(cfg).stacked
+
+
+def test_layout_mismatch_is_refused():
+  params = initial_params()
+  step = steps.make_steps(nnx.graphdef(llama.Llama(CFG, rngs=nnx.Rngs(0))), layerwise.by_layer(galore_tx(), stacked=True),
+                          grad_accum=1, packed=False, layerwise_updates=True).train
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    step(params, layerwise.by_layer(galore_tx()).init(params), batch(0))

@@ -1,0 +1,127 @@
+"""What XLA holds at the peak of the Llama-7B train step (CPU buffer assignment, nothing allocated), per variant.
+
+  python -m bench.xla_peak [--layers 2 4] [--variants adamw galore_adamw] [--dtypes bfloat16 float32]
+                           [--top 12] [--out PATH]
+
+Each (variant, layers, dtype) is compiled in its own process with ``XLA_FLAGS=--xla_dump_to=<tmp>``
+(``bench.compile_7b``'s configs: ``configs/llama7b.py`` at 256 tokens per step, the first N layers);
+XLA's live-range dump names the values live at the peak of its schedule. They are grouped by the
+fusion that produced them (``copy_convert_fusion`` ...) and shape; parameters and optimizer state
+are one group, ``argument``. ``--dtypes float32`` compiles the same step with fp32 weights, states
+and bases: XLA:CPU then needs no bf16->fp32 copies for its matmuls, so the difference between the
+two dtypes is what the CPU's bf16 handling adds. ``temp_gb`` is XLA's temporaries
+(``memory_analysis``); with two layer counts, ``temp_gb_per_layer`` is the slope and
+``temp_gb_at_32_layers`` the linear extrapolation.
+Writes ``bench/results/xla-peak-7b-<backend>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ARGUMENT_PREFIXES = ("params", "opt_state", "batch")
+
+
+def peak_groups(live_range: str, hlo: str, top: int) -> tuple[float, list[dict]]:
+  """Bytes live at the schedule's peak and their largest groups (producing fusion kind, shape)."""
+  shapes = dict(re.findall(r"^\s+%(\S+) = (\S+)", hlo, re.M))
+  section = live_range[live_range.index("(peak):"):]
+  section = section[:section.index("Stack trace")] if "Stack trace" in section else section
+  sizes, counts = collections.Counter(), collections.Counter()
+  for name, size in re.findall(r"^\s+(\S+)\{[^}]*\}: (\d+) bytes", section, re.M):
+    kind = "argument" if name.startswith(ARGUMENT_PREFIXES) else re.sub(r"\.\d+$", "", name)
+    key = (kind, shapes.get(name, "?").split("{")[0])
+    sizes[key] += int(size)
+    counts[key] += 1
+  groups = [{"kind": kind, "shape": shape, "count": counts[kind, shape], "gb": size / 1e9}
+            for (kind, shape), size in sizes.most_common(top)]
+  return sum(sizes.values()) / 1e9, groups
+
+
+def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
+  """Compile one variant in a child process that dumps XLA's buffer assignment; its peak's composition."""
+  with tempfile.TemporaryDirectory() as dump:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump}"}
+    cmd = [sys.executable, "-m", "bench.xla_peak", "--one", variant, str(layers), dtype]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode:
+      raise RuntimeError(f"{variant}: {result.stderr[-2000:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    train = [p for p in glob.glob(os.path.join(dump, "*train*-live-range.txt"))]
+    if len(train) != 1:
+      raise RuntimeError(f"expected one train step dump, found {train}")
+    with open(train[0]) as f:
+      live = f.read()
+    with open(train[0].replace("-live-range.txt", ".txt")) as f:
+      hlo = f.read()
+  record["live_at_peak_gb"], record["peak_groups"] = peak_groups(live, hlo, top)
+  return record
+
+
+def compile_one(variant: str, layers: int, dtype: str) -> dict:
+  import jax
+  from flax import nnx
+
+  from bench import compile_7b
+  from galore_jax.train import config, dry_run, steps
+
+  cfg = compile_7b.config_for(variant, layers)
+  if dtype == "float32":
+    cfg.model.param_dtype = cfg.model.dtype = "float32"
+    cfg.optimizer.moment_dtype = cfg.optimizer.basis_dtype = "float32"
+  abstract = config.abstract_model(cfg)
+  params = steps.params_of(abstract)
+  tx = config.build_optimizer(cfg)
+  opt_state = jax.eval_shape(tx.init, params)
+  step = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=1, packed=False,
+                          report_overlap=cfg.optimizer.name.startswith("galore"),
+                          layerwise_updates=cfg.train.layerwise).train
+  memory = step.lower(params, opt_state, dry_run.abstract_batch(cfg)).compile().memory_analysis()
+  return {"variant": variant, "layers": layers, "dtype": dtype, "temp_gb": memory.temp_size_in_bytes / 1e9,
+          "argument_gb": memory.argument_size_in_bytes / 1e9, "optimizer_state_gb": dry_run.tree_bytes(opt_state) / 1e9,
+          "params_gb": dry_run.tree_bytes(params) / 1e9}
+
+
+def main() -> None:
+  from bench import compile_7b
+
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+  ap.add_argument("--variants", nargs="+", default=["adamw", "galore_adamw"], choices=list(compile_7b.VARIANTS))
+  ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+  ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.one:
+    print(json.dumps(compile_one(args.one[0], int(args.one[1]), args.one[2])))
+    return
+  results = []
+  for dtype in args.dtypes:
+    for variant in args.variants:
+      rows = [measure(variant, n, dtype, args.top) for n in args.layers]
+      if len(rows) >= 2:
+        slope = (rows[-1]["temp_gb"] - rows[0]["temp_gb"]) / (rows[-1]["layers"] - rows[0]["layers"])
+        for r in rows:
+          r["temp_gb_per_layer"] = slope
+          r["temp_gb_at_32_layers"] = rows[-1]["temp_gb"] + slope * (32 - rows[-1]["layers"])
+      for r in rows:
+        print(f"{variant:<40} {dtype:<9} L={r['layers']:<3} temp {r['temp_gb']:6.2f} GB", flush=True)
+      results += rows
+  record = {**compile_7b.provenance(sys.argv[1:], "bench.xla_peak"), "preset": "llama_7b", "tokens_per_step": 256,
+            "results": results}
+  out = args.out or f"bench/results/xla-peak-7b-{record['backend']}.json"
+  with open(out, "w") as f:
+    json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
