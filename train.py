@@ -433,8 +433,12 @@ def end_with_error(r: Run, message: str, code: int) -> None:
     print(f"error: {e}", file=sys.stderr, flush=True)
   r.writer.close()
   latest = r.ckpts.latest_step()
-  fail(f"{message}; the latest checkpoint is step {latest} in {r.ckpts.directory}" if latest is not None else
-       f"{message}; there is no checkpoint", code)
+  print(f"error: {message}; the latest checkpoint is step {latest} in {r.ckpts.directory}" if latest is not None else
+        f"error: {message}; there is no checkpoint", file=sys.stderr, flush=True)
+  # After a failed async save, orbax's background threads print "Event loop is closed" tracebacks while the
+  # interpreter shuts down; the line above is the run's last word, so what follows goes nowhere.
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  sys.exit(code)
 
 
 def finish(r: Run, stop: StopRequests) -> None:

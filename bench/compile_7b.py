@@ -18,14 +18,13 @@ Writes ``bench/results/compile-7b-<backend>[-Nlayers].json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import time
+
+from bench import common
 
 # name -> config changes on top of configs/llama7b.py at 256 tokens per step
 VARIANTS = {
@@ -76,7 +75,7 @@ def measure(variant: str, layers: int | None) -> dict:
   m = compiled.memory_analysis()
   arg, out, alias, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes
   return {"trace_lower_s": traced - start, "compile_s": done - traced, "total_s": done - start,
-          "optimizer_state_gb": dry_run.tree_bytes(opt_state) / GB, "xla_argument_gb": arg / GB,
+          "optimizer_state_gb": common.tree_bytes(opt_state) / GB, "xla_argument_gb": arg / GB,
           "xla_output_gb": out / GB, "xla_alias_gb": alias / GB, "xla_temp_gb": temp / GB,
           "xla_peak_gb": (arg + out - alias + temp) / GB, "hlo_chars": len(compiled.as_text()),
           "loadavg_1min_after": os.getloadavg()[0]}
@@ -85,36 +84,34 @@ def measure(variant: str, layers: int | None) -> dict:
 def run_variant(variant: str, layers: int | None) -> dict:
   """``measure`` in a fresh process: no tracing or compilation cache shared between variants."""
   cmd = [sys.executable, "-m", "bench.compile_7b", "--one", variant] + (["--layers", str(layers)] if layers else [])
-  result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
   if result.returncode:
     raise RuntimeError(f"{variant}: {result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def provenance(args_line: list[str], module: str = "bench.compile_7b") -> dict:
-  import flax
-  import jax
-  import optax
-
-  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": shlex.join(["python", "-m", module] + args_line),
-          "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-          "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
-                       "python": platform.python_version()},
-          "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+def commit() -> str:
+  """The checkout's short commit: compile times change with the code, so results name it."""
+  return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=common.ROOT).stdout.strip()
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
   ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all 32)")
   ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants; each reports its median round")
   ap.add_argument("--out", default=None)
   ap.add_argument("--one", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
-  args = ap.parse_args()
+  return ap
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser().parse_args(argv)
   if args.one:
     print(json.dumps(measure(args.one, args.layers)))
-    return
+    return None
   variants = ["adamw"] + [v for v in args.variants if v != "adamw"]
   rounds = {name: [] for name in variants}
   for _ in range(args.repeats):  # round-robin: load from other processes hits every variant alike
@@ -126,13 +123,13 @@ def main() -> None:
              for name, rs in rounds.items()}
   for r in results.values():
     r["ratio_to_adamw"] = r["total_s"] / results["adamw"]["total_s"]
-  record = {**provenance(sys.argv[1:]), "preset": "llama_7b", "layers": args.layers or 32, "tokens_per_step": 256,
+  record = {**common.provenance(__spec__.name, argv), "commit": commit(), "preset": "llama_7b",
+            "layers": args.layers or 32, "tokens_per_step": 256,
             "config": "configs/llama7b.py with train.batch_size=1, train.grad_accum=1", "results": results}
   suffix = f"-{args.layers}layers" if args.layers else ""
-  out = args.out or f"bench/results/compile-7b-{record['backend']}{suffix}.json"
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1)
+  common.write_json(args.out or os.path.join(common.RESULTS, f"compile-7b-{record['backend']}{suffix}.json"), record)
   print(json.dumps({k: round(v["ratio_to_adamw"], 2) for k, v in results.items()}))
+  return record
 
 
 if __name__ == "__main__":

@@ -179,6 +179,51 @@ def compile_section() -> list[str]:
   return lines
 
 
+def compile_7b_section() -> list[str]:
+  lines = []
+  for path, r in load("compile-7b-*.json"):
+    lines += [f"**Compile time of the {r['preset']} train step** ({r['layers']} layers, {r['tokens_per_step']} tokens, "
+              "abstract shapes: nothing allocated)", "",
+              "| variant | trace + lower | compile | total | vs AdamW | optimizer state | XLA peak |",
+              "|---|---|---|---|---|---|---|"]
+    for name, x in r["results"].items():
+      lines.append(f"| {name} | {x['trace_lower_s']:.1f} s | {x['compile_s']:.1f} s | {x['total_s']:.1f} s | "
+                   f"{x['ratio_to_adamw']:.2f}× | {x['optimizer_state_gb']:.2f} GB | {x['xla_peak_gb']:.2f} GB |")
+    lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
+  return lines
+
+
+def xla_peak_section() -> list[str]:
+  lines = []
+  for path, r in load("xla-peak-*.json"):
+    lines += [f"**What XLA holds at the peak of the {r['preset']} step** ({r['tokens_per_step']} tokens, CPU compile)",
+              "", "| variant | layers | dtype | temporaries | arguments | optimizer state | live at peak | "
+              "temporaries per layer |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+      per_layer = x.get("temp_gb_per_layer")
+      lines.append(f"| {x['variant']} | {x['layers']} | {x['dtype']} | {x['temp_gb']:.2f} GB | {x['argument_gb']:.2f} GB "
+                   f"| {x['optimizer_state_gb']:.2f} GB | {x['live_at_peak_gb']:.2f} GB | "
+                   f"{'' if per_layer is None else f'{per_layer:.2f} GB'} |")
+    lines += ["", provenance(path, r), ""]
+  return lines
+
+
+def family_memory_section() -> list[str]:
+  lines = []
+  for path, r in load("family_memory-*.json"):
+    lines += ["**Optimizer state of the low-rank family** (analytic: nothing allocated)", "",
+              "| model | variant | rank | state | low-rank moments | bases | update-rule states | full-rank states | "
+              "paper |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+      paper = x.get("paper_7b_state_gb")
+      lines.append(f"| {x['preset']} | {x['variant']} | {x['rank'] or ''} | {x['optimizer_state_gb']:.2f} GB | "
+                   f"{x['moments_low_rank_gb']:.2f} GB | {x['projector_bases_gb']:.2f} GB | "
+                   f"{x['rule_states_gb']:.3f} GB | {x['full_rank_states_gb']:.2f} GB | "
+                   f"{'' if paper is None else f'{paper} GB'} |")
+    lines += ["", provenance(path, r), ""]
+  return lines
+
+
 def train_section() -> list[str]:
   lines = []
   for path, r in load("train-*.json"):
@@ -196,8 +241,9 @@ def train_section() -> list[str]:
 
 
 def sections() -> list[str]:
-  return (speed_section() + train_section() + compile_section() + refresh_section() + refresh_parts_section()
-          + quality_section() + memory_section() + step_time_section())
+  return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
+          + refresh_parts_section() + quality_section() + memory_section() + xla_peak_section()
+          + family_memory_section() + step_time_section())
 
 
 def render(page: str, body: list[str]) -> str:

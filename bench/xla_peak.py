@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 
+from bench import common, compile_7b
+
 ARGUMENT_PREFIXES = ("params", "opt_state", "batch")
 
 
@@ -51,7 +53,7 @@ def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
   with tempfile.TemporaryDirectory() as dump:
     env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump}"}
     cmd = [sys.executable, "-m", "bench.xla_peak", "--one", variant, str(layers), dtype]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=common.ROOT)
     if result.returncode:
       raise RuntimeError(f"{variant}: {result.stderr[-2000:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -86,24 +88,27 @@ def compile_one(variant: str, layers: int, dtype: str) -> dict:
                           layerwise_updates=cfg.train.layerwise).train
   memory = step.lower(params, opt_state, dry_run.abstract_batch(cfg)).compile().memory_analysis()
   return {"variant": variant, "layers": layers, "dtype": dtype, "temp_gb": memory.temp_size_in_bytes / 1e9,
-          "argument_gb": memory.argument_size_in_bytes / 1e9, "optimizer_state_gb": dry_run.tree_bytes(opt_state) / 1e9,
-          "params_gb": dry_run.tree_bytes(params) / 1e9}
+          "argument_gb": memory.argument_size_in_bytes / 1e9, "optimizer_state_gb": common.tree_bytes(opt_state) / 1e9,
+          "params_gb": common.tree_bytes(params) / 1e9}
 
 
-def main() -> None:
-  from bench import compile_7b
-
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> common.ArgumentParser:
+  ap = common.ArgumentParser(__doc__)
   ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
   ap.add_argument("--variants", nargs="+", default=["adamw", "galore_adamw"], choices=list(compile_7b.VARIANTS))
   ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
   ap.add_argument("--top", type=int, default=12)
   ap.add_argument("--out", default=None)
   ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args()
+  return ap
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser().parse_args(argv)
   if args.one:
     print(json.dumps(compile_one(args.one[0], int(args.one[1]), args.one[2])))
-    return
+    return None
   results = []
   for dtype in args.dtypes:
     for variant in args.variants:
@@ -116,11 +121,10 @@ def main() -> None:
       for r in rows:
         print(f"{variant:<40} {dtype:<9} L={r['layers']:<3} temp {r['temp_gb']:6.2f} GB", flush=True)
       results += rows
-  record = {**compile_7b.provenance(sys.argv[1:], "bench.xla_peak"), "preset": "llama_7b", "tokens_per_step": 256,
-            "results": results}
-  out = args.out or f"bench/results/xla-peak-7b-{record['backend']}.json"
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1)
+  record = {**common.provenance(__spec__.name, argv), "commit": compile_7b.commit(), "preset": "llama_7b",
+            "tokens_per_step": 256, "results": results}
+  common.write_json(args.out or os.path.join(common.RESULTS, f"xla-peak-7b-{record['backend']}.json"), record)
+  return record
 
 
 if __name__ == "__main__":
