@@ -24,6 +24,7 @@ from galore_jax.optim.alias import (
     galore_adafactor,
     galore_adamw,
     galore_adamw_8bit,
+    golore_adamw,
 )
 from galore_jax.optim.apollo import ApolloRule, apollo
 from galore_jax.optim.basis import (
@@ -45,6 +46,7 @@ from galore_jax.optim.plan import (
 )
 from galore_jax.optim.refresh import (
     ExactRefresh,
+    GoLoreRefresh,
     RandomizedRefresh,
     RandomProjection,
     Sketch,
@@ -68,6 +70,7 @@ __all__ = [
     "GaLoreDimensionNumbers",
     "GaLoreOptions",
     "GaLoreState",
+    "GoLoreRefresh",
     "NothingTargetedWarning",
     "ProjectBack",
     "QuantizedMoment",
@@ -92,6 +95,7 @@ __all__ = [
     "galore_adafactor",
     "galore_adamw",
     "galore_adamw_8bit",
+    "golore_adamw",
     "limit_norm_growth",
     "plan_leaves",
     "project",

@@ -19,7 +19,7 @@ from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim.basis import PROJ_TYPES
 from galore_jax.optim.schedule import AdaptiveGap
 
-ON_REFRESH = ("keep", "reset", "project")
+ON_REFRESH = ("keep", "reset", "project", "project_first")
 _INJECT_HINT = "with optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap')"
 
 
@@ -55,8 +55,9 @@ class GaLoreOptions:
       (first moment carried into the new basis by :math:`C = Q_{new}^\top Q_{old}`;
       the second moment, which no linear map carries exactly, is mapped by the
       elementwise square :math:`C\circ C`, exact for permutations and sign
-      flips and non-negative always). 8-bit moments are dequantized, carried
-      and requantized.
+      flips and non-negative always), ``project_first`` (GoLore's reference:
+      the first moment carried by ``C``, the second moment kept as it is).
+      8-bit moments are dequantized, carried and requantized.
     basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
       ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
@@ -121,8 +122,8 @@ class GaLoreOptions:
       raise TypeError(f"adaptive_gap must be None or an AdaptiveGap, got {self.adaptive_gap!r}")
     if not refresh_lib.is_orthonormal(refresh_lib.resolve(self.refresh)):
       # C = Q_newᵀ Q_old and the overlap of two bases mean something only for orthonormal columns.
-      if self.on_refresh == "project":
-        raise ValueError(f"on_refresh='project' needs orthonormal bases, but refresh={self.refresh!r} draws random "
+      if self.on_refresh in ("project", "project_first"):
+        raise ValueError(f"on_refresh={self.on_refresh!r} needs orthonormal bases, but refresh={self.refresh!r} draws random "
                          "projections: use on_refresh='keep' (as APOLLO) or 'reset'")
       if self.adaptive_gap is not None:
         raise ValueError(f"adaptive_gap measures how far an orthonormal basis moved, but refresh={self.refresh!r} "

@@ -142,7 +142,8 @@ def refresh_due(state: GaLoreState, plan: TreePlan, matrices: list, bases: list,
     moment_ids = [s for s, slot in slots.items() if slot.leaf in job.members]
     ops = RefreshOps({i: matrices[i] for i in job.members}, {i: bases[i] for i in job.members},
                      {s: inner_leaves[s] for s in moment_ids}, key, count > 0,
-                     None if schedule is None else {i: schedule[plans[i].path] for i in job.members})
+                     None if schedule is None else {i: schedule[plans[i].path] for i in job.members},
+                     count if "step" in r.keywords else None)
     branch = functools.partial(_refresh_branch, job=job, count=count, slots=slots, options=options, r=r)
     out = jax.lax.cond(job.predicate, branch, _unchanged, ops)
     for i in job.members:
