@@ -431,3 +431,47 @@ def golore_adamw(
   options["refresh"] = GoLoreRefresh(switch_step, svd_algorithm)
   return galore_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                       weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, **options)
+
+
+@takes_galore_options(basis_dtype="int4", adaptive_gap=AdaptiveGap())
+def q_galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Q-GaLore's projections on :func:`galore_adamw`: INT4 bases and the adaptive refresh gap, on by default.
+
+  Each basis is stored as 4-bit codes with an fp32 scale and zero point per ``basis_group_size`` (256)
+  values (:class:`~galore_jax.QuantizedBasis`, ``basis_dtype="int4"``) and dequantized to fp32 to
+  project, :math:`\hat Q = s\,(c - z)` with :math:`|\hat Q - Q| \le s/2` entrywise; a refresh quantizes the
+  new SVD basis once. Each leaf's gap grows while its subspace stays put
+  (:class:`~galore_jax.AdaptiveGap`). Not here: Q-GaLore's INT8 weights with stochastic rounding (a model
+  change) and its 8-bit Adam states (use :func:`galore_adamw_8bit` with ``basis_dtype="int4"`` and
+  ``adaptive_gap=AdaptiveGap()``).
+
+  Args:
+    learning_rate, b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, with defaults ``basis_dtype="int4"`` and
+      ``adaptive_gap=AdaptiveGap()``; ``basis_group_size`` must divide each basis's ``d·r``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import q_galore_adamw
+    >>> tx = q_galore_adamw(1e-2, rank=2, basis_group_size=8)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> state = tx.init(params)
+    >>> state[0].bases['attn/kernel'].output.codes.shape, state[0].bases['attn/kernel'].output.codes.dtype
+    ((2, 2), dtype('uint8'))
+
+  References:
+    Zhang et al., *Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients*
+    (arXiv:2407.08296); code github.com/VITA-Group/Q-GaLore.
+  """
+  return galore_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, **options)

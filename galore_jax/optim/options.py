@@ -59,7 +59,13 @@ class GaLoreOptions:
       the first moment carried by ``C``, the second moment kept as it is).
       8-bit moments are dequantized, carried and requantized.
     basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
-      ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
+      ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs; ``"int4"``
+      stores each side as Q-GaLore's 4-bit codes with an fp32 scale and zero
+      point per group (:class:`~galore_jax.QuantizedBasis`), dequantized to fp32
+      when used (the refresh's and the projection's compute dtype).
+    basis_group_size: values per scale / zero point of ``"int4"`` bases (the
+      reference's 256); it must divide each basis's ``d·r`` (checked at init,
+      naming the leaf). Ignored for other dtypes.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
@@ -99,6 +105,7 @@ class GaLoreOptions:
   dimension_numbers: Any = None
   on_refresh: str = "keep"
   basis_dtype: jax.typing.DTypeLike = "float32"
+  basis_group_size: int = 256
   refresh: str | refresh_lib.RefreshFn = "svd"
   refresh_seed: int = 0
   stagger: bool = False
@@ -128,6 +135,8 @@ class GaLoreOptions:
       if self.adaptive_gap is not None:
         raise ValueError(f"adaptive_gap measures how far an orthonormal basis moved, but refresh={self.refresh!r} "
                          "draws random projections: use a fixed update_proj_gap")
+    if not _is_positive_int(self.basis_group_size) or self.basis_group_size % 2:
+      raise ValueError(f"basis_group_size must be a positive even int, got {self.basis_group_size!r}")
     try:
       jnp.dtype(self.basis_dtype)
     except TypeError:
