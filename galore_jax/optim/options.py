@@ -135,7 +135,11 @@ class GaLoreOptions:
       if self.adaptive_gap is not None:
         raise ValueError(f"adaptive_gap measures how far an orthonormal basis moved, but refresh={self.refresh!r} "
                          "draws random projections: use a fixed update_proj_gap")
-    if not _is_positive_int(self.basis_group_size) or self.basis_group_size % 2:
+    if isinstance(self.basis_group_size, jax.Array):
+      # optax.inject_hyperparams makes every number an array; only int4 bases read this one (statically)
+      if str(self.basis_dtype) == "int4":
+        raise TypeError(f"basis_group_size must be a static int; {_INJECT_HINT[:-1]}, 'basis_group_size')")
+    elif not _is_positive_int(self.basis_group_size) or self.basis_group_size % 2:
       raise ValueError(f"basis_group_size must be a positive even int, got {self.basis_group_size!r}")
     try:
       jnp.dtype(self.basis_dtype)
