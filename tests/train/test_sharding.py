@@ -26,6 +26,8 @@ def make_config(name):
   cfg = base()
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = LR, 0, 10
   cfg.optimizer.name, cfg.optimizer.rank, cfg.optimizer.update_proj_gap = name, 4, 2  # refreshes on steps 0, 2
+  cfg.optimizer.golore_switch_step = 2  # golore_adamw: an SVD refresh, then random ones
+  cfg.optimizer.basis_group_size = 16  # q_galore_adamw: int4 groups that fit the tiny bases
   return cfg
 
 
@@ -190,7 +192,7 @@ def test_sharded_steps_equal_the_single_device_steps(name, data, fsdp, axis_type
   chex.assert_trees_all_close(actual[1], expected[1], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fira_adamw", "apollo_mini"])
+@pytest.mark.parametrize("name", ["fira_adamw", "apollo_mini", "golore_adamw", "q_galore_adamw"])
 def test_family_sharded_steps_equal_the_single_device_steps(name):
   """Fira and APOLLO-Mini (rank-1 random projections) on the Explicit 1x8 mesh: the single-device steps; their
   limiter norms (one number per matrix) are replicated."""
