@@ -1,4 +1,4 @@
-"""Optimizer state bytes of the low-rank family (GaLore, Fira, APOLLO, APOLLO-Mini) beside AdamW, analytic.
+"""Optimizer state bytes of the low-rank family (GaLore, Fira, APOLLO, APOLLO-Mini, GoLore, Q-GaLore) beside AdamW, analytic.
 
   python -m bench.family_memory [--presets llama_7b llama_1b] [--out PATH]
 
@@ -7,7 +7,8 @@ Writes bench/results/family_memory-analytic.json. Nothing is allocated: the para
 split by ``galore_jax.optim.introspect.state_breakdown``. Settings: bf16 weights, and per variant the state
 dtype it names; ranks as the papers (GaLore and Fira: 1024 at 7B, 512 at 1B; APOLLO: 256 at 7B, the rank at
 which its bf16 moments are the APOLLO paper's 1.6 GB, and 512 at 1B, "GaLore's memory" of its Table 2;
-APOLLO-Mini: 1). Embeddings, lm_head and norms get full-rank Adam in every method (as the references'
+APOLLO-Mini: 1; GoLore and Q-GaLore: GaLore's; Q-GaLore's bases int4 with an fp32 scale and zero point per
+256 values). Embeddings, lm_head and norms get full-rank Adam in every method (as the references'
 scripts), so ``projected_matrices_gb`` (low-rank moments + projections + limiter norms) is the column to hold
 against the papers' optimizer-state figures, which count the projected matrices.
 """
@@ -42,6 +43,9 @@ def variants(preset: str) -> dict[str, dict]:
       "fira_adamw (bf16 states)": dict(name="fira_adamw", rank=galore_rank, **bf16),
       "apollo_adamw (bf16 states)": dict(name="apollo_adamw", rank=apollo_rank, **bf16),
       "apollo_mini (bf16 states)": dict(name="apollo_mini", **bf16),
+      "golore_adamw (bf16 states)": dict(name="golore_adamw", rank=galore_rank, golore_switch_step=0, **bf16),
+      "q_galore_adamw (int4 bases, bf16 moments)": dict(name="q_galore_adamw", rank=galore_rank,
+                                                          moment_dtype="bfloat16"),
       "galore_adamw (fp32 states)": dict(name="galore_adamw", rank=galore_rank, **fp32),
       "fira_adamw (fp32 states)": dict(name="fira_adamw", rank=galore_rank, **fp32),
       "apollo_adamw (fp32 states)": dict(name="apollo_adamw", rank=apollo_rank, **fp32),
@@ -82,12 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
   rows = [row(preset, label, optimizer) for preset in args.presets for label, optimizer in variants(preset).items()]
   record = {**common.provenance(__spec__.name, argv),
             "note": "analytic: jax.eval_shape of the optimizer's init on the abstract model, nothing allocated",
-            "ranks": {p: {"galore_fira": g, "apollo": a, "apollo_mini": 1} for p, (g, a) in RANKS.items()},
+            "ranks": {p: {"galore_fira_golore_q_galore": g, "apollo": a, "apollo_mini": 1}
+                      for p, (g, a) in RANKS.items()},
             "paper_7b_state_gb": PAPER_7B_GB, "results": rows}
-  print(f"{'preset':<9} {'variant':<32} {'rank':>5} {'state':>8} {'projected':>10} {'full-rank':>10} {'paper':>6}  GB")
+  print(f"{'preset':<9} {'variant':<42} {'rank':>5} {'state':>8} {'projected':>10} {'full-rank':>10} {'paper':>6}  GB")
   for r in rows:
     paper = r.get("paper_7b_state_gb")
-    print(f"{r['preset']:<9} {r['variant']:<32} {r['rank'] or '':>5} {r['optimizer_state_gb']:>8.3f} "
+    print(f"{r['preset']:<9} {r['variant']:<42} {r['rank'] or '':>5} {r['optimizer_state_gb']:>8.3f} "
           f"{r['projected_matrices_gb']:>10.3f} {r['full_rank_states_gb']:>10.3f} {'' if paper is None else paper:>6}")
   print(f"wrote {common.write_json(args.out, record)}")
   return record

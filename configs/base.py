@@ -55,19 +55,24 @@ def base() -> config_dict.ConfigDict:
   c.train.max_nonfinite_steps = 3  # "skip": this many non-finite steps in a row end the run (exit code 3)
 
   c.optimizer = config_dict.ConfigDict()
-  # galore_adamw_8bit, galore_adafactor, fira_adamw, apollo_adamw, apollo_mini, adamw, adamw_8bit
+  # galore_adamw_8bit, galore_adafactor, fira_adamw, apollo_adamw, apollo_mini, golore_adamw, q_galore_adamw, adamw,
+  # adamw_8bit
   c.optimizer.name = "galore_adamw"
   # GaLore: every field of galore_jax.GaLoreOptions but target / dimension_numbers (docs/optimizer.md), with its
   # default: rank 128, update_proj_gap 200, scale 0.25, proj_type "std", on_refresh "keep", basis_dtype "float32",
   # refresh "svd", refresh_seed 0, stagger / batch_refresh / adaptive_gap False. fira_adamw reads them all (scale is
   # Fira's alpha); apollo_* read neither scale nor refresh (apollo_scale and apollo_proj below), apollo_mini no rank
-  # (APOLLO-Mini is rank 1).
+  # (APOLLO-Mini is rank 1); golore_adamw always carries the first moment (on_refresh "project_first", the
+  # reference's); q_galore_adamw always has basis_dtype "int4" (groups of basis_group_size, default 256) and
+  # adaptive_gap on.
   c.optimizer.update(config.galore_option_defaults())
   c.optimizer.norm_growth_limit = 1.01  # fira_adamw, apollo_*: growth factor of the norm-growth limiter; 0 = off
   c.optimizer.apollo_scale = placeholder(float)  # apollo_*: the reference's --apollo_scale (applied as its square
   #   root); None = the method's: 1 (apollo_adamw), 128 (apollo_mini)
   c.optimizer.apollo_scale_type = "channel"  # apollo_adamw: "channel" or "tensor" (apollo_mini: always tensor)
   c.optimizer.apollo_proj = "random"  # apollo_*: "random" (Gaussian, re-drawn every update_proj_gap) or "svd"
+  c.optimizer.golore_switch_step = placeholder(int)  # golore_adamw: first step of random bases; None = 80% of
+  #   train.steps (the reference's --rand_ratio 0.8)
   c.optimizer.apollo_scale_front = False  # apollo_*: multiply by sqrt(apollo_scale) before the limiter
   c.optimizer.weight_decay = 0.0
   c.optimizer.b1 = 0.9

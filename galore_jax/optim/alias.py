@@ -1,6 +1,7 @@
 """Ready optimizers with a learning rate: galore-torch's ``GaLoreAdamW``, ``GaLoreAdamW8bit``, ``GaLoreAdafactor``,
 and the follow-ups on the same core: ``FiraAdamW`` (:func:`fira_adamw`), APOLLO and APOLLO-Mini
-(:func:`apollo_adamw`, :func:`apollo_mini`).
+(:func:`apollo_adamw`, :func:`apollo_mini`), GoLore (:func:`golore_adamw`) and Q-GaLore's projections
+(:func:`q_galore_adamw`).
 
 Each takes the :class:`~galore_jax.GaLoreOptions` fields as keyword arguments besides its own.
 """
@@ -21,6 +22,8 @@ from galore_jax.optim.apollo import apollo
 from galore_jax.optim.fira import fira
 from galore_jax.optim.options import GaLoreOptions, takes_galore_options
 from galore_jax.optim.plan import plan_leaves
+from galore_jax.optim.refresh import GoLoreRefresh
+from galore_jax.optim.schedule import AdaptiveGap
 from galore_jax.optim.transform import galore
 
 
@@ -376,3 +379,99 @@ def apollo_mini(
   return apollo_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                       weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, scale_type="tensor",
                       scale_front=scale_front, norm_growth_limit=norm_growth_limit, **options)
+
+
+@takes_galore_options(on_refresh="project_first")
+def golore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    switch_step: int,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    svd_algorithm: str | None = None,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GoLore's ``golore_adamw``: :func:`galore_adamw` whose refreshes turn random at ``switch_step``.
+
+  The bases come from :class:`~galore_jax.GoLoreRefresh`: the exact SVD of the gradient at refreshes before
+  ``switch_step``, a Haar-random orthonormal basis from then on. At every refresh the first moment is carried
+  into the new basis, :math:`m \leftarrow Q_{new}^\top Q_{old}\, m` (per side), and the second moment is
+  kept, as the reference's ``AdamW`` does (``on_refresh="project_first"``, the default here). The reference's
+  step is galore-torch's AdamW, the same as :func:`galore_adamw`'s.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    switch_step: the first step (completed steps) whose refresh is random; the reference sets it to a
+      fraction of training (``--rand_ratio 0.8`` in its pre-training script). Must be an int ``>= 0``.
+    b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
+    svd_algorithm: algorithm of the SVD before the switch (see :func:`galore_jax.svd_basis`).
+    **options: the :class:`~galore_jax.GaLoreOptions` fields but ``refresh`` (GoLore's own), with
+      ``on_refresh="project_first"`` by default. ``refresh_seed`` seeds the random bases.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import golore_adamw
+    >>> tx = golore_adamw(1e-2, switch_step=100, rank=2)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates['attn']['kernel'].shape
+    (8, 4)
+
+  References:
+    He et al., *Subspace Optimization for Large Language Models with Convergence Guarantees*, ICML 2025
+    (arXiv:2410.11289); code github.com/pkumelon/Golore.
+  """
+  if options.get("refresh", "svd") != "svd":
+    raise ValueError(f"refresh={options['refresh']!r}: golore_adamw refreshes by GoLoreRefresh(switch_step) "
+                     "(exact SVD, then random); use galore(refresh=...) for another refresh")
+  options["refresh"] = GoLoreRefresh(switch_step, svd_algorithm)
+  return galore_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, **options)
+
+
+@takes_galore_options(basis_dtype="int4", adaptive_gap=AdaptiveGap())
+def q_galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    moment_dtype: jax.typing.DTypeLike | None = None,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Q-GaLore's projections on :func:`galore_adamw`: INT4 bases and the adaptive refresh gap, on by default.
+
+  Each basis is stored as 4-bit codes with an fp32 scale and zero point per ``basis_group_size`` (256)
+  values (:class:`~galore_jax.QuantizedBasis`, ``basis_dtype="int4"``) and dequantized to fp32 to
+  project, :math:`\hat Q = s\,(c - z)` with :math:`|\hat Q - Q| \le s/2` entrywise; a refresh quantizes the
+  new SVD basis once. Each leaf's gap grows while its subspace stays put
+  (:class:`~galore_jax.AdaptiveGap`). Not here: Q-GaLore's INT8 weights with stochastic rounding (a model
+  change) and its 8-bit Adam states (use :func:`galore_adamw_8bit` with ``basis_dtype="int4"`` and
+  ``adaptive_gap=AdaptiveGap()``).
+
+  Args:
+    learning_rate, b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
+    **options: the :class:`~galore_jax.GaLoreOptions` fields, with defaults ``basis_dtype="int4"`` and
+      ``adaptive_gap=AdaptiveGap()``; ``basis_group_size`` must divide each basis's ``d·r``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import q_galore_adamw
+    >>> tx = q_galore_adamw(1e-2, rank=2, basis_group_size=8)
+    >>> params = {'attn': {'kernel': jnp.ones((8, 4))}}
+    >>> state = tx.init(params)
+    >>> state[0].bases['attn/kernel'].output.codes.shape, state[0].bases['attn/kernel'].output.codes.dtype
+    ((2, 2), dtype('uint8'))
+
+  References:
+    Zhang et al., *Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients*
+    (arXiv:2407.08296); code github.com/VITA-Group/Q-GaLore.
+  """
+  return galore_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, **options)

@@ -47,6 +47,93 @@ class Basis(NamedTuple):
   output: jax.Array | None  # [..., n, r]
 
 
+class QuantizedBasis(NamedTuple):
+  r"""One side's basis ``Q [..., d, r]`` stored as 4-bit codes with a scale and zero point per group (Q-GaLore).
+
+  The columns are laid out one after the other (``Qᵀ [..., r, d]`` flattened) and cut into groups of
+  ``group_size`` values; group ``g`` with minimum ``lo`` and maximum ``hi`` stores
+
+  .. math::
+    s_g = \max(hi - lo, 10^{-5}) / 15, \quad z_g = -\mathrm{round}(lo / s_g), \quad
+    c = \mathrm{clip}(\mathrm{round}(q / s_g) + z_g, 0, 15), \quad \hat q = s_g (c - z_g)
+
+  so :math:`|\hat q - q| \le s_g / 2` for every entry. Two codes share a byte (low nibble first), so the
+  codes take ``d·r/2`` bytes: real 4-bit storage, where the reference keeps one code per ``uint8`` (8 bits
+  a code). The zero point is not clamped to ``[0, 15]`` as the reference's is (a group whose values all
+  have one sign would then clip codes and break the bound); it is stored in fp32 as the scale.
+  """
+
+  codes: jax.Array  # uint8 [..., r, d // 2]: row j holds column j of Q, two codes a byte
+  scale: jax.Array  # float32 [..., d·r / group_size]
+  zero: jax.Array  # float32 [..., d·r / group_size], an integer value
+
+
+INT4_LEVELS = 15
+
+
+def is_quantized(basis_dtype) -> bool:
+  """Whether ``basis_dtype`` asks for :class:`QuantizedBasis` storage (``"int4"``)."""
+  return isinstance(basis_dtype, str) and basis_dtype == "int4" or (
+      not isinstance(basis_dtype, str) and jnp.dtype(basis_dtype) == jnp.dtype("int4"))
+
+
+def quantization_problem(d: int, rank: int, group_size: int) -> str | None:
+  """Why a ``[d, rank]`` basis cannot be stored in groups of ``group_size`` 4-bit codes, or None."""
+  if d % 2:
+    return f"the projected dimension {d} is odd (two 4-bit codes share a byte along it)"
+  if (d * rank) % group_size:
+    return f"basis_group_size={group_size} does not divide the basis size {d}x{rank} = {d * rank}"
+  return None
+
+
+def quantize_basis(q: jax.Array, group_size: int) -> QuantizedBasis:
+  """``q [..., d, r]`` → :class:`QuantizedBasis` (asymmetric 4-bit, ``group_size`` values a group)."""
+  *batch, d, r = q.shape
+  x = jnp.swapaxes(q, -1, -2).astype(jnp.float32).reshape(*batch, d * r // group_size, group_size)
+  lo, hi = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
+  scale = jnp.maximum(hi - lo, 1e-5) / INT4_LEVELS
+  zero = -jnp.round(lo / scale)
+  codes = jnp.clip(jnp.round(x / scale[..., None]) + zero[..., None], 0, INT4_LEVELS).astype(jnp.uint8)
+  codes = codes.reshape(*batch, r, d)
+  return QuantizedBasis(codes[..., 0::2] | (codes[..., 1::2] << 4), scale, zero)
+
+
+def dequantize_basis(qb: QuantizedBasis, dtype=jnp.float32) -> jax.Array:
+  """:class:`QuantizedBasis` → ``Q [..., d, r]`` in ``dtype``; the shape comes from the codes."""
+  *batch, r, half = qb.codes.shape
+  codes = jnp.stack([qb.codes & 15, qb.codes >> 4], axis=-1).reshape(*batch, qb.scale.shape[-1], -1)
+  x = (codes.astype(jnp.float32) - qb.zero[..., None]) * qb.scale[..., None]
+  return jnp.swapaxes(x.reshape(*batch, r, 2 * half), -1, -2).astype(dtype)
+
+
+def load_basis(stored: Basis, dtype=jnp.float32) -> Basis:
+  """The basis to compute with: quantized sides dequantized to ``dtype``, others as they are."""
+  return Basis(*(dequantize_basis(q, dtype) if isinstance(q, QuantizedBasis) else q for q in stored))
+
+
+def store_basis(basis: Basis, group_size: int) -> Basis:
+  """Every side of ``basis`` quantized (:func:`quantize_basis`)."""
+  return Basis(*(None if q is None else quantize_basis(q, group_size) for q in basis))
+
+
+def keep_codes_unless_refreshed(new: Basis, loaded: Basis, stored: Basis, group_size: int) -> Basis:
+  """The stored form after a step: a side whose basis changed (per matrix) quantized anew, else its codes kept.
+
+  Re-quantizing an unchanged dequantized basis could move its scales by rounding, so the codes, scales
+  and zero points of a basis that was not refreshed are carried bit for bit.
+  """
+
+  def side(q_new, q_loaded, q_stored):
+    if q_new is None:
+      return None
+    changed = jnp.any(q_new != q_loaded, axis=(-2, -1))
+    fresh = quantize_basis(q_new, group_size)
+    return QuantizedBasis(*(jnp.where(changed[(...,) + (None,) * (a.ndim - changed.ndim)], a, b)
+                            for a, b in zip(fresh, q_stored)))
+
+  return Basis(*(side(*sides) for sides in zip(new, loaded, stored)))
+
+
 class Sides(NamedTuple):
   """Which dimensions of a kernel ``[..., m, n]`` are projected. Static, decided from the full shape."""
 

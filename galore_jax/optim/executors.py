@@ -28,6 +28,7 @@ class RefreshOps(NamedTuple):
   key: jax.Array | None  # this step's refresh key (None when the refresh takes none)
   warm: jax.Array  # False on step 0, when the previous bases are placeholders
   schedule: dict[int, jax.Array] | None = None  # adaptive gap: the members' [gap, next step]
+  step: jax.Array | None = None  # the step count, for a refresh that takes ``step`` (None otherwise)
 
 
 class Fresh(NamedTuple):
@@ -65,8 +66,10 @@ class Refresher(NamedTuple):
       start += size
     return keys
 
-  def __call__(self, g32s, olds, keys, warm, rank):
+  def __call__(self, g32s, olds, keys, warm, rank, step=None):
     kwargs = {}
+    if "step" in self.keywords:
+      kwargs["step"] = step
     if "key" in self.keywords:
       kwargs["key"] = keys
     if "warm" in self.keywords:
@@ -111,10 +114,11 @@ def batched_refresh(ops: RefreshOps, members: Sequence[int], r: Refresher) -> Fr
     rank = plans[group[0]].rank
     if len(group) == 1:
       (i,) = group
-      fresh[i] = r(g32[i], ops.bases[i], keys[i], ops.warm, rank)
+      fresh[i] = r(g32[i], ops.bases[i], keys[i], ops.warm, rank, ops.step)
       continue
     stacked_k = None if keys[group[0]] is None else jnp.concatenate([jnp.reshape(keys[i], (-1,)) for i in group])
-    out = r(_stack_group([g32[i] for i in group]), _stack_group([ops.bases[i] for i in group]), stacked_k, ops.warm, rank)
+    out = r(_stack_group([g32[i] for i in group]), _stack_group([ops.bases[i] for i in group]), stacked_k, ops.warm, rank,
+            ops.step)
     start = 0
     for i in group:
       size = plans[i].matrices
@@ -141,7 +145,7 @@ def looped_refresh(ops: RefreshOps, group: Sequence[int], due: dict[int, Any], r
   stacked_keys = None if keys[group[0]] is None else jnp.stack([keys[i] for i in group])
   if len(group) == 1:
     (i,) = group
-    fresh = {i: r(finite_fp32(grads[i])[0], bases[i], keys[i], ops.warm, rank)}
+    fresh = {i: r(finite_fp32(grads[i])[0], bases[i], keys[i], ops.warm, rank, ops.step)}
   elif always_due and is_two_stage(r.refresh):
     fresh = dict(zip(group, sketched_refresh(loaders, stacked_keys, bases[group[0]], ops.warm, rank, r.refresh)))
   else:
@@ -150,7 +154,7 @@ def looped_refresh(ops: RefreshOps, group: Sequence[int], due: dict[int, Any], r
     def body(j, outs):
       g, old = jax.lax.switch(j, loaders)
       run = lambda: Basis(*(None if q is None else q.astype(o.dtype) for q, o in zip(
-          r(g, old, None if stacked_keys is None else stacked_keys[j], ops.warm, rank), old)))
+          r(g, old, None if stacked_keys is None else stacked_keys[j], ops.warm, rank, ops.step), old)))
       new = run() if always_due else jax.lax.cond(due_now[j], run, lambda: old)
       return Basis(*(None if o is None else o.at[j].set(q) for o, q in zip(outs, new)))
 

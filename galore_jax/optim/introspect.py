@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from galore_jax.optim.basis import Basis, subspace_overlap
+from galore_jax.optim.basis import Basis, load_basis, subspace_overlap
 from galore_jax.optim.plan import path_str
 from galore_jax.optim.transform import GaLoreState
 
@@ -54,7 +54,8 @@ def refresh_overlap_sum(old_opt_state, new_opt_state) -> tuple[jax.Array, jax.Ar
   """``(sum, count)`` over the bases this step's refresh replaced of their subspace overlaps: the parts that
   :func:`refresh_overlap` divides, so that states updated piece by piece (layerwise) can be summed as they go."""
   olds, news = galore_states(old_opt_state), galore_states(new_opt_state)
-  pairs = [(o, n) for old, new in zip(olds, news) for o, n in zip(old.bases.values(), new.bases.values())]
+  pairs = [(load_basis(o), load_basis(n)) for old, new in zip(olds, news)
+           for o, n in zip(old.bases.values(), new.bases.values())]
   if not pairs:
     return jnp.float32(0), jnp.float32(0)
   # count is one step number, or one per layer (all equal) for a state stacked over layers

@@ -67,6 +67,8 @@ def moment_slots(inner_state, keypaths: Sequence[tuple], plans: Sequence[LeafPla
 def _carry(moment: jax.Array, new: Basis, old: Basis, squared: bool, on_refresh: str) -> jax.Array:
   if on_refresh == "reset":
     return jnp.zeros_like(moment)
+  if on_refresh == "project_first" and squared:
+    return moment  # GoLore's reference rotates exp_avg only; exp_avg_sq stays in the old coordinates
   return rotate(moment, change_of_basis(new, old), squared=squared)
 
 

@@ -19,7 +19,7 @@ from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim.basis import PROJ_TYPES
 from galore_jax.optim.schedule import AdaptiveGap
 
-ON_REFRESH = ("keep", "reset", "project")
+ON_REFRESH = ("keep", "reset", "project", "project_first")
 _INJECT_HINT = "with optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap')"
 
 
@@ -55,10 +55,17 @@ class GaLoreOptions:
       (first moment carried into the new basis by :math:`C = Q_{new}^\top Q_{old}`;
       the second moment, which no linear map carries exactly, is mapped by the
       elementwise square :math:`C\circ C`, exact for permutations and sign
-      flips and non-negative always). 8-bit moments are dequantized, carried
-      and requantized.
+      flips and non-negative always), ``project_first`` (GoLore's reference:
+      the first moment carried by ``C``, the second moment kept as it is).
+      8-bit moments are dequantized, carried and requantized.
     basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
-      ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
+      ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs; ``"int4"``
+      stores each side as Q-GaLore's 4-bit codes with an fp32 scale and zero
+      point per group (:class:`~galore_jax.QuantizedBasis`), dequantized to fp32
+      when used (the refresh's and the projection's compute dtype).
+    basis_group_size: values per scale / zero point of ``"int4"`` bases (the
+      reference's 256); it must divide each basis's ``d·r`` (checked at init,
+      naming the leaf). Ignored for other dtypes.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
@@ -98,6 +105,7 @@ class GaLoreOptions:
   dimension_numbers: Any = None
   on_refresh: str = "keep"
   basis_dtype: jax.typing.DTypeLike = "float32"
+  basis_group_size: int = 256
   refresh: str | refresh_lib.RefreshFn = "svd"
   refresh_seed: int = 0
   stagger: bool = False
@@ -121,12 +129,18 @@ class GaLoreOptions:
       raise TypeError(f"adaptive_gap must be None or an AdaptiveGap, got {self.adaptive_gap!r}")
     if not refresh_lib.is_orthonormal(refresh_lib.resolve(self.refresh)):
       # C = Q_newᵀ Q_old and the overlap of two bases mean something only for orthonormal columns.
-      if self.on_refresh == "project":
-        raise ValueError(f"on_refresh='project' needs orthonormal bases, but refresh={self.refresh!r} draws random "
+      if self.on_refresh in ("project", "project_first"):
+        raise ValueError(f"on_refresh={self.on_refresh!r} needs orthonormal bases, but refresh={self.refresh!r} draws random "
                          "projections: use on_refresh='keep' (as APOLLO) or 'reset'")
       if self.adaptive_gap is not None:
         raise ValueError(f"adaptive_gap measures how far an orthonormal basis moved, but refresh={self.refresh!r} "
                          "draws random projections: use a fixed update_proj_gap")
+    if isinstance(self.basis_group_size, jax.Array):
+      # optax.inject_hyperparams makes every number an array; only int4 bases read this one (statically)
+      if str(self.basis_dtype) == "int4":
+        raise TypeError(f"basis_group_size must be a static int; {_INJECT_HINT[:-1]}, 'basis_group_size')")
+    elif not _is_positive_int(self.basis_group_size) or self.basis_group_size % 2:
+      raise ValueError(f"basis_group_size must be a positive even int, got {self.basis_group_size!r}")
     try:
       jnp.dtype(self.basis_dtype)
     except TypeError:

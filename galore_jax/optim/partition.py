@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from galore_jax.optim.basis import Basis
+from galore_jax.optim.basis import Basis, QuantizedBasis
 from galore_jax.optim.plan import path_str
 
 
@@ -89,6 +89,8 @@ def state_specs(abstract_state, abstract_params, param_specs_tree, fsdp_size: in
     return P() if spec is None else _divisible(tuple(spec), x.shape, fsdp_size)
 
   def _basis_spec(q, found, side):
+    if isinstance(q, QuantizedBasis):  # 4-bit codes: d·r/2 bytes, replicated like a small state
+      return QuantizedBasis(P(), P(), P())
     if found is None:
       return P()
     param_shape, spec = found

@@ -1,7 +1,7 @@
 """How a basis is recomputed: exact SVD, a randomized range finder, or a random projection (APOLLO).
 
 A refresh is a callable ``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis`` (optionally
-accepting the keywords ``key`` and ``warm``); :func:`galore_jax.galore` takes one as ``refresh=`` or
+accepting the keywords ``key``, ``warm`` and ``step``); :func:`galore_jax.galore` takes one as ``refresh=`` or
 by name (:data:`REFRESH_METHODS`). A two-stage refresh also has ``sketch`` (the part that reads the
 gradient) and ``finish`` (small factorisations, batched across matrices), as :class:`RandomizedRefresh`.
 """
@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from galore_jax.optim import linalg
 from galore_jax.optim.basis import Basis, Sides, align_signs, sides_of
@@ -322,6 +323,87 @@ class RandomProjection:
                    for q, k in zip(previous, keys)))
 
 
+def random_orthonormal(key, shape: tuple[int, ...]) -> jax.Array:
+  r"""Haar-distributed orthonormal columns ``Q [..., d, r]``: QR of a Gaussian, with the signs of ``R``'s diagonal fixed.
+
+  ``Z = Q R`` with ``Z`` i.i.d. :math:`\mathcal N(0, 1)`; multiplying each column of ``Q`` by
+  :math:`\mathrm{sign}(R_{jj})` makes the factorisation unique, and then ``Q`` is uniform on the Stiefel
+  manifold (Mezzadri 2007): without the fix LAPACK's sign convention biases it. GoLore's reference draws the
+  polar factor :math:`Z (Z^\top Z)^{-1/2}` instead, which has the same (Haar) distribution; QR is cheaper and
+  needs no inverse square root of a possibly ill-conditioned ``ZᵀZ``. ``key`` is one key or keys with the
+  batch shape ``shape[:-2]``.
+  """
+  z = linalg.gaussian(key, shape)
+  q, r = jnp.linalg.qr(z, mode="reduced")
+  sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+  return q * sign[..., None, :]
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoLoreRefresh:
+  r"""GoLore's refresh: GaLore's exact SVD before ``switch_step``, a random orthonormal basis from it on.
+
+  .. math::
+    Q_t = \begin{cases} \mathrm{topr\text{-}SVD}(G_t) & t < t_s \\
+                         \mathrm{Haar}(d, r) \ (\text{independent of } G_t) & t \ge t_s \end{cases}
+
+  at each refresh step ``t`` (completed steps, as the reference's ``state["step"] >= rand_epoch``). The
+  SVD's subspace follows the gradient's dominant directions, which near a stationary point are mostly
+  noise, so GaLore need not converge; a random subspace is an unbiased estimate of the whole gradient
+  (:math:`\mathbb E[QQ^\top] = \tfrac{r}{d} I`), which gives GoLore its convergence guarantee. The
+  random bases come from :func:`random_orthonormal` (the output side of a two-sided basis folds 1 into
+  its key), so they are a deterministic function of ``(refresh_seed, step, matrix)``. After the switch the
+  gradient is not read.
+
+  Attributes:
+    switch_step: ``t_s``, the first step whose refresh is random (the reference's ``rand_epoch``, set
+      there as a fraction of training: ``--rand_ratio 0.8`` in its pre-training script). 0: random from
+      the start.
+    svd_algorithm: algorithm of the exact SVD before the switch (see :func:`svd_basis`).
+
+  Called by the transformation with ``key=`` (the per-matrix keys of ``refresh_seed``) and ``step=``
+  (the step count, traced); without ``step`` it is the exact SVD. Hashable, so it can be a static argument.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import Basis, GoLoreRefresh
+    >>> q = GoLoreRefresh(switch_step=10)(jnp.ones((6, 4)), Basis(input=jnp.zeros((6, 2)), output=None), 2,
+    ...                                   key=jax.random.key(0), step=jnp.int32(10)).input
+    >>> bool(jnp.allclose(q.T @ q, jnp.eye(2), atol=1e-5))
+    True
+
+  References:
+    He et al., *Subspace Optimization for Large Language Models with Convergence Guarantees*, ICML 2025
+    (arXiv:2410.11289); code github.com/pkumelon/Golore.
+  """
+
+  switch_step: int
+  svd_algorithm: str | None = None
+
+  def __post_init__(self):
+    if not _is_int(self.switch_step) or self.switch_step < 0:
+      raise ValueError(f"switch_step must be an int >= 0 (the first step whose refresh is random), "
+                       f"got {self.switch_step!r}")
+    linalg.svd_algorithm(self.svd_algorithm)
+
+  def random(self, previous: Basis, key) -> Basis:
+    """Haar bases shaped like ``previous`` (each side its own draw)."""
+    if key is None:
+      key = jax.random.key(0)
+    keys = (key, _fold_in(key, 1))
+    return Basis(*(None if q is None else random_orthonormal(k, q.shape) for q, k in zip(previous, keys)))
+
+  def __call__(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, step=None) -> Basis:
+    exact = lambda: svd_basis(grad, rank, sides_of(previous), self.svd_algorithm)
+    if step is None:
+      return exact()
+    return jax.lax.cond(jnp.asarray(step) >= self.switch_step, lambda: self.random(previous, key), exact)
+
+
 def is_orthonormal(refresh) -> bool:
   """Whether a refresh returns orthonormal columns (every refresh does unless it says ``orthonormal = False``)."""
   return getattr(refresh, "orthonormal", True)
@@ -335,7 +417,7 @@ REFRESH_METHODS = {
 }
 """The refreshes :func:`galore_jax.galore` accepts by name."""
 
-REFRESH_KEYWORDS = ("key", "warm")
+REFRESH_KEYWORDS = ("key", "warm", "step")
 
 
 def resolve(refresh: str | RefreshFn) -> RefreshFn:
@@ -348,7 +430,7 @@ def resolve(refresh: str | RefreshFn) -> RefreshFn:
 
 
 def accepted_keywords(fn) -> frozenset[str]:
-  """The optional keywords (``key``, ``warm``) a refresh callable accepts; plain 3-argument callables get none."""
+  """The optional keywords (``key``, ``warm``, ``step``) a refresh callable accepts; plain 3-argument callables get none."""
   try:
     params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):

@@ -17,7 +17,16 @@ import optax
 from galore_jax.optim import executors, moments
 from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim import schedule as schedule_lib
-from galore_jax.optim.basis import identity_basis, project, subspace_overlap
+from galore_jax.optim.basis import (
+  identity_basis,
+  is_quantized,
+  keep_codes_unless_refreshed,
+  load_basis,
+  project,
+  quantization_problem,
+  store_basis,
+  subspace_overlap,
+)
 from galore_jax.optim.executors import Fresh, Refresher, RefreshOps
 from galore_jax.optim.options import GaLoreOptions, takes_galore_options
 from galore_jax.optim.plan import TreePlan, plan_leaves, warn_if_nothing_targeted
@@ -142,7 +151,8 @@ def refresh_due(state: GaLoreState, plan: TreePlan, matrices: list, bases: list,
     moment_ids = [s for s, slot in slots.items() if slot.leaf in job.members]
     ops = RefreshOps({i: matrices[i] for i in job.members}, {i: bases[i] for i in job.members},
                      {s: inner_leaves[s] for s in moment_ids}, key, count > 0,
-                     None if schedule is None else {i: schedule[plans[i].path] for i in job.members})
+                     None if schedule is None else {i: schedule[plans[i].path] for i in job.members},
+                     count if "step" in r.keywords else None)
     branch = functools.partial(_refresh_branch, job=job, count=count, slots=slots, options=options, r=r)
     out = jax.lax.cond(job.predicate, branch, _unchanged, ops)
     for i in job.members:
@@ -158,6 +168,17 @@ def _rule_states(rule: UpdateRule, plan: TreePlan) -> dict | None:
   """``{path: rule.init(plan)}``, kept only for a stateful rule: ``init`` also checks that the rule can handle the leaf."""
   states = {p.path: rule.init(p) for p in plan.leaves if p}
   return states if rule.stateful else None
+
+
+def _check_quantizable(plan: TreePlan, group_size: int) -> None:
+  """``basis_dtype="int4"``: every basis splits into groups of ``group_size`` (a ValueError names the leaf)."""
+  for p in plan.leaves:
+    if not p:
+      continue
+    for d, side in ((p.m, p.sides.input), (p.n, p.sides.output)):
+      problem = quantization_problem(d, p.rank, group_size) if side else None
+      if problem:
+        raise ValueError(f"basis_dtype='int4' at {p.path!r}: {problem}")
 
 
 def _updates_back(rule: UpdateRule, plan: TreePlan, grads, matrices, bases, low, low_updates, rule_state, count, scale):
@@ -214,7 +235,7 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
       :math:`\alpha Q\,\mathrm{inner}(R)`.
     **options: the fields of :class:`~galore_jax.GaLoreOptions`: ``rank`` (128),
       ``update_proj_gap`` (200), ``scale`` (0.25), ``proj_type`` ("std"),
-      ``target``, ``dimension_numbers``, ``on_refresh`` ("keep"), ``basis_dtype``,
+      ``target``, ``dimension_numbers``, ``on_refresh`` ("keep"), ``basis_dtype``, ``basis_group_size``,
       ``refresh`` ("svd"), ``refresh_seed``, ``stagger``, ``batch_refresh``,
       ``adaptive_gap``. Invalid values raise at construction.
 
@@ -238,7 +259,10 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
   options = GaLoreOptions(**options)
   refresh = refresh_lib.resolve(options.refresh)
   r_static = lambda plan: Refresher(refresh, refresh_lib.accepted_keywords(refresh), plan.leaves)
-  basis_dtype = jnp.dtype(options.basis_dtype)
+  quantized = is_quantized(options.basis_dtype)
+  # int4 bases are stored as QuantizedBasis and computed with in fp32
+  basis_dtype = jnp.dtype(jnp.float32 if quantized else options.basis_dtype)
+  group_size = options.basis_group_size
   inner = optax.with_extra_args_support(inner if inner is not None else optax.scale_by_adam())
   rule = update_rule if update_rule is not None else ProjectBack()
   adaptive = options.adaptive_gap
@@ -253,6 +277,9 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
     warn_if_nothing_targeted(plan, params, options.target)
     leaves = plan.treedef.flatten_up_to(params)
     bases = {p.path: identity_basis(p.matrix_shape, p.rank, p.sides, basis_dtype) for p in plan.leaves if p}
+    if quantized:
+      _check_quantizable(plan, group_size)
+      bases = {path: store_basis(b, group_size) for path, b in bases.items()}
     low = [jnp.zeros(p.low_rank_shape, jnp.result_type(x.dtype, basis_dtype)) if p else x
            for p, x in zip(plan.leaves, leaves)]
     schedule = None if adaptive is None else {
@@ -265,11 +292,18 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
     plan = plan_tree(updates, options)
     grads = plan.treedef.flatten_up_to(updates)
     matrices = [p.to_matrix(g) if p else g for p, g in zip(plan.leaves, grads)]
-    bases = [state.bases[p.path] if p else None for p in plan.leaves]
+    stored = [state.bases[p.path] if p else None for p in plan.leaves]
+    loaded = [load_basis(b) if p else None for p, b in zip(plan.leaves, stored)]
     inner_leaves, inner_def = moments.flatten_inner(state.inner_state)
     slots = {} if options.on_refresh == "keep" else moments.moment_slots(state.inner_state, plan.keypaths, plan.leaves)
-    bases, inner_leaves, schedule = refresh_due(state, plan, matrices, bases, inner_leaves, slots, options,
+    bases, inner_leaves, schedule = refresh_due(state, plan, matrices, loaded, inner_leaves, slots, options,
                                                 r_static(plan))
+    if quantized:  # store the refreshed bases as codes and compute with what the codes hold, as the reference
+      stored = [keep_codes_unless_refreshed(b, old, s, group_size) if p else None
+                for p, b, old, s in zip(plan.leaves, bases, loaded, stored)]
+      bases = [load_basis(s) if p else None for p, s in zip(plan.leaves, stored)]
+    else:
+      stored = bases
     low = [project(g, b) if p else g for p, g, b in zip(plan.leaves, matrices, bases)]
     low_updates, inner_state = inner.update(plan.treedef.unflatten(low), inner_def.unflatten(inner_leaves), None,
                                             **extra_args)
@@ -277,7 +311,7 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
                                     state.rule_state, state.count, options.scale)
     return plan.treedef.unflatten(out), GaLoreState(
         count=optax.safe_increment(state.count),
-        bases={p.path: b for p, b in zip(plan.leaves, bases) if p},
+        bases={p.path: b for p, b in zip(plan.leaves, stored) if p},
         inner_state=inner_state,
         schedule=schedule,
         rule_state=rule_state,

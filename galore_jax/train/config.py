@@ -3,8 +3,9 @@
 The ``optimizer`` section's GaLore keys are the fields of :class:`~galore_jax.GaLoreOptions`
 (:data:`GALORE_KEYS`): a new GaLore option reaches the config, ``--config.optimizer.*`` and
 :func:`build_optimizer` without touching this file. Fira reads them all (``scale`` is its α); APOLLO
-takes its scale and projection from its own keys (``apollo_scale``, ``apollo_proj``) and APOLLO-Mini
-is rank 1 (:func:`optimizer_options`).
+takes its scale and projection from its own keys (``apollo_scale``, ``apollo_proj``), APOLLO-Mini
+is rank 1, GoLore carries the first moment (``on_refresh="project_first"``) and switches at
+``golore_switch_step``, Q-GaLore has int4 bases and the adaptive gap (:func:`optimizer_options`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flax import nnx
 
 from galore_jax.models import llama
 from galore_jax.optim import AdaptiveGap, GaLoreOptions, galore_adafactor, galore_adamw, galore_adamw_8bit
-from galore_jax.optim import apollo_adamw, apollo_mini, fira_adamw, scale_by_adam_8bit
+from galore_jax.optim import apollo_adamw, apollo_mini, fira_adamw, golore_adamw, q_galore_adamw, scale_by_adam_8bit
 from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim.apollo import SCALE_TYPES
 from galore_jax.train import divergence, layerwise, sharding, steps
@@ -86,11 +87,14 @@ def validate(cfg) -> None:
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                       f"{model_cfg.max_position_embeddings}")
-  if cfg.optimizer.name in CHECKS_LEAVES:  # their update rules refuse some projections of some kernels at init
+  # Fira's and APOLLO's rules refuse some projections of some kernels at init; int4 bases need groups that fit
+  quantized = cfg.optimizer.name == "q_galore_adamw" or str(cfg.optimizer.basis_dtype) == "int4"
+  if cfg.optimizer.name in CHECKS_LEAVES or (cfg.optimizer.name in LOW_RANK and quantized):
     try:
       jax.eval_shape(build_optimizer(cfg).init, steps.params_of(abstract_model(cfg)))
     except ValueError as e:
-      raise ConfigError(f"optimizer.proj_type={cfg.optimizer.proj_type!r}: {e}") from None
+      key = "basis_group_size" if "basis_dtype='int4'" in str(e) else "proj_type"
+      raise ConfigError(f"optimizer.{key}={cfg.optimizer[key]!r}: {e}") from None
 
 
 def _validate_low_rank(o, schedule) -> None:
@@ -105,6 +109,11 @@ def _validate_low_rank(o, schedule) -> None:
       raise ConfigError(f"optimizer.apollo_proj must be one of {APOLLO_PROJECTIONS}, got {o.apollo_proj!r}")
     if o.apollo_scale is not None and not o.apollo_scale > 0:
       raise ConfigError(f"optimizer.apollo_scale must be positive, got {o.apollo_scale!r}")
+  if o.name == "golore_adamw":
+    step = o.golore_switch_step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+      raise ConfigError(f"optimizer.golore_switch_step must be an int >= 0 (None is resolved to 80% of train.steps), "
+                        f"got {step!r}")
   options = optimizer_options(o)  # the GaLore keys' own ConfigErrors
   try:
     BUILDERS[o.name](o, schedule, options)
@@ -212,6 +221,10 @@ def optimizer_options(optimizer_cfg) -> dict[str, Any]:
       options["scale"] = o.apollo_scale
     if o.name == "apollo_mini":
       options["rank"] = 1
+  if o.name == "golore_adamw":
+    options["on_refresh"] = "project_first"  # the reference's carry: first moment rotated, second kept
+  if o.name == "q_galore_adamw":
+    options.update(basis_dtype="int4", adaptive_gap=AdaptiveGap())
   return options
 
 
@@ -266,6 +279,16 @@ def _apollo_mini(o, schedule, options):
                      norm_growth_limit=_norm_growth_limit(o), **options)
 
 
+def _golore_adamw(o, schedule, options):
+  return golore_adamw(schedule, switch_step=o.golore_switch_step, b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay, moment_dtype=_dtype_or_none(o.moment_dtype), **options)
+
+
+def _q_galore_adamw(o, schedule, options):
+  return q_galore_adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        moment_dtype=_dtype_or_none(o.moment_dtype), **options)
+
+
 def _adamw(o, schedule, options):
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mu_dtype=_dtype_or_none(o.moment_dtype))
@@ -283,10 +306,13 @@ BUILDERS = {
     "fira_adamw": _fira_adamw,
     "apollo_adamw": _apollo_adamw,
     "apollo_mini": _apollo_mini,
+    "golore_adamw": _golore_adamw,
+    "q_galore_adamw": _q_galore_adamw,
     "adamw": _adamw,
     "adamw_8bit": _adamw_8bit,
 }
-LOW_RANK = frozenset({"galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw"} | APOLLO)  # GaLore options
+LOW_RANK = frozenset({"galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "golore_adamw",
+                      "q_galore_adamw"} | APOLLO)  # GaLore options
 LIMITED = frozenset({"fira_adamw"} | APOLLO)  # read optimizer.norm_growth_limit
 CHECKS_LEAVES = frozenset({"fira_adamw", "apollo_adamw"})  # per-channel factors: some projections are refused at init
 
@@ -319,6 +345,8 @@ def resolve(cfg) -> None:
   saved to ``config.json`` (so ``eval.py`` and :func:`galore_jax.train.load_model` see the same run):
 
   * the keys of :data:`OPTIONAL_STRINGS` given as ``None``/``none``/empty become None;
+  * ``optimizer.golore_switch_step`` unset for ``golore_adamw`` is 80% of ``train.steps`` (the reference
+    script's ``--rand_ratio 0.8``);
   * ``data.tokenizer`` unset with ``model.hf_checkpoint`` set is that checkpoint's directory: a fine-tune
     keeps the token ids its embedding was trained with. A checkpoint directory without tokenizer files
     (:data:`TOKENIZER_FILES`) is a :class:`ConfigError` (a BPE trained here would not match its ids).
@@ -327,6 +355,8 @@ def resolve(cfg) -> None:
     section, key = name.split(".")
     if cfg[section][key] in UNSET_SPELLINGS:
       cfg[section][key] = None
+  if cfg.optimizer.name == "golore_adamw" and cfg.optimizer.get("golore_switch_step") is None:
+    cfg.optimizer.golore_switch_step = int(0.8 * cfg.train.steps)
   checkpoint = cfg.model.hf_checkpoint
   if checkpoint is None or cfg.data.tokenizer is not None or not os.path.isdir(checkpoint):
     return  # a missing checkpoint directory is reported by validate (model_config)

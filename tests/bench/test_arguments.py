@@ -11,8 +11,8 @@ import pytest
 
 from bench import common, compile_time, memory, refresh, speed, step_time, tiny_quality
 
-SCRIPTS = ["compile_7b", "compile_time", "family_memory", "memory", "refresh", "refresh_parts", "report",
-           "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
+SCRIPTS = ["compile_7b", "compile_time", "family_memory", "memory", "quantized_bases", "refresh", "refresh_parts",
+           "report", "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
 METAVAR = re.compile(r"[A-Z][A-Z_=]*|a,b|.*[<|].*")  # N, PATH, KEY=VALUE, a,b, float32|bfloat16, ...<backend>
 
 

@@ -41,7 +41,9 @@ def make_config(**optimizer):
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = 1e-2, 0, 10
   cfg.optimizer.rank, cfg.optimizer.update_proj_gap = 4, 2
   cfg.optimizer.min_8bit_size = 256
+  cfg.optimizer.basis_group_size = 32  # int4 bases of the tiny model: d·r = 32·4
   cfg.optimizer.update(optimizer)
+  config.resolve(cfg)  # as train.py does before validate (golore_adamw's switch step)
   return cfg
 
 
@@ -113,12 +115,31 @@ def test_tokenizer_defaults_to_the_hf_checkpoints_own(tmp_path):
     ("apollo_adamw", "apollo_scale", -1.0, "optimizer.apollo_scale"),
     ("fira_adamw", "norm_growth_limit", 0.5, "optimizer.norm_growth_limit"),
     ("apollo_adamw", "on_refresh", "project", "optimizer.on_refresh='project' needs orthonormal bases"),
-    ("fira_adamw", "proj_type", "full", r"optimizer.proj_type='full': fira: leaf 'layers/0/attn/\w+/kernel'"),
+    ("fira_adamw", "proj_type", "full", r"optimizer.proj_type='full': fira: leaf 'layers/0/attn/\w+/kernel'"),    ("golore_adamw", "golore_switch_step", -1, "optimizer.golore_switch_step"),
+    ("golore_adamw", "refresh", "randomized", "optimizer.refresh='randomized': golore_adamw"),
+    ("q_galore_adamw", "basis_group_size", 3, "optimizer.basis_group_size must be a positive even int"),
+    ("q_galore_adamw", "basis_group_size", 1 << 20, r"optimizer.basis_group_size=1048576: basis_dtype='int4' at "
+     r"'layers/0/\w+/\w+/kernel'"),
 ])
 def test_bad_family_values_are_refused(name, key, value, needle):
   cfg = make_config(name=name, **{key: value})
   with pytest.raises(config.ConfigError, match=needle):
     config.validate(cfg)
+
+
+def test_golore_and_q_galore_options():
+  """GoLore carries the first moment and switches at 80% of train.steps unless told; Q-GaLore has int4 bases and
+  the adaptive gap whatever basis_dtype / adaptive_gap say."""
+  golore = make_config(name="golore_adamw")
+  config.resolve(golore)
+  assert golore.optimizer.golore_switch_step == int(0.8 * golore.train.steps)
+  assert config.optimizer_options(golore.optimizer)["on_refresh"] == "project_first"
+  config.validate(golore)
+  assert config.reports_overlap(golore)
+  q = make_config(name="q_galore_adamw", basis_group_size=16)
+  options = config.optimizer_options(q.optimizer)
+  assert options["basis_dtype"] == "int4" and options["adaptive_gap"] is not None
+  config.validate(q)
 
 
 def test_apollo_options_come_from_its_own_keys():

@@ -1,6 +1,8 @@
 """Layerwise updates equal the whole-tree step: with gradient accumulation, global-norm clipping and refreshes,
 with unrolled layers (a Python loop) and stacked ones (a reverse scan updating each layer's slice in place)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs.base import base
-from galore_jax import apollo_adamw, fira_adamw, galore_adamw, galore_adamw_8bit
+from galore_jax import apollo_adamw, fira_adamw, galore_adamw, galore_adamw_8bit, golore_adamw, q_galore_adamw
 from galore_jax.train import config, layerwise, steps
 from galore_jax.models import llama
 
@@ -123,7 +125,9 @@ def test_layerwise_equals_whole_tree_with_accumulation_and_clipping(grad_clip, s
   np.testing.assert_allclose(metrics[2]["subspace_overlap"], ref_metrics[2]["subspace_overlap"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [fira_adamw, apollo_adamw])
+@pytest.mark.parametrize("make", [fira_adamw, apollo_adamw, functools.partial(golore_adamw, switch_step=2),
+                                  functools.partial(q_galore_adamw, basis_group_size=16)],
+                         ids=["fira", "apollo", "golore", "q_galore"])
 def test_layerwise_fira_and_apollo_equal_their_whole_tree_step(make):
   """Their limiter norms and random projections live in each layer's own state, as the bases do."""
   tx = layerwise.by_layer(make(1e-2, rank=4, update_proj_gap=2, weight_decay=0.01), 0.0)

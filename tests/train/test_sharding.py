@@ -26,6 +26,8 @@ def make_config(name):
   cfg = base()
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = LR, 0, 10
   cfg.optimizer.name, cfg.optimizer.rank, cfg.optimizer.update_proj_gap = name, 4, 2  # refreshes on steps 0, 2
+  cfg.optimizer.golore_switch_step = 2  # golore_adamw: an SVD refresh, then random ones
+  cfg.optimizer.basis_group_size = 16  # q_galore_adamw: int4 groups that fit the tiny bases
   return cfg
 
 
@@ -190,17 +192,21 @@ def test_sharded_steps_equal_the_single_device_steps(name, data, fsdp, axis_type
   chex.assert_trees_all_close(actual[1], expected[1], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fira_adamw", "apollo_mini"])
+@pytest.mark.parametrize("name", ["fira_adamw", "apollo_mini", "golore_adamw", "q_galore_adamw"])
 def test_family_sharded_steps_equal_the_single_device_steps(name):
-  """Fira and APOLLO-Mini (rank-1 random projections) on the Explicit 1x8 mesh: the single-device steps; their
-  limiter norms (one number per matrix) are replicated."""
+  """Fira, APOLLO-Mini (rank-1 random projections), GoLore (random bases from step 2) and Q-GaLore (int4 bases)
+  on the Explicit 1x8 mesh: the single-device steps; limiter norms (one number per matrix) and int4 codes are
+  replicated."""
   expected, expected_metrics = reference(name)
   layout = layout_for(name, 1, 8, "explicit")
   actual, metrics, live = run(name, 3, layout)
   assert_placed(live[0], layout.params)
   assert_placed(live[1], layout.opt_state)
   rule_specs = jax.tree.leaves(sharding.spec_tree(layout.opt_state)[0].rule_state, is_leaf=lambda x: isinstance(x, P))
-  assert rule_specs and all(spec == P() for spec in rule_specs)
+  assert all(spec == P() for spec in rule_specs) and bool(rule_specs) == (name in ("fira_adamw", "apollo_mini"))
+  if name == "q_galore_adamw":  # int4 codes, scales and zero points: replicated
+    bases = jax.tree.leaves(sharding.spec_tree(layout.opt_state)[0].bases, is_leaf=lambda x: isinstance(x, P))
+    assert bases and all(spec == P() for spec in bases)
   for m, e in zip(metrics, expected_metrics):
     np.testing.assert_allclose(m["loss"], e["loss"], rtol=1e-5)
   chex.assert_trees_all_close(actual[0], expected[0], rtol=1e-4, atol=2e-5)

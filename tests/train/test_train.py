@@ -48,6 +48,9 @@ def finish(tmp_path_factory, corpus, *extra):
 
 
 APOLLO = ("--config.optimizer.name=apollo_adamw",)  # random projections re-drawn from step keys, limiter norms
+# exact SVD until step 15, then Haar bases drawn from step keys; first moment carried at each refresh
+GOLORE = ("--config.optimizer.name=golore_adamw", "--config.optimizer.golore_switch_step=15")
+Q_GALORE = ("--config.optimizer.name=q_galore_adamw",)  # int4 codes + scales, adaptive gap schedule
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,16 @@ def finished_run(tmp_path_factory, corpus):
 @pytest.fixture(scope="module")
 def finished_apollo_run(tmp_path_factory, corpus):
   return finish(tmp_path_factory, corpus, *APOLLO)
+
+
+@pytest.fixture(scope="module")
+def finished_golore_run(tmp_path_factory, corpus):
+  return finish(tmp_path_factory, corpus, *GOLORE)
+
+
+@pytest.fixture(scope="module")
+def finished_q_galore_run(tmp_path_factory, corpus):
+  return finish(tmp_path_factory, corpus, *Q_GALORE)
 
 
 def test_loss_goes_down_and_metrics_are_complete(finished_run):
@@ -74,7 +87,8 @@ def test_loss_goes_down_and_metrics_are_complete(finished_run):
   assert os.listdir(os.path.join(finished_run, "tensorboard"))
 
 
-@pytest.mark.parametrize("reference_run,extra", [("finished_run", ()), ("finished_apollo_run", APOLLO)])
+@pytest.mark.parametrize("reference_run,extra", [("finished_run", ()), ("finished_apollo_run", APOLLO),
+                                               ("finished_golore_run", GOLORE), ("finished_q_galore_run", Q_GALORE)])
 def test_resume_after_sigkill_reproduces_the_loss_series(tmp_path, corpus, request, reference_run, extra):
   finished_run = request.getfixturevalue(reference_run)
   workdir = str(tmp_path / "killed")
