@@ -224,6 +224,22 @@ def family_memory_section() -> list[str]:
   return lines
 
 
+def quantized_bases_section() -> list[str]:
+  lines = []
+  for path, r in load("quantized_bases-*.json"):
+    lines += [f"**Q-GaLore's INT4 bases** ({r['preset']} kernel shapes, group size {r['group_size']}, {r['seeds']} seeds, "
+              f"gradient: {r['gradient']}): bytes per basis and relative error against fp32 bases", "",
+              "| kernel | shape | rank | fp32 / bf16 / int4 bytes | projection error bf16 / int4 | "
+              "first AdamW update error bf16 / int4 |", "|---|---|---|---|---|---|"]
+    for x in r["results"]:
+      lines.append(f"| {x['kernel']} | {'×'.join(map(str, x['shape']))} | {x['rank']} | {x['basis_bytes_float32']} / "
+                   f"{x['basis_bytes_bfloat16']} / {x['basis_bytes_int4']} | "
+                   f"{x['rel_error_projection_bfloat16_mean']:.2%} / {x['rel_error_projection_int4_mean']:.2%} | "
+                   f"{x['rel_error_adamw_bfloat16_mean']:.1%} / {x['rel_error_adamw_int4_mean']:.1%} |")
+    lines += ["", provenance(path, r), ""]
+  return lines
+
+
 def train_section() -> list[str]:
   lines = []
   for path, r in load("train-*.json"):
@@ -243,7 +259,7 @@ def train_section() -> list[str]:
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + quality_section() + memory_section() + xla_peak_section()
-          + family_memory_section() + step_time_section())
+          + family_memory_section() + quantized_bases_section() + step_time_section())
 
 
 def render(page: str, body: list[str]) -> str:
