@@ -1,4 +1,4 @@
-"""Quality on configs/tiny.py: final eval loss of GaLore variants against exact-SVD fp32-state GaLore.
+"""Quality on configs/tiny.py: final eval loss of GaLore variants and the low-rank family against GaLore (exact SVD).
 
   python -m bench.tiny_quality [--seeds 0] [--variants svd randomized 8bit] [--workdir /tmp/tiny_quality]
                                [--set KEY=VALUE ...] [--collect_only] [--out PATH]
@@ -28,6 +28,18 @@ VARIANTS = {
     "8bit": ["--config.optimizer.name=galore_adamw_8bit"],
     "layerwise": ["--config.train.layerwise=True"],
 }
+# The low-rank family beside AdamW, each at its paper's learning rate (GaLore, Fira, APOLLO, APOLLO-Mini, GoLore,
+# Q-GaLore: 0.01 as the config; AdamW: the GaLore paper's 1e-3 for its small models) and at one other.
+METHODS = {"adamw": ["--config.optimizer.name=adamw", "--config.train.lr=0.001"],
+           "fira": ["--config.optimizer.name=fira_adamw"],
+           "apollo": ["--config.optimizer.name=apollo_adamw"],
+           "apollo_mini": ["--config.optimizer.name=apollo_mini"],
+           "golore": ["--config.optimizer.name=golore_adamw"],
+           "q_galore": ["--config.optimizer.name=q_galore_adamw"]}
+OTHER_LR = {"adamw": 0.003, "svd": 0.003, "fira": 0.003, "apollo": 0.003, "apollo_mini": 0.003, "golore": 0.003,
+            "q_galore": 0.003}
+VARIANTS |= METHODS
+VARIANTS |= {f"{name}_lr{lr:g}": VARIANTS[name] + [f"--config.train.lr={lr:g}"] for name, lr in OTHER_LR.items()}
 CONFIG = "configs/tiny.py"
 
 
