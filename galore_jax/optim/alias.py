@@ -8,6 +8,8 @@ Each takes the :class:`~galore_jax.GaLoreOptions` fields as keyword arguments be
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 from typing import Any, NamedTuple
 
@@ -29,6 +31,27 @@ from galore_jax.optim.transform import galore
 
 def _is_zero(x) -> bool:
   return isinstance(x, numbers.Number) and x == 0
+
+
+def _forwards_to(base, **defaults):
+  """Decorate ``fn(learning_rate, *, own..., **kwargs)`` that passes ``kwargs`` on to ``base``: its signature
+  lists its own parameters, then ``base``'s keyword-only ones with ``defaults`` changed (for IDEs and
+  :func:`optax.inject_hyperparams`), and calls get those defaults."""
+
+  def decorate(fn):
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    inherited = [p.replace(default=defaults.get(p.name, p.default)) for p in inspect.signature(base).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in signature.parameters]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      return fn(*args, **{**defaults, **kwargs})
+
+    wrapper.__signature__ = signature.replace(parameters=own + inherited)
+    return wrapper
+
+  return decorate
 
 
 @takes_galore_options
@@ -336,20 +359,8 @@ def apollo_adamw(
   return _then_step_size(transform, learning_rate, b1, b2, weight_decay, weight_decay_mask)
 
 
-@takes_galore_options(rank=1, scale=128.0, refresh="random")
-def apollo_mini(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    moment_dtype: jax.typing.DTypeLike | None = None,
-    scale_front: bool = False,
-    norm_growth_limit: float | None = 1.01,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+@_forwards_to(apollo_adamw, rank=1, scale=128.0, scale_type="tensor")
+def apollo_mini(learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformationExtraArgs:
   r"""APOLLO-Mini: :func:`apollo_adamw` with rank 1, one scaling factor per matrix and ``scale`` 128.
 
   The optimizer state of a projected ``m×n`` matrix is its rank-1 projection vector and two moments of
@@ -358,10 +369,9 @@ def apollo_mini(
   ``update_proj_gap`` 200, lr 0.01 (the APOLLO paper's 1B run also reports lr 0.02).
 
   Args:
-    learning_rate, b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype, scale_front, norm_growth_limit:
-      as in :func:`apollo_adamw`.
-    **options: the :class:`~galore_jax.GaLoreOptions` fields with defaults ``rank=1``, ``scale=128.0``,
-      ``refresh="random"``. APOLLO-Mini is rank 1 by definition: another ``rank`` raises (use
+    learning_rate: a float or an optax schedule.
+    **kwargs: :func:`apollo_adamw`'s, with defaults ``rank=1``, ``scale=128.0`` and ``scale_type="tensor"``.
+      APOLLO-Mini is rank 1 and tensor-wise by definition: another ``rank`` or ``scale_type`` raises (use
       ``apollo_adamw(scale_type="tensor", rank=r)``).
 
   Example:
@@ -373,27 +383,20 @@ def apollo_mini(
     >>> state[0].inner_state.mu['attn']['kernel'].shape  # rank-1 moments
     (8, 1)
   """
-  if options["rank"] != 1:
-    raise ValueError(f"rank={options['rank']!r}: APOLLO-Mini is rank 1; for a tensor-wise APOLLO of another rank use "
-                     "apollo_adamw(scale_type='tensor', rank=...)")
-  return apollo_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, scale_type="tensor",
-                      scale_front=scale_front, norm_growth_limit=norm_growth_limit, **options)
+  for name, value in (("rank", 1), ("scale_type", "tensor")):
+    if kwargs[name] != value:
+      raise ValueError(f"{name}={kwargs[name]!r}: APOLLO-Mini is rank 1 and tensor-wise; for a tensor-wise APOLLO "
+                       "of another rank use apollo_adamw(scale_type='tensor', rank=...)")
+  return apollo_adamw(learning_rate, **kwargs)
 
 
-@takes_galore_options(on_refresh="project_first")
+@_forwards_to(galore_adamw, on_refresh="project_first")
 def golore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     switch_step: int,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    moment_dtype: jax.typing.DTypeLike | None = None,
     svd_algorithm: str | None = None,
-    **options,
+    **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GoLore's ``golore_adamw``: :func:`galore_adamw` whose refreshes turn random at ``switch_step``.
 
@@ -407,10 +410,10 @@ def golore_adamw(
     learning_rate: a float or an optax schedule.
     switch_step: the first step (completed steps) whose refresh is random; the reference sets it to a
       fraction of training (``--rand_ratio 0.8`` in its pre-training script). Must be an int ``>= 0``.
-    b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
     svd_algorithm: algorithm of the SVD before the switch (see :func:`galore_jax.svd_basis`).
-    **options: the :class:`~galore_jax.GaLoreOptions` fields but ``refresh`` (GoLore's own), with
-      ``on_refresh="project_first"`` by default. ``refresh_seed`` seeds the random bases.
+    **kwargs: :func:`galore_adamw`'s (Adam's constants, weight decay, the :class:`~galore_jax.GaLoreOptions`
+      fields) but ``refresh`` (GoLore's own), with ``on_refresh="project_first"`` by default.
+      ``refresh_seed`` seeds the random bases.
 
   Example:
     >>> import jax.numpy as jnp
@@ -425,26 +428,14 @@ def golore_adamw(
     He et al., *Subspace Optimization for Large Language Models with Convergence Guarantees*, ICML 2025
     (arXiv:2410.11289); code github.com/pkumelon/Golore.
   """
-  if options.get("refresh", "svd") != "svd":
-    raise ValueError(f"refresh={options['refresh']!r}: golore_adamw refreshes by GoLoreRefresh(switch_step) "
-                     "(exact SVD, then random); use galore(refresh=...) for another refresh")
-  options["refresh"] = GoLoreRefresh(switch_step, svd_algorithm)
-  return galore_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, **options)
+  if kwargs.pop("refresh", "svd") != "svd":
+    raise ValueError("golore_adamw refreshes by GoLoreRefresh(switch_step) (exact SVD, then random): pass no "
+                     "refresh, or use galore(refresh=...) for another one")
+  return galore_adamw(learning_rate, refresh=GoLoreRefresh(switch_step, svd_algorithm), **kwargs)
 
 
-@takes_galore_options(basis_dtype="int4", adaptive_gap=AdaptiveGap())
-def q_galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    moment_dtype: jax.typing.DTypeLike | None = None,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+@_forwards_to(galore_adamw, basis_dtype="int4", adaptive_gap=AdaptiveGap())
+def q_galore_adamw(learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformationExtraArgs:
   r"""Q-GaLore's projections on :func:`galore_adamw`: INT4 bases and the adaptive refresh gap, on by default.
 
   Each basis is stored as 4-bit codes with an fp32 scale and zero point per ``basis_group_size`` (256)
@@ -456,9 +447,10 @@ def q_galore_adamw(
   ``adaptive_gap=AdaptiveGap()``).
 
   Args:
-    learning_rate, b1, b2, eps, weight_decay, weight_decay_mask, moment_dtype: as in :func:`galore_adamw`.
-    **options: the :class:`~galore_jax.GaLoreOptions` fields, with defaults ``basis_dtype="int4"`` and
-      ``adaptive_gap=AdaptiveGap()``; ``basis_group_size`` must divide each basis's ``d·r``.
+    learning_rate: a float or an optax schedule.
+    **kwargs: :func:`galore_adamw`'s (Adam's constants, weight decay, the :class:`~galore_jax.GaLoreOptions`
+      fields), with defaults ``basis_dtype="int4"`` and ``adaptive_gap=AdaptiveGap()``;
+      ``basis_group_size`` must divide each basis's ``d·r``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -473,5 +465,4 @@ def q_galore_adamw(
     Zhang et al., *Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients*
     (arXiv:2407.08296); code github.com/VITA-Group/Q-GaLore.
   """
-  return galore_adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                      weight_decay_mask=weight_decay_mask, moment_dtype=moment_dtype, **options)
+  return galore_adamw(learning_rate, **kwargs)
