@@ -1,4 +1,4 @@
-"""Optimizer step time, side by side in one process: optax.adamw, optax.contrib.galore, galore_jax.galore_adamw.
+"""Optimizer step time, side by side in one process: optax.adamw, optax.contrib.galore, galore_jax's optimizers.
 
   python -m bench.step_time [--preset llama_350m] [--layers N] [--dtype float32|bfloat16] [--repeats 20]
                             [--refresh_repeats 3] [--only NAME ...] [--out PATH]
@@ -58,7 +58,7 @@ import optax
 from flax import nnx
 
 from bench import common
-from galore_jax import galore_adamw
+from galore_jax import apollo_adamw, apollo_mini, fira_adamw, galore_adamw, golore_adamw, q_galore_adamw
 from galore_jax.models import llama
 from galore_jax.train import steps
 
@@ -93,6 +93,12 @@ def optimizers(settings: dict) -> dict[str, optax.GradientTransformation]:
       # configs/llama*.py's precision, the reference's pure-bf16 run: bases and moments stored in bf16
       "galore_jax.galore_adamw bf16 states": galore_adamw(lr, **galore, basis_dtype=jnp.bfloat16,
                                                           moment_dtype=jnp.bfloat16),
+      # the low-rank family at the same rank and gap, each with its own defaults otherwise (fp32 states)
+      "galore_jax.fira_adamw": fira_adamw(lr, **galore),
+      "galore_jax.apollo_adamw": apollo_adamw(lr, rank=galore["rank"], update_proj_gap=galore["update_proj_gap"]),
+      "galore_jax.apollo_mini": apollo_mini(lr, update_proj_gap=galore["update_proj_gap"]),
+      "galore_jax.golore_adamw": golore_adamw(lr, **galore, switch_step=0),
+      "galore_jax.q_galore_adamw": q_galore_adamw(lr, **galore, adaptive_gap=None),  # int4 bases; T fixed to time it
   }
 
 
