@@ -19,7 +19,7 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.installed-train
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 --doctest-modules galore_jax/optim tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --doctest-modules galore_jax/optim tests
 
 train: $(VENV)/.installed-train
 	$(PY) train.py --config configs/tiny.py
