@@ -9,8 +9,8 @@
    (`jnp.linalg.svd`), each jitted one matrix at a time; per matrix: the energy captured by the Gram basis over that
    of the SVD basis, their subspace overlap (mean squared cosine of the principal angles) and the largest entry of
    the difference of their projectors, and the condition `σ_r / σ_1`; per kernel shape: seconds per matrix (median
-   over every matrix of that shape and --repeats passes, after one warm-up call) of both, and of the Gram method
-   batched over all matrices of the shape (one stacked call, divided by their count).
+   over every matrix of that shape and --repeats passes, after one warm-up call, the two methods' calls alternating)
+   of both, and of the Gram method batched over all matrices of the shape (one stacked call, divided by their count).
 2. with --shapes_preset (e.g. llama_1b): the same two timings on each distinct kernel shape of that preset at its
    paper rank, on one synthetic gradient per shape (bench/refresh.py's power-law spectrum, alpha 1), --shapes_repeats
    calls each; energy ratio and overlap on it.
@@ -67,20 +67,31 @@ def compare(g, rank: int, sides) -> dict:
           "sigma_r_over_sigma_1": float(s[rank - 1] / s[0])}
 
 
-def per_matrix_seconds(fn, mats: list, repeats: int) -> float:
-  """Median seconds of ``fn`` on one matrix, over every matrix in ``mats`` and ``repeats`` passes (one warm-up)."""
-  compiled = jax.jit(fn).lower(mats[0]).compile()
-  jax.block_until_ready(compiled(mats[0]))
-  return statistics.median(common.seconds(compiled, m)[1] for _ in range(repeats) for m in mats)
+def compiled(fn, example):
+  """``fn`` compiled for ``example``'s shape and called once (so that no timed call holds a compile)."""
+  run = jax.jit(fn).lower(example).compile()
+  jax.block_until_ready(run(example))
+  return run
 
 
 def time_shape(mats: list, rank: int, sides, repeats: int, batched: bool = True) -> dict:
-  """Per-matrix seconds of the Gram method (alone and batched over ``mats``) and of the direct SVD."""
-  out = {"gram_s": per_matrix_seconds(lambda g: gram_basis(g, rank, sides), mats, repeats)}
+  """Per-matrix seconds (medians) of the Gram method, alone and batched over ``mats``, and of the direct SVD.
+
+  The two methods' calls alternate, matrix by matrix, so that a change of the machine's load between them
+  (a shared CPU) moves both alike; the speedup is the ratio of the medians.
+  """
+  gram = compiled(lambda g: gram_basis(g, rank, sides), mats[0])
+  svd = compiled(lambda g: svd_basis(g, rank, sides), mats[0])
+  samples = {"gram_s": [], "svd_s": []}
+  for _ in range(repeats):
+    for m in mats:
+      samples["gram_s"].append(common.seconds(gram, m)[1])
+      samples["svd_s"].append(common.seconds(svd, m)[1])
+  out = {k: statistics.median(v) for k, v in samples.items()}
   if batched and len(mats) > 1:
     stacked = jnp.stack(mats)
-    out["gram_batched_s"] = per_matrix_seconds(lambda g: gram_basis(g, rank, sides), [stacked], repeats) / len(mats)
-  out["svd_s"] = per_matrix_seconds(lambda g: svd_basis(g, rank, sides), mats, repeats)
+    both = compiled(lambda g: gram_basis(g, rank, sides), stacked)
+    out["gram_batched_s"] = statistics.median(common.seconds(both, stacked)[1] for _ in range(repeats)) / len(mats)
   out["speedup"] = out["svd_s"] / out["gram_s"]
   return out
 
@@ -174,13 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
   record = {**common.provenance(__spec__.name, argv), "preset": args.preset, "rank": args.rank,
-            "real_gradients": None, "shapes": None}
+            "load_average_at_start": os.getloadavg()[0], "real_gradients": None, "shapes": None}
   write = lambda: common.write_json(args.out, {**record, "summary": summary(record)})
   record["real_gradients"] = real_phase(args)
   write()
   if args.shapes_preset:
     record["shapes"] = shapes_phase(args)
     write()
+  record["load_average_at_end"] = os.getloadavg()[0]  # a shared CPU: how busy it was around the timings
   record["summary"] = summary(record)
   write()
   print(json.dumps(record["summary"]))

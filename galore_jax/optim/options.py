@@ -59,7 +59,11 @@ class GaLoreOptions:
       and requantized.
     basis_dtype: storage dtype of the bases (the SVD itself is always fp32);
       ``jnp.bfloat16`` reproduces the reference's pure-bf16 runs.
-    refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
+    refresh: how bases are recomputed: ``"svd"`` (the reference's exact top-``r``
+      subspace, computed as the eigenvectors of the gradient's short-side Gram
+      matrix: :class:`~galore_jax.ExactRefresh`, :func:`~galore_jax.gram_basis`),
+      ``"svd_direct"`` (the same subspace by a direct SVD, as the reference;
+      resolves singular values below ``sqrt(eps)·σ₁`` that the Gram matrix cannot),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10
