@@ -53,7 +53,8 @@ BATCH_BUDGET_BYTES = 256 << 20
 class GramSketch(NamedTuple):
   """The part of an exact Gram refresh that reads the gradient (:func:`gram_sketch`), batched over leading axes.
 
-  ``A`` is ``G / max|G|`` oriented short side first: ``G`` when ``m <= n``, ``Gᵀ`` otherwise (``[..., s, l]``).
+  ``A`` is ``G / max|G|`` oriented short side first (``[..., s, l]``): ``G`` when ``m < n``, ``Gᵀ`` when
+  ``m > n``; a square ``G`` is transposed when only its output side is wanted.
   """
 
   gram: jax.Array  # [..., s, s]: A Aᵀ at Precision.HIGHEST
@@ -63,7 +64,8 @@ class GramSketch(NamedTuple):
 def _short_side_first(shape: tuple[int, ...], sides: Sides) -> tuple[bool, bool, bool]:
   """``(transpose, short side wanted, long side wanted)`` for a gradient of ``shape [..., m, n]``."""
   m, n = shape[-2:]
-  transpose = m > n  # a square matrix is taken as it is: its input side is the "short" one
+  # a square matrix with only its output side wanted is transposed too, so that no long side is needed
+  transpose = m > n or (m == n and sides.output and not sides.input)
   return transpose, (sides.output if transpose else sides.input), (sides.input if transpose else sides.output)
 
 
@@ -112,13 +114,12 @@ def finish_gram(sketch: GramSketch, rank: int, sides: Sides, transposed: bool,
 
 
 def _is_transposed(sketch: GramSketch, previous: Basis) -> bool:
-  """Whether a sketch's short side is the output one (``m > n``), read off the shapes of the sketch and basis."""
+  """Whether a sketch's short side is the output one (``m > n``, or a square matrix's output side alone), read off
+  the shapes of the sketch and the basis."""
   s = sketch.gram.shape[-1]
-  if previous.input is not None:
-    return previous.input.shape[-2] != s  # m is the short side unless m > n
-  # output side only: n == s is either m > n (the output side is short and no long side is kept) or a square
-  # matrix (the input side counts as short, the output one is its long side, kept)
-  return previous.output.shape[-2] == s and sketch.scaled is None
+  if previous.input is not None:  # m is the short side unless m > n (a square matrix is not transposed)
+    return previous.input.shape[-2] != s
+  return previous.output.shape[-2] == s  # output side only: transposed when n is the short side (or n = m)
 
 
 def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | None = None) -> Basis:

@@ -186,6 +186,9 @@ def test_gram_sketch_keeps_the_gradient_only_for_a_long_side():
   assert gram_sketch(g, Sides(False, True)).scaled.shape == (6, 9)
   assert gram_sketch(g.T, Sides(False, True)).scaled is None  # tall: the output side is the short one
   assert gram_sketch(g.T, Sides(True, True)).scaled.shape == (6, 9)
+  square = jnp.ones((7, 7))  # only the output side: its own Gram matrix, no long side to carry
+  assert gram_sketch(square, Sides(False, True)).scaled is None
+  assert gram_sketch(square, Sides(True, True)).scaled.shape == (7, 7)
 
 
 def test_methods_and_names():
