@@ -1,6 +1,6 @@
 """The exact refresh by the Gram matrix's eigenvectors (refresh="svd") against a direct SVD (refresh="svd_direct").
 
-  python -m bench.exact_refresh [--preset llama_60m] [--steps 20] [--rank R] [--repeats 3]
+  python -m bench.exact_refresh [--preset llama_60m] [--steps 20] [--later 10] [--rank R] [--repeats 3]
                                 [--shapes_preset P] [--shapes_repeats 2] [--out PATH]
 
 1. real gradients: a byte-level (vocab 256) --preset model trained --steps steps with optax.adamw on the embedded
@@ -8,9 +8,11 @@
    rank from the preset's paper config unless --rank) is refreshed by `gram_basis` and by `svd_basis`
    (`jnp.linalg.svd`), each jitted one matrix at a time; per matrix: the energy captured by the Gram basis over that
    of the SVD basis, their subspace overlap (mean squared cosine of the principal angles) and the largest entry of
-   the difference of their projectors, and the condition `σ_r / σ_1`; per kernel shape: seconds per matrix (median
-   over every matrix of that shape and --repeats passes, after one warm-up call, the two methods' calls alternating)
-   of both, and of the Gram method batched over all matrices of the shape (one stacked call, divided by their count).
+   the difference of their projectors, and the condition `σ_r / σ_1`; with --later K, the two bases' energy ratio
+   on the gradient K AdamW steps later (a basis serves a whole gap: does the Gram basis's tail matter?); per kernel
+   shape: seconds per matrix (median over every matrix of that shape and --repeats passes, after one warm-up call,
+   the two methods' calls alternating) of both, and of the Gram method batched over all matrices of the shape (one
+   stacked call, divided by their count).
 2. with --shapes_preset (e.g. llama_1b): the same two timings on each distinct kernel shape of that preset at its
    paper rank, on one synthetic gradient per shape (bench/refresh.py's power-law spectrum, alpha 1), --shapes_repeats
    calls each; energy ratio and overlap on it.
@@ -25,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +43,9 @@ from galore_jax.train import data, steps
 SEQ_LEN, BATCH = 128, 16
 
 
-def real_gradients(preset: str, n_steps: int, max_bytes: int) -> tuple[list, float]:
-  """The gradient leaves of the byte-level ``preset`` after ``n_steps`` AdamW steps, and the last loss."""
+def real_gradients(preset: str, n_steps: int, max_bytes: int, later: int = 0) -> tuple[Any, Any, float]:
+  """The gradients of the byte-level ``preset`` after ``n_steps`` AdamW steps, those ``later`` steps after them
+  (None when ``later`` is 0), and the last loss."""
   from bench import refresh  # its corpus, model and gradient (one definition of the byte-level setup)
 
   train_rows, _ = refresh.byte_rows(max_bytes)
@@ -52,19 +56,27 @@ def real_gradients(preset: str, n_steps: int, max_bytes: int) -> tuple[list, flo
   for _ in range(n_steps):
     params, opt_state, metrics = train(params, opt_state, next(batches))
     loss = float(metrics["loss"])
-  grads = refresh.gradient_fn(graphdef)(params, next(batches))
-  return grads, loss
+  gradient = refresh.gradient_fn(graphdef)
+  grads = gradient(params, next(batches))
+  for _ in range(later):
+    params, opt_state, metrics = train(params, opt_state, next(batches))
+  return grads, gradient(params, next(batches)) if later else None, loss
 
 
-def compare(g, rank: int, sides) -> dict:
-  """Energy ratio, overlap, projector difference and ``σ_r / σ_1`` of the Gram basis against the SVD's."""
+def compare(g, rank: int, sides, g_later=None) -> dict:
+  """Energy ratio, overlap, projector difference and ``σ_r / σ_1`` of the Gram basis against the SVD's; with
+  ``g_later``, the energy ratio of the two bases on that later gradient (a basis serves a whole gap)."""
   gram, exact = gram_basis(g, rank, sides), svd_basis(g, rank, sides)
   s = jnp.linalg.svd(g, compute_uv=False)
   gaps = [float(jnp.max(jnp.abs(a @ a.T - b @ b.T))) for a, b in zip(gram, exact) if a is not None]
-  return {"energy_ratio": float(projection.captured_energy(g, gram) / projection.captured_energy(g, exact)),
-          "exact_energy": float(projection.captured_energy(g, exact)),
-          "overlap": float(projection.subspace_overlap(gram, exact)), "max_projector_diff": max(gaps),
-          "sigma_r_over_sigma_1": float(s[rank - 1] / s[0])}
+  out = {"energy_ratio": float(projection.captured_energy(g, gram) / projection.captured_energy(g, exact)),
+         "exact_energy": float(projection.captured_energy(g, exact)),
+         "overlap": float(projection.subspace_overlap(gram, exact)), "max_projector_diff": max(gaps),
+         "sigma_r_over_sigma_1": float(s[rank - 1] / s[0])}
+  if g_later is not None:
+    out["later_exact_energy"] = float(projection.captured_energy(g_later, exact))
+    out["later_energy_ratio"] = float(projection.captured_energy(g_later, gram)) / out["later_exact_energy"]
+  return out
 
 
 def compiled(fn, example):
@@ -98,13 +110,14 @@ def time_shape(mats: list, rank: int, sides, repeats: int, batched: bool = True)
 
 def real_phase(args) -> dict:
   start = time.perf_counter()
-  grads, loss = real_gradients(args.preset, args.steps, args.max_bytes)
+  grads, later, loss = real_gradients(args.preset, args.steps, args.max_bytes, args.later)
   _, plans, _ = plan_leaves(grads, rank=args.rank)
   rows, by_shape = [], {}
-  for p, g in zip(plans, jax.tree.leaves(grads)):
+  later_leaves = [None] * len(plans) if later is None else jax.tree.leaves(later)
+  for p, g, g_later in zip(plans, jax.tree.leaves(grads), later_leaves):
     if p is not None:
       g = jnp.asarray(g, jnp.float32)
-      rows.append({"path": p.path, "shape": [p.m, p.n], "rank": p.rank, **compare(g, p.rank, p.sides)})
+      rows.append({"path": p.path, "shape": [p.m, p.n], "rank": p.rank, **compare(g, p.rank, p.sides, g_later)})
       by_shape.setdefault((p.m, p.n, p.rank, p.sides), []).append(g)
   timing = []
   for (m, n, rank, sides), mats in by_shape.items():
@@ -121,6 +134,9 @@ def real_phase(args) -> dict:
           "min_overlap": min(r["overlap"] for r in rows),
           "max_projector_diff": max(r["max_projector_diff"] for r in rows),
           "min_sigma_r_over_sigma_1": min(r["sigma_r_over_sigma_1"] for r in rows),
+          "later_steps": args.later, **({} if not args.later else {
+              "min_later_energy_ratio": min(r["later_energy_ratio"] for r in rows),
+              "mean_later_energy_ratio": float(np.mean([r["later_energy_ratio"] for r in rows]))}),
           "wall_s": time.perf_counter() - start, "per_matrix": rows}
 
 
@@ -150,6 +166,8 @@ def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
   ap.add_argument("--preset", default="llama_60m", choices=common.PRESETS, help="byte-level model of phase 1")
   ap.add_argument("--steps", type=int, default=20, help="AdamW steps before the gradients are taken")
+  ap.add_argument("--later", type=int, default=10, help="also compare the two bases on the gradient this many "
+                  "AdamW steps later (0: not)")
   ap.add_argument("--rank", type=int, default=None, help="default: the preset's paper rank (128 for llama_60m)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--shapes_preset", default=None, choices=common.PRESETS, help="also time one synthetic matrix "
@@ -163,8 +181,8 @@ def parser() -> common.ArgumentParser:
 def parse(argv: list[str]):
   args = parser().parse_args(argv)
   args.rank = args.rank or common.rank(args.preset)
-  if args.steps < 0:
-    common.fail(f"--steps {args.steps} must be at least 0")
+  if args.steps < 0 or args.later < 0:
+    common.fail(f"--steps {args.steps} and --later {args.later} must be at least 0")
   if args.repeats < 1 or args.shapes_repeats < 1:
     common.fail(f"--repeats {args.repeats} and --shapes_repeats {args.shapes_repeats} must be at least 1")
   args.out = args.out or os.path.join(common.RESULTS, f"exact_refresh-{jax.devices()[0].platform}-{args.preset}.json")
@@ -177,6 +195,7 @@ def summary(record: dict) -> dict:
           "model_gram_s": real and real["model_refresh_s"]["gram_s"],
           "model_svd_s": real and real["model_refresh_s"]["svd_s"],
           "model_speedup": real and real["model_speedup"], "min_energy_ratio": real and real["min_energy_ratio"],
+          "min_later_energy_ratio": real and real.get("min_later_energy_ratio"),
           "min_overlap": real and real["min_overlap"],
           "shapes_preset": shapes and shapes["preset"], "shapes_model_speedup": shapes and shapes["model_speedup"]}
 

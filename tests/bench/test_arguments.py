@@ -51,6 +51,7 @@ def test_default_lists_resolve_to_known_names():
   assert refresh.parse([]).fast == list(refresh.FAST)
   assert refresh.parse([]).rank == 512 and refresh.parse([]).exact_layers == 1
   assert exact_refresh.parse([]).rank == 128 and exact_refresh.parse([]).shapes_preset is None
+  assert exact_refresh.parse([]).later == 10
   assert memory.parse([]).variants == list(memory.VARIANTS)
   assert compile_time.parse([]).variants == list(compile_time.VARIANTS)
   assert speed.parse([]).only == list(speed.optimizers(common.paper_settings("llama_20m")))

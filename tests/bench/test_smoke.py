@@ -111,10 +111,13 @@ def test_exact_refresh_totals_add_up(tmp_path, monkeypatch):
   import jax
   import jax.numpy as jnp
 
-  def stand_in(preset, n_steps, max_bytes):
-    keys = jax.random.split(jax.random.key(0), 3)
-    return {"attn": {"a": jax.random.normal(keys[0], (8, 12)), "b": jax.random.normal(keys[1], (8, 12))},
-            "mlp": {"c": jax.random.normal(keys[2], (12, 8))}, "norm": jnp.ones(8)}, 1.0
+  def stand_in(preset, n_steps, max_bytes, later):
+    def grads(seed):
+      keys = jax.random.split(jax.random.key(seed), 3)
+      return {"attn": {"a": jax.random.normal(keys[0], (8, 12)), "b": jax.random.normal(keys[1], (8, 12))},
+              "mlp": {"c": jax.random.normal(keys[2], (12, 8))}, "norm": jnp.ones(8)}
+
+    return grads(0), grads(1) if later else None, 1.0
 
   monkeypatch.setattr(exact_refresh, "real_gradients", stand_in)
   out = tmp_path / "exact.json"
@@ -127,6 +130,7 @@ def test_exact_refresh_totals_add_up(tmp_path, monkeypatch):
   assert real["model_speedup"] == pytest.approx(real["model_refresh_s"]["svd_s"] / real["model_refresh_s"]["gram_s"])
   assert 0.9999 <= real["min_energy_ratio"] <= 1 + 1e-5 and real["max_projector_diff"] < 1e-4
   assert record["summary"]["model_speedup"] == real["model_speedup"] and record["shapes"] is None
+  assert real["min_later_energy_ratio"] == min(r["later_energy_ratio"] for r in real["per_matrix"]) > 0.5
 
 
 def test_refresh_parts_model_totals_add_up(tmp_path):
