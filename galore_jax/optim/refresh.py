@@ -140,7 +140,9 @@ def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | N
   subspace stays accurate to about ``eps·σ₁² / (σ_r² - σ_{r+1}²)`` when ``σ_r`` is above that floor and
   separated from ``σ_{r+1}``; where it is not, the directions mixed up carry at most ``~eps·σ₁²`` of energy
   each. :func:`svd_basis` resolves singular values down to ``~eps·σ₁``; use it (``refresh="svd_direct"``) where
-  that matters. A zero or rank-deficient gradient gives orthonormal columns, never NaN.
+  that matters: real gradients early in training have ``σ_r/σ₁`` of 1e-8..1e-4 at the paper ranks, and there
+  the SVD's last columns capture more of the *later* gradients of the gap (bench/exact_refresh.py ``--later``).
+  A zero or rank-deficient gradient gives orthonormal columns, never NaN.
 
   Signs: each column of a one-sided basis, and the short side of a two-sided one, has its largest-magnitude
   entry positive; the long side of a two-sided basis pairs with it (``u_iᵀ G v_i ≥ 0``). The rule is
