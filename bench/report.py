@@ -113,7 +113,11 @@ def exact_refresh_section() -> list[str]:
                 f"{real['model']} after {real['steps']} steps, rank {real['rank']}, {r['device']}: one refresh of "
                 f"all {real['matrices']} matrices {seconds(model['gram_s'], '.3f')} vs {seconds(model['svd_s'], '.3f')} "
                 f"({real['model_speedup']:.1f}×); worst energy ratio {real['min_energy_ratio']:.6f}, worst subspace "
-                f"overlap {real['min_overlap']:.4f} (smallest σ_r/σ_1 {real['min_sigma_r_over_sigma_1']:.1e})", "",
+                f"overlap {real['min_overlap']:.4f} (smallest σ_r/σ_1 {real['min_sigma_r_over_sigma_1']:.1e})"
+                + ("" if not real.get("later_steps") else
+                   f"; on the gradient {real['later_steps']} steps later the Gram basis captures "
+                   f"≥ {real['min_later_energy_ratio']:.4f} (mean {real['mean_later_energy_ratio']:.4f}) of what "
+                   "the SVD basis does"), "",
                 "| kernel shape | matrices | Gram eigh | batched, per matrix | direct SVD | speedup |",
                 "|---|---|---|---|---|---|"]
       for x in real["timing_by_shape"]:
