@@ -11,7 +11,8 @@
 #                         galore_adamw (fp32 states) + layerwise and bf16 AdamW, each in its own process: the
 #                         device's peak (memory_stats) beside the dry run's analytic figure -> memory-7b-gpu.json
 #   refresh REFRESH_S=90  the full Llama-7B refresh (224 matrices, r = 1024): randomized first, then exact
-#                         (refresh="svd") -> refresh-gpu-llama_7b.json
+#                         (refresh="svd": the Gram matrix's eigenvectors) on all 32 layers, then the direct SVD
+#                         (refresh="svd_direct") on 1 layer, scaled -> refresh-gpu-llama_7b.json
 #   train   TRAIN_S=150   python train.py --config configs/llama7b.py, 6 logged steps of 8 x 256 tokens on the
 #                         embedded corpus (nothing downloaded): tokens/s, MFU, memory peak -> train-gpu-llama7b.json
 # PARTS="memory train" picks parts. A line of progress every 30 s. Compiles are cached in bench/.jax_cache (ignored by
@@ -27,14 +28,14 @@ if [ -n "${GPU_7B_TINY:-}" ]; then  # tiny presets, so that the test suite runs 
   OUT=${OUT:-/tmp/gpu_7b_tiny}
   LIMIT_S=600  # a loaded CPU, not the device's budget
   MEMORY=(--presets llama_9m --tokens 64 --layers 1 --variants "${VARIANTS%%,*}")  # the first variant only
-  REFRESH=(--preset llama_9m --layers 1 --exact_layers 1)
+  REFRESH=(--preset llama_9m --layers 1 --exact_layers 1 --direct_layers 1)
   TRAIN=(--config configs/tiny.py --steps 2 --batch_size 2 --max_bytes 100000 --set model.num_hidden_layers=1
          --workdir "$OUT/train_workdir")
 else
   OUT=${OUT:-bench/results}
   LIMIT_S=
   MEMORY=(--presets llama_7b --tokens 256 --variants "$VARIANTS")
-  REFRESH=(--preset llama_7b --layers 32 --exact_layers 32)
+  REFRESH=(--preset llama_7b --layers 32 --exact_layers 32 --direct_layers 1)
   TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1 --workdir /tmp/gpu_7b_train)
 fi
 MEMORY+=(--real_step --out "$OUT/memory-7b-gpu")

@@ -13,7 +13,8 @@
    shapes from galore_jax.models.llama, rank from the preset's paper config, bench/common.py), measured on a
    jitted update that returns only the new state (XLA drops the projections), best of --repeats; the fast
    refreshes first (and, with --layers > 1, the default one with batch_refresh=True unless --skip_batch_refresh),
-   then the exact SVD (refresh="svd") on --exact_layers of them, scaled to the same layer count.
+   then the exact refresh (refresh="svd": the Gram matrix's eigenvectors) on --exact_layers of them, scaled to the
+   same layer count, and with --direct_layers N the direct SVD (refresh="svd_direct") on N layers, scaled.
    The gradients are synthetic: Gaussian factors with a power-law spectrum s_i = i^-alpha (alpha from --alpha),
    energy ratios are measured on them. Full-model figures are scaled per layer and flagged as extrapolated
    unless every layer was timed.
@@ -183,8 +184,9 @@ def time_refresh(grads, rank, refresh, batch_refresh=False, repeats=2):
 
 
 def timing(args, alpha: float, write) -> dict:
-  """The fast refreshes on all ``args.layers`` layers, then the exact SVD on ``args.exact_layers`` (scaled to
-  ``args.layers``); energy ratios on the exactly refreshed layers. ``write(results)`` after each refresh."""
+  """The fast refreshes on all ``args.layers`` layers, then the exact refresh on ``args.exact_layers`` and the direct
+  SVD on ``args.direct_layers`` (each scaled to ``args.layers``); energy ratios on the exactly refreshed layers.
+  ``write(results)`` after each refresh."""
   grads = kernel_grads(args.preset, args.layers, alpha)
   small = first_layers(grads, args.exact_layers)
   scale = args.layers / args.exact_layers
@@ -210,6 +212,12 @@ def timing(args, alpha: float, write) -> dict:
                                   for path, g in mats.items())
       r["exact_energy_min"] = min(e_exact.values())
   write(results)
+  if args.direct_layers:
+    direct_scale = args.layers / args.direct_layers
+    s, _ = time_refresh(first_layers(grads, args.direct_layers), args.rank, "svd_direct", repeats=args.repeats)
+    results["svd_direct"] = {"refresh_s": s * direct_scale, "measured_layers": args.direct_layers,
+                             "speedup": exact_s * scale / (s * direct_scale)}
+    write(results)
   for algorithm in args.exact_algorithms:
     s, _ = time_refresh(small, args.rank, ExactRefresh(svd_algorithm=algorithm), repeats=args.repeats)
     results[f"svd({algorithm})"] = {"refresh_s": s * scale, "measured_layers": args.exact_layers,
@@ -252,7 +260,10 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--preset", default="llama_1b", choices=common.PRESETS, help="kernel shapes to time")
   ap.add_argument("--layers", type=int, default=1, help="layers to time the fast refreshes on (llama_1b has 24, "
                   "llama_7b 32); the full-model figures scale by layers_in_model / layers")
-  ap.add_argument("--exact_layers", type=int, default=None, help="layers to time the exact SVD on (default --layers)")
+  ap.add_argument("--exact_layers", type=int, default=None, help="layers to time the exact refresh on (default "
+                  "--layers)")
+  ap.add_argument("--direct_layers", type=int, default=0, help="layers to time the direct SVD (refresh='svd_direct') "
+                  "on, after the exact refresh (0: not timed)")
   ap.add_argument("--rank", type=int, default=None, help="default: the preset's paper rank (512 for 1b, 1024 for 7b)")
   ap.add_argument("--exact_algorithms", default="", help="comma-separated svd_algorithm values to time as well "
                   "(ExactRefresh(svd_algorithm=...), e.g. jacobi, qr)")
@@ -289,6 +300,8 @@ def parse(argv: list[str]):
     common.fail(f"--layers {args.layers} is not within 1..{args.model_layers} ({args.preset})")
   if not 1 <= args.exact_layers <= args.layers:
     common.fail(f"--exact_layers {args.exact_layers} is not within 1..--layers {args.layers}")
+  if not 0 <= args.direct_layers <= args.layers:
+    common.fail(f"--direct_layers {args.direct_layers} is not within 0..--layers {args.layers}")
   if args.quality_steps < 2:
     common.fail(f"--quality_steps {args.quality_steps} must be at least 2")
   if args.repeats < 1:
@@ -318,6 +331,10 @@ def final_figures(args, timings: dict, summary_q: dict) -> dict:
   }
   if "randomized+batch_refresh" in timings:
     final[f"fast_batched_s_{args.model_layers}_layers"] = scaled(timings["randomized+batch_refresh"])
+  if "svd_direct" in timings:  # exact_s is refresh="svd" (the Gram eigensolver); this is the direct SVD's
+    final["direct_svd_s"] = timings["svd_direct"]["refresh_s"]
+    final[f"direct_svd_s_{args.model_layers}_layers"] = scaled(timings["svd_direct"])
+    final["direct_layers_timed"] = args.direct_layers
   return final
 
 

@@ -67,7 +67,10 @@ def refresh_section() -> list[str]:
     f = r["final"]
     speedup = "–" if f.get("speedup") is None else f"{f['speedup']:.1f}×"
     energy = "–" if f.get("min_energy_ratio") is None else f"{f['min_energy_ratio']:.4f}"
-    lines += [f"**Subspace refresh** ({r['device']}): exact SVD {seconds(f['exact_s'])} vs `{f['fast']}` "
+    # files with a direct SVD beside it were measured after refresh="svd" became the Gram eigensolver
+    exact = (f"exact SVD {seconds(f['exact_s'])}" if "direct_svd_s" not in f else
+             f"exact (Gram eigh) {seconds(f['exact_s'])} (direct SVD {seconds(f['direct_svd_s'])})")
+    lines += [f"**Subspace refresh** ({r['device']}): {exact} vs `{f['fast']}` "
               f"{seconds(f['fast_s'])} for {f['layers_timed']} layer(s) of {f.get('preset', 'llama_1b')} kernels "
               f"(speedup {speedup}), worst energy ratio {energy} of the exact top-r "
               "basis; per-variant numbers and real-gradient quality in the file.", "", provenance(path, r), ""]
@@ -96,6 +99,39 @@ def refresh_parts_section() -> list[str]:
                    f"{ms(sec.get('sketch (everything that reads the gradient)'))} | {finish} | "
                    f"{sec['exact svd'] * 1e3:.0f} ms | " + ", ".join(f"{k} {ms(v)}" for k, v in kernels) + " |")
     lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
+  return lines
+
+
+def exact_refresh_section() -> list[str]:
+  lines = []
+  ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
+  for path, r in load("exact_refresh-*.json"):
+    real = r.get("real_gradients")
+    if real:
+      model = real["model_refresh_s"]
+      lines += [f"**Exact refresh: Gram eigh (`refresh=\"svd\"`) vs direct SVD (`\"svd_direct\"`)**, real gradients of "
+                f"{real['model']} after {real['steps']} steps, rank {real['rank']}, {r['device']}: one refresh of "
+                f"all {real['matrices']} matrices {seconds(model['gram_s'], '.3f')} vs {seconds(model['svd_s'], '.3f')} "
+                f"({real['model_speedup']:.1f}×); worst energy ratio {real['min_energy_ratio']:.6f}, worst subspace "
+                f"overlap {real['min_overlap']:.4f} (smallest σ_r/σ_1 {real['min_sigma_r_over_sigma_1']:.1e})"
+                + ("" if not real.get("later_steps") else
+                   f"; on the gradient {real['later_steps']} steps later the Gram basis captures "
+                   f"≥ {real['min_later_energy_ratio']:.4f} (mean {real['mean_later_energy_ratio']:.4f}) of what "
+                   "the SVD basis does"), "",
+                "| kernel shape | matrices | Gram eigh | batched, per matrix | direct SVD | speedup |",
+                "|---|---|---|---|---|---|"]
+      for x in real["timing_by_shape"]:
+        lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['matrices']} | {ms(x['gram_s'])} | "
+                     f"{ms(x.get('gram_batched_s'))} | {ms(x['svd_s'])} | {x['speedup']:.1f}× |")
+      lines.append("")
+    shapes = r.get("shapes")
+    if shapes:
+      lines += [f"{shapes['preset']} kernel shapes (rank {shapes['rank']}, one synthetic matrix each): "
+                + ", ".join(f"{x['shape'][0]}×{x['shape'][1]} {ms(x['gram_s'])} vs {ms(x['svd_s'])} "
+                            f"(energy ratio {x['energy_ratio']:.6f})" for x in shapes["by_shape"])
+                + f"; a whole refresh extrapolated {seconds(shapes['model_refresh_s_extrapolated']['gram_s'])} vs "
+                  f"{seconds(shapes['model_refresh_s_extrapolated']['svd_s'])}.", ""]
+    lines += [provenance(path, r), ""]
   return lines
 
 
@@ -258,8 +294,8 @@ def train_section() -> list[str]:
 
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
-          + refresh_parts_section() + quality_section() + memory_section() + xla_peak_section()
-          + family_memory_section() + quantized_bases_section() + step_time_section())
+          + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
+          + xla_peak_section() + family_memory_section() + quantized_bases_section() + step_time_section())
 
 
 def render(page: str, body: list[str]) -> str:

@@ -66,7 +66,11 @@ class GaLoreOptions:
     basis_group_size: values per scale / zero point of ``"int4"`` bases (the
       reference's 256); it must divide each basis's ``d·r`` (checked at init,
       naming the leaf). Ignored for other dtypes.
-    refresh: how bases are recomputed: ``"svd"`` (the reference's exact SVD),
+    refresh: how bases are recomputed: ``"svd"`` (the reference's exact top-``r``
+      subspace, computed as the eigenvectors of the gradient's short-side Gram
+      matrix: :class:`~galore_jax.ExactRefresh`, :func:`~galore_jax.gram_basis`),
+      ``"svd_direct"`` (the same subspace by a direct SVD, as the reference;
+      resolves singular values below ``sqrt(eps)·σ₁`` that the Gram matrix cannot),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10

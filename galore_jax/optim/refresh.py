@@ -1,9 +1,10 @@
-"""How a basis is recomputed: exact SVD, a randomized range finder, or a random projection (APOLLO).
+"""How a basis is recomputed: exact (Gram eigensolver or SVD), a randomized range finder, or a random projection.
 
 A refresh is a callable ``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis`` (optionally
 accepting the keywords ``key``, ``warm`` and ``step``); :func:`galore_jax.galore` takes one as ``refresh=`` or
 by name (:data:`REFRESH_METHODS`). A two-stage refresh also has ``sketch`` (the part that reads the
-gradient) and ``finish`` (small factorisations, batched across matrices), as :class:`RandomizedRefresh`.
+gradient) and ``finish`` (small factorisations, batched across matrices), as :class:`RandomizedRefresh` and
+:class:`ExactRefresh`'s Gram method.
 """
 
 from __future__ import annotations
@@ -41,26 +42,210 @@ RefreshFn = Callable[[jax.Array, Basis, int], Basis]
 
 
 def exact_refresh(grad: jax.Array, previous: Basis, rank: int) -> Basis:
-  """The reference's refresh: an exact SVD of the current gradient."""
+  """The reference's refresh computed as the reference does: one direct SVD of the current gradient
+  (``refresh="svd_direct"``; ``refresh="svd"`` is :class:`ExactRefresh`, the same subspace by the Gram matrix)."""
   return svd_basis(grad, rank, sides_of(previous))
+
+
+BATCH_BUDGET_BYTES = 256 << 20
+"""Default cap on the sketches a two-stage refresh finishes in one batched call."""
+
+
+class GramSketch(NamedTuple):
+  """The part of an exact Gram refresh that reads the gradient (:func:`gram_sketch`), batched over leading axes.
+
+  ``A`` is ``G / max|G|`` oriented short side first (``[..., s, l]``): ``G`` when ``m < n``, ``Gᵀ`` when
+  ``m > n``; a square ``G`` is transposed when only its output side is wanted.
+  """
+
+  gram: jax.Array  # [..., s, s]: A Aᵀ at Precision.HIGHEST
+  scaled: jax.Array | None  # [..., s, l]: A itself, kept only when the long side's basis is wanted
+
+
+def _short_side_first(shape: tuple[int, ...], sides: Sides) -> tuple[bool, bool, bool]:
+  """``(transpose, short side wanted, long side wanted)`` for a gradient of ``shape [..., m, n]``."""
+  m, n = shape[-2:]
+  # a square matrix with only its output side wanted is transposed too, so that no long side is needed
+  transpose = m > n or (m == n and sides.output and not sides.input)
+  return transpose, (sides.output if transpose else sides.input), (sides.input if transpose else sides.output)
+
+
+def gram_sketch(grad: jax.Array, sides: Sides) -> GramSketch:
+  """The Gram matrix of the short side of ``grad / max|grad|`` (and the scaled gradient when the long side is wanted).
+
+  The scaling by the largest magnitude (1 for a zero matrix) keeps the squares of tiny (1e-30) or huge (1e30)
+  gradients inside fp32's range; the bases do not depend on it.
+  """
+  transpose, _, want_long = _short_side_first(grad.shape, sides)
+  a = grad.astype(jnp.float32)
+  if transpose:
+    a = jnp.swapaxes(a, -1, -2)
+  peak = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
+  a = a / jnp.where(peak > 0, peak, 1.0)
+  gram = exact_matmul(a, jnp.swapaxes(a, -1, -2))  # TF32 / one bf16 pass would blur every λ below ~1e-3·λ₁
+  return GramSketch(gram=gram, scaled=a if want_long else None)
+
+
+def largest_entry_positive(q: jax.Array) -> jax.Array:
+  """Flip each column of ``q [..., d, r]`` so that its entry of largest magnitude (the first such) is positive."""
+  at = jnp.argmax(jnp.abs(q), axis=-2, keepdims=True)
+  return q * jnp.where(jnp.take_along_axis(q, at, axis=-2) < 0, -1.0, 1.0).astype(q.dtype)
+
+
+def finish_gram(sketch: GramSketch, rank: int, sides: Sides, transposed: bool,
+                eigh_algorithm: str | None = None) -> Basis:
+  """The top-``rank`` bases from a :class:`GramSketch` (batched); ``transposed``: the short side is the output one.
+
+  The eigenvectors of ``A Aᵀ`` in descending order are the short side's ``U_r``; the long side is
+  ``qr(Aᵀ U_r)``, whose columns are ``Aᵀ u_i / σ_i`` in exact arithmetic, with the sign that makes
+  ``u_iᵀ A v_i = σ_i ≥ 0``. QR instead of the division keeps them orthonormal when ``σ_i`` is 0.
+  """
+  want_short, want_long = (sides.output, sides.input) if transposed else (sides.input, sides.output)
+  _, evecs = linalg.eigh(sketch.gram, eigh_algorithm)
+  short = largest_entry_positive(jnp.flip(evecs, axis=-1)[..., :, :rank])
+  long = None
+  if want_long:
+    x = exact_matmul(jnp.swapaxes(sketch.scaled, -1, -2), short)  # [..., l, r] = V_r Σ_r
+    long, r = jnp.linalg.qr(x, mode="reduced")
+    long = long * jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)[..., None, :]
+    if not want_short:  # a one-sided basis follows the one rule, whichever side it is
+      long = largest_entry_positive(long)
+  short = short if want_short else None
+  return Basis(input=long, output=short) if transposed else Basis(input=short, output=long)
+
+
+def _is_transposed(sketch: GramSketch, previous: Basis) -> bool:
+  """Whether a sketch's short side is the output one (``m > n``, or a square matrix's output side alone), read off
+  the shapes of the sketch and the basis."""
+  s = sketch.gram.shape[-1]
+  if previous.input is not None:  # m is the short side unless m > n (a square matrix is not transposed)
+    return previous.input.shape[-2] != s
+  return previous.output.shape[-2] == s  # output side only: transposed when n is the short side (or n = m)
+
+
+def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | None = None) -> Basis:
+  r"""Top-``rank`` singular subspaces of ``grad [..., m, n]`` from the eigenvectors of its short side's Gram matrix.
+
+  The same subspace as :func:`svd_basis` (the reference's rule), computed as one product and one symmetric
+  eigensolver call on the short side ``s = min(m, n)`` instead of an SVD: with ``A = G / max|G|`` oriented
+  ``[s, l]``,
+
+  .. math:: A A^\top = U \Sigma^2 U^\top, \qquad Q_{short} = U_{:, :r}, \qquad
+            Q_{long} = \operatorname{qr}(A^\top U_{:, :r}) = V_{:, :r}.
+
+  The Gram matrix is formed in fp32 at ``Precision.HIGHEST``; on a GPU the eigensolver is cuSOLVER's
+  ``syevd`` (batched over leading axes), which is much faster than its ``gesvd``.
+
+  Numerics: squaring squares the condition number. Singular values below about ``sqrt(eps)·σ₁ ≈ 3e-4·σ₁``
+  (fp32) are lost in rounding, so directions *among* them come out arbitrary (still orthonormal); the top-``r``
+  subspace stays accurate to about ``eps·σ₁² / (σ_r² - σ_{r+1}²)`` when ``σ_r`` is above that floor and
+  separated from ``σ_{r+1}``; where it is not, the directions mixed up carry at most ``~eps·σ₁²`` of energy
+  each. :func:`svd_basis` resolves singular values down to ``~eps·σ₁``; use it (``refresh="svd_direct"``) where
+  that matters: real gradients early in training have ``σ_r/σ₁`` of 1e-8..1e-4 at the paper ranks, and there
+  the SVD's last columns capture more of the *later* gradients of the gap (bench/exact_refresh.py ``--later``).
+  A zero or rank-deficient gradient gives orthonormal columns, never NaN.
+
+  Signs: each column of a one-sided basis, and the short side of a two-sided one, has its largest-magnitude
+  entry positive; the long side of a two-sided basis pairs with it (``u_iᵀ G v_i ≥ 0``). The rule is
+  deterministic but is not LAPACK's, and nothing ties it to the previous basis's signs.
+
+  Args:
+    grad: ``[..., m, n]``, any float dtype (computed in fp32); leading axes are batch axes.
+    rank: columns kept (already clipped to ``min(m, n)``).
+    sides: which bases to return.
+    eigh_algorithm: ``None`` (the backend's ``eigh``) or ``"jacobi"`` (cuSOLVER's Jacobi solver on GPU).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import Sides, gram_basis, svd_basis
+    >>> g = jax.random.normal(jax.random.key(0), (6, 9)) * jnp.arange(1.0, 10.0)
+    >>> q = gram_basis(g, 2, Sides(True, True))
+    >>> ref = svd_basis(g, 2, Sides(True, True))
+    >>> bool(jnp.allclose(q.input @ q.input.T, ref.input @ ref.input.T, atol=1e-4))
+    True
+    >>> q.output.shape
+    (9, 2)
+
+  References:
+    Golub & Van Loan, *Matrix Computations* (4th ed.), §8.6: the SVD from the symmetric eigenproblem of
+    ``AᵀA`` and why it loses the small singular values.
+  """
+  return finish_gram(gram_sketch(grad, sides), rank, sides, _short_side_first(grad.shape, sides)[0], eigh_algorithm)
+
+
+EXACT_METHODS = ("gram", "svd")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExactRefresh:
-  """Exact SVD refresh with a chosen ``jax.lax.linalg.svd`` algorithm (see :func:`svd_basis`).
+  """The reference's refresh, the exact top-``r`` singular subspace of the fp32 gradient, by one of two methods.
 
-  ``ExactRefresh()`` is :func:`exact_refresh`; ``ExactRefresh("jacobi")`` uses
-  cuSOLVER's Jacobi SVD on GPU for any size (and the default one on CPU).
+  ``method="gram"`` (``refresh="svd"``, the default): :func:`gram_basis`, the eigenvectors of the short side's
+  Gram matrix, as a two-stage refresh: :meth:`sketch` forms the Gram matrix (one matmul reading the gradient)
+  and :meth:`finish` runs the eigensolver, so a group of equal shapes is finished in one batched ``eigh``.
+  ``method="svd"`` (``refresh="svd_direct"``): :func:`svd_basis`, one direct SVD per matrix, as the reference;
+  ``svd_algorithm`` picks ``jax.lax.linalg.svd``'s algorithm (e.g. ``"jacobi"``, cuSOLVER's Jacobi SVD on GPU).
+  ``method=None`` is ``"svd"`` when ``svd_algorithm`` is given, so ``ExactRefresh("jacobi")`` keeps meaning a
+  Jacobi SVD, and ``"gram"`` otherwise.
+
+  Attributes:
+    svd_algorithm: ``None`` or one of :data:`~galore_jax.optim.linalg.SVD_ALGORITHMS` (``method="svd"``).
+    method: ``"gram"``, ``"svd"`` or ``None`` (see above).
+    eigh_algorithm: ``None`` or ``"jacobi"`` for the Gram matrix's eigensolver.
+    batch_budget_bytes: the most bytes of stacked sketches (``s×s`` Gram matrices, plus the scaled gradients
+      when a long side is wanted) finished in one batched call.
+
   Hashable, so it can be a static argument.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import Basis, ExactRefresh
+    >>> g = jax.random.normal(jax.random.key(0), (8, 5))
+    >>> ExactRefresh()(g, Basis(input=None, output=jnp.zeros((5, 2))), 2).output.shape
+    (5, 2)
+    >>> ExactRefresh("jacobi").method_used, ExactRefresh().method_used
+    ('svd', 'gram')
   """
 
   svd_algorithm: str | None = None
+  method: str | None = None
+  eigh_algorithm: str | None = None
+  batch_budget_bytes: int = BATCH_BUDGET_BYTES
 
   def __post_init__(self):
     linalg.svd_algorithm(self.svd_algorithm)  # fail at construction on an unknown name
+    linalg.check_eigh_algorithm(self.eigh_algorithm)
+    if self.method is not None and self.method not in EXACT_METHODS:
+      raise ValueError(f"method={self.method!r} is not None or one of {EXACT_METHODS}")
+    if self.method == "gram" and self.svd_algorithm is not None:
+      raise ValueError(f"svd_algorithm={self.svd_algorithm!r} needs method='svd' (the Gram method runs no SVD)")
+    if self.batch_budget_bytes < 0:
+      raise ValueError(f"batch_budget_bytes must be >= 0, got {self.batch_budget_bytes}")
+
+  @property
+  def method_used(self) -> str:
+    """``"gram"`` or ``"svd"``: :attr:`method`, or what ``None`` stands for."""
+    return self.method or ("svd" if self.svd_algorithm is not None else "gram")
+
+  @property
+  def two_stage(self) -> bool:
+    """Whether the executors may split it into :meth:`sketch` and :meth:`finish` (the Gram method only)."""
+    return self.method_used == "gram"
+
+  def sketch(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> GramSketch:
+    """The part that reads ``grad``: the scaled Gram matrix (:func:`gram_sketch`)."""
+    del rank, key, warm
+    return gram_sketch(grad, sides_of(previous))
+
+  def finish(self, sketch: GramSketch, previous: Basis, rank: int, *, warm=True) -> Basis:
+    """The bases from Gram sketches, batched over leading axes (:func:`finish_gram`)."""
+    del warm
+    return finish_gram(sketch, rank, sides_of(previous), _is_transposed(sketch, previous), self.eigh_algorithm)
 
   def __call__(self, grad: jax.Array, previous: Basis, rank: int) -> Basis:
-    return svd_basis(grad, rank, sides_of(previous), self.svd_algorithm)
+    if self.method_used == "svd":
+      return svd_basis(grad, rank, sides_of(previous), self.svd_algorithm)
+    return gram_basis(grad, rank, sides_of(previous), self.eigh_algorithm)
 
 
 class Sketch(NamedTuple):
@@ -208,10 +393,6 @@ def randomized_svd_basis(
   sketch = randomized_sketch(grad, rank, sides, key=key, oversampling=oversampling, iterations=iterations,
                              previous=previous, warm=warm, stabilizer=stabilizer)
   return finish_sketch(sketch, rank, sides, svd_algorithm, eigh_algorithm)
-
-
-BATCH_BUDGET_BYTES = 256 << 20
-"""Default cap on the sketches a two-stage refresh finishes in one batched call."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +591,8 @@ def is_orthonormal(refresh) -> bool:
 
 
 REFRESH_METHODS = {
-    "svd": exact_refresh,
+    "svd": ExactRefresh(),
+    "svd_direct": ExactRefresh(method="svd"),
     "randomized": RandomizedRefresh(),
     "randomized_warm": RandomizedRefresh(iterations=0, warm_start=True),
     "random": RandomProjection(),
@@ -442,5 +624,7 @@ def accepted_keywords(fn) -> frozenset[str]:
 
 
 def is_two_stage(refresh) -> bool:
-  """A refresh with ``sketch(grad, previous, rank, *, key, warm)`` and ``finish(sketches, previous, rank, *, warm)``."""
-  return callable(getattr(refresh, "sketch", None)) and callable(getattr(refresh, "finish", None))
+  """A refresh with ``sketch(grad, previous, rank, *, key, warm)`` and ``finish(sketches, previous, rank, *, warm)``
+  that does not opt out by ``two_stage = False`` (:class:`ExactRefresh` with its direct SVD)."""
+  return (callable(getattr(refresh, "sketch", None)) and callable(getattr(refresh, "finish", None))
+          and getattr(refresh, "two_stage", True))

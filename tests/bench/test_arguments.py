@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
-from bench import common, compile_time, memory, refresh, speed, step_time, tiny_quality
+from bench import common, compile_time, exact_refresh, memory, refresh, speed, step_time, tiny_quality
 
-SCRIPTS = ["compile_7b", "compile_time", "family_memory", "memory", "quantized_bases", "refresh", "refresh_parts",
-           "report", "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
+SCRIPTS = ["compile_7b", "compile_time", "exact_refresh", "family_memory", "memory", "quantized_bases", "refresh",
+           "refresh_parts", "report", "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
 METAVAR = re.compile(r"[A-Z][A-Z_=]*|a,b|.*[<|].*")  # N, PATH, KEY=VALUE, a,b, float32|bfloat16, ...<backend>
 
 
@@ -50,6 +50,8 @@ def test_default_lists_resolve_to_known_names():
   """parse([]) validates without running anything heavy; every default name exists."""
   assert refresh.parse([]).fast == list(refresh.FAST)
   assert refresh.parse([]).rank == 512 and refresh.parse([]).exact_layers == 1
+  assert exact_refresh.parse([]).rank == 128 and exact_refresh.parse([]).shapes_preset is None
+  assert exact_refresh.parse([]).later == 10
   assert memory.parse([]).variants == list(memory.VARIANTS)
   assert compile_time.parse([]).variants == list(compile_time.VARIANTS)
   assert speed.parse([]).only == list(speed.optimizers(common.paper_settings("llama_20m")))
@@ -73,6 +75,8 @@ def test_no_benchmark_name_holds_the_list_separator():
     (step_time, ["--only", "adam"], "error: unknown optimizer 'adam'; choose from "),
     (refresh, ["--preset", "llama_2b"], "error: argument --preset: invalid choice: 'llama_2b'"),
     (refresh, ["--layers", "25"], "error: --layers 25 is not within 1..24 (llama_1b)"),
+    (exact_refresh, ["--repeats", "0"], "error: --repeats 0 and --shapes_repeats 2 must be at least 1"),
+    (exact_refresh, ["--shapes_preset", "llama_2b"], "error: argument --shapes_preset: invalid choice: 'llama_2b'"),
     (speed, ["--tokens", "100"], "error: --tokens 100 is not a positive multiple of --seq_len 256"),
 ])
 def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
@@ -109,7 +113,8 @@ def test_gpu_7b_default_commands_parse():
       assert args.variants == ["galore_adamw_8bit + layerwise", "galore_adamw (fp32 states) + layerwise",
                                "adamw (bf16 states)"]
     elif module == "bench.refresh":
-      assert (args.preset, args.layers, args.exact_layers, args.rank) == ("llama_7b", 32, 32, 1024)
+      assert (args.preset, args.layers, args.exact_layers, args.direct_layers, args.rank) == ("llama_7b", 32, 32, 1,
+                                                                                               1024)
       assert args.fast == ["randomized"] and args.skip_quality and args.skip_train and args.skip_batch_refresh
     else:
       assert args.config == "configs/llama7b.py" and args.batch_size * 256 == 2048

@@ -12,7 +12,18 @@ import sys
 
 import pytest
 
-from bench import common, compile_time, family_memory, memory, refresh, refresh_parts, report, sharding_bytes, tiny_quality
+from bench import (
+    common,
+    compile_time,
+    exact_refresh,
+    family_memory,
+    memory,
+    refresh,
+    refresh_parts,
+    report,
+    sharding_bytes,
+    tiny_quality,
+)
 
 
 def test_compile_time_ratios_are_against_adamw(tmp_path):
@@ -94,6 +105,34 @@ def test_refresh_writes_each_phase_before_the_next_and_scales_to_the_model(tmp_p
       training["randomized"]["eval_loss"] / training["svd"]["eval_loss"] - 1)
 
 
+def test_exact_refresh_totals_add_up(tmp_path, monkeypatch):
+  """The script on stand-in gradients (training a model to get real ones is bench/refresh.py's, smoke-tested above):
+  the per-shape timings sum to the model's, the summary is the record's, the file is what main returns."""
+  import jax
+  import jax.numpy as jnp
+
+  def stand_in(preset, n_steps, max_bytes, later):
+    def grads(seed):
+      keys = jax.random.split(jax.random.key(seed), 3)
+      return {"attn": {"a": jax.random.normal(keys[0], (8, 12)), "b": jax.random.normal(keys[1], (8, 12))},
+              "mlp": {"c": jax.random.normal(keys[2], (12, 8))}, "norm": jnp.ones(8)}
+
+    return grads(0), grads(1) if later else None, 1.0
+
+  monkeypatch.setattr(exact_refresh, "real_gradients", stand_in)
+  out = tmp_path / "exact.json"
+  record = exact_refresh.main(["--preset", "llama_9m", "--rank", "3", "--repeats", "1", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  real = record["real_gradients"]
+  assert real["matrices"] == 3 and sorted(x["matrices"] for x in real["timing_by_shape"]) == [1, 2]
+  for key in ("gram_s", "svd_s"):
+    assert real["model_refresh_s"][key] == pytest.approx(sum(x[key] * x["matrices"] for x in real["timing_by_shape"]))
+  assert real["model_speedup"] == pytest.approx(real["model_refresh_s"]["svd_s"] / real["model_refresh_s"]["gram_s"])
+  assert 0.9999 <= real["min_energy_ratio"] <= 1 + 1e-5 and real["max_projector_diff"] < 1e-4
+  assert record["summary"]["model_speedup"] == real["model_speedup"] and record["shapes"] is None
+  assert real["min_later_energy_ratio"] == min(r["later_energy_ratio"] for r in real["per_matrix"]) > 0.5
+
+
 def test_refresh_parts_model_totals_add_up(tmp_path):
   record = refresh_parts.main(["--preset", "llama_9m", "--repeats", "1", "--out", str(tmp_path / "parts.json")])
   assert sorted((tuple(r["shape"]), r["count"]) for r in record["results"]) == [((128, 128), 16), ((128, 352), 8),
@@ -159,6 +198,7 @@ def test_gpu_7b_runs_every_part_on_tiny_shapes(tmp_path):
   assert json.load(open(tmp_path / "memory-7b-gpu-full.json"))["command"].startswith("python -m bench.memory")
   final = json.load(open(tmp_path / "refresh-gpu-llama_7b.json"))["final"]
   assert final["preset"] == "llama_9m" and final["speedup"] == pytest.approx(final["exact_s"] / final["fast_s"])
+  assert final["direct_svd_s"] > 0 and final["direct_layers_timed"] == 1  # the direct SVD beside the Gram exact one
   train = json.load(open(tmp_path / "train-gpu-llama7b.json"))
   assert train["error"] is None and [r["step"] for r in train["metrics"]] == [1, 2]
   assert train["summary"]["tokens_per_sec"] == train["metrics"][1]["tokens_per_sec"]

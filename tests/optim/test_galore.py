@@ -77,13 +77,16 @@ def test_bases_refresh_exactly_every_gap_steps():
   assert int(state.count) == 7
 
 
-def test_svd_only_inside_the_refresh_branch():
+@pytest.mark.parametrize("refresh, factorisation", [("svd", "eigh"), ("svd_direct", "svd")])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_svd_only_inside_the_refresh_branch(refresh, factorisation, proj_type):
   params = {"attn": {"kernel": jnp.zeros((2, 6, 8))}, "mlp": {"kernel": jnp.zeros((8, 6))}}
-  tx = galore_adamw(1e-3, rank=2, update_proj_gap=5)
+  tx = galore_adamw(1e-3, rank=2, update_proj_gap=5, refresh=refresh, proj_type=proj_type)
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
-  svds = [inside for name, inside in primitive_names(jaxpr) if name == "svd"]
-  assert svds and all(svds), "every SVD must sit inside the lax.cond refresh branch"
+  found = [(name, inside) for name, inside in primitive_names(jaxpr) if name in ("svd", "eigh", "qr", "geqrf")]
+  assert any(name == factorisation for name, _ in found)
+  assert all(inside for _, inside in found), f"every factorisation must sit inside the lax.cond refresh branch: {found}"
 
 
 def test_non_refresh_steps_run_no_refresh_work():

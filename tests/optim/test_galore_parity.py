@@ -5,6 +5,12 @@ until the second refresh; from then on SVD sign conventions (torch vs jax LAPACK
 may differ and, with moments kept, legitimately change the trajectory — so after each refresh we
 check instead that both updates lie in the subspace the reference's rule computes from that step's
 gradient.
+
+Both exact refreshes are compared with the same tolerances: ``refresh="svd"`` (the default: eigenvectors of the
+Gram matrix) and ``refresh="svd_direct"`` (a direct SVD, as the reference). Between refreshes an update does not
+depend on the signs of the basis's columns (a flipped coordinate flips its first moment and keeps its second), and
+the Gram basis spans the reference's subspace to ~1e-6 here (the spectrum halves at every index, so σ_r² is far
+above fp32 rounding of σ₁² and well separated from σ_{r+1}²): the 1e-3 tolerances hold for both.
 """
 
 import warnings
@@ -40,18 +46,20 @@ def torch_updates(problem, proj_type, weight_decay=0.0):
   return torch_deltas(make, problem, group, snapshot=lambda opt, w: opt.state[w]["projector"].ortho_matrix)
 
 
-def jax_updates(problem, proj_type, weight_decay=0.0):
-  tx = galore_adamw(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, proj_type=proj_type, weight_decay=weight_decay)
+def jax_updates(problem, proj_type, weight_decay=0.0, refresh="svd"):
+  tx = galore_adamw(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, proj_type=proj_type, weight_decay=weight_decay,
+                    refresh=refresh)
   return optax_deltas(tx, problem)
 
 
+@pytest.mark.parametrize("refresh", ["svd", "svd_direct"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
-def test_updates_match_reference_until_second_refresh(proj_type, shape_name):
+def test_updates_match_reference_until_second_refresh(proj_type, shape_name, refresh):
   shape = SHAPES[shape_name]
   problem = setup_problem(shape, steps=3 * GAP)
   ref, ref_bases = torch_updates(problem, proj_type)
-  ours = jax_updates(problem, proj_type)
+  ours = jax_updates(problem, proj_type, refresh=refresh)
   grads = problem.grads
 
   # With `full`, the step-0 projection of G onto its own singular vectors is diagonal up to rounding,
