@@ -428,9 +428,10 @@ def golore_adamw(
     He et al., *Subspace Optimization for Large Language Models with Convergence Guarantees*, ICML 2025
     (arXiv:2410.11289); code github.com/pkumelon/Golore.
   """
-  if kwargs.pop("refresh", "svd") != "svd":
-    raise ValueError("golore_adamw refreshes by GoLoreRefresh(switch_step) (exact SVD, then random): pass no "
-                     "refresh, or use galore(refresh=...) for another one")
+  refresh = kwargs.pop("refresh", "svd")
+  if refresh != "svd":
+    raise ValueError(f"refresh={refresh!r}: golore_adamw refreshes by GoLoreRefresh(switch_step) (exact SVD, then "
+                     "random); use galore(refresh=...) for another refresh")
   return galore_adamw(learning_rate, refresh=GoLoreRefresh(switch_step, svd_algorithm), **kwargs)
 
 
