@@ -215,64 +215,72 @@ def compile_section() -> list[str]:
   return lines
 
 
+def table(columns: list[str], rows: list[list[str]]) -> list[str]:
+  """A markdown table, then the lines that end every result: a blank one."""
+  return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+          + ["| " + " | ".join(row) + " |" for row in rows] + [""])
+
+
+def footer(path: str, r: dict) -> list[str]:
+  return ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
+
+
+def gb(value: float | None, spec: str = ".2f") -> str:
+  return "" if value is None else f"{value:{spec}} GB"
+
+
 def compile_7b_section() -> list[str]:
   lines = []
   for path, r in load("compile-7b-*.json"):
+    rows = [[name, f"{x['trace_lower_s']:.1f} s", f"{x['compile_s']:.1f} s", f"{x['total_s']:.1f} s",
+             f"{x['ratio_to_adamw']:.2f}×", gb(x["optimizer_state_gb"]), gb(x["xla_peak_gb"])]
+            for name, x in r["results"].items()]
     lines += [f"**Compile time of the {r['preset']} train step** ({r['layers']} layers, {r['tokens_per_step']} tokens, "
-              "abstract shapes: nothing allocated)", "",
-              "| variant | trace + lower | compile | total | vs AdamW | optimizer state | XLA peak |",
-              "|---|---|---|---|---|---|---|"]
-    for name, x in r["results"].items():
-      lines.append(f"| {name} | {x['trace_lower_s']:.1f} s | {x['compile_s']:.1f} s | {x['total_s']:.1f} s | "
-                   f"{x['ratio_to_adamw']:.2f}× | {x['optimizer_state_gb']:.2f} GB | {x['xla_peak_gb']:.2f} GB |")
-    lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
+              "abstract shapes: nothing allocated)", ""]
+    lines += table(["variant", "trace + lower", "compile", "total", "vs AdamW", "optimizer state", "XLA peak"], rows)
+    lines += footer(path, r)
   return lines
 
 
 def xla_peak_section() -> list[str]:
   lines = []
   for path, r in load("xla-peak-*.json"):
+    rows = [[x["variant"], str(x["layers"]), x["dtype"], gb(x["temp_gb"]), gb(x["argument_gb"]),
+             gb(x["optimizer_state_gb"]), gb(x["live_at_peak_gb"]), gb(x.get("temp_gb_per_layer"))]
+            for x in r["results"]]
     lines += [f"**What XLA holds at the peak of the {r['preset']} step** ({r['tokens_per_step']} tokens, CPU compile)",
-              "", "| variant | layers | dtype | temporaries | arguments | optimizer state | live at peak | "
-              "temporaries per layer |", "|---|---|---|---|---|---|---|---|"]
-    for x in r["results"]:
-      per_layer = x.get("temp_gb_per_layer")
-      lines.append(f"| {x['variant']} | {x['layers']} | {x['dtype']} | {x['temp_gb']:.2f} GB | {x['argument_gb']:.2f} GB "
-                   f"| {x['optimizer_state_gb']:.2f} GB | {x['live_at_peak_gb']:.2f} GB | "
-                   f"{'' if per_layer is None else f'{per_layer:.2f} GB'} |")
-    lines += ["", provenance(path, r), ""]
+              ""]
+    lines += table(["variant", "layers", "dtype", "temporaries", "arguments", "optimizer state", "live at peak",
+                    "temporaries per layer"], rows)
+    lines += footer(path, r)
   return lines
 
 
 def family_memory_section() -> list[str]:
   lines = []
   for path, r in load("family_memory-*.json"):
-    lines += ["**Optimizer state of the low-rank family** (analytic: nothing allocated)", "",
-              "| model | variant | rank | state | low-rank moments | bases | update-rule states | full-rank states | "
-              "paper |", "|---|---|---|---|---|---|---|---|---|"]
-    for x in r["results"]:
-      paper = x.get("paper_7b_state_gb")
-      lines.append(f"| {x['preset']} | {x['variant']} | {x['rank'] or ''} | {x['optimizer_state_gb']:.2f} GB | "
-                   f"{x['moments_low_rank_gb']:.2f} GB | {x['projector_bases_gb']:.2f} GB | "
-                   f"{x['rule_states_gb']:.3f} GB | {x['full_rank_states_gb']:.2f} GB | "
-                   f"{'' if paper is None else f'{paper} GB'} |")
-    lines += ["", provenance(path, r), ""]
+    rows = [[x["preset"], x["variant"], str(x["rank"] or ""), gb(x["optimizer_state_gb"]), gb(x["moments_low_rank_gb"]),
+             gb(x["projector_bases_gb"]), gb(x["rule_states_gb"], ".3f"), gb(x["full_rank_states_gb"]),
+             gb(x.get("paper_7b_state_gb"), "")] for x in r["results"]]
+    lines += ["**Optimizer state of the low-rank family** (analytic: nothing allocated)", ""]
+    lines += table(["model", "variant", "rank", "state", "low-rank moments", "bases", "update-rule states",
+                    "full-rank states", "paper"], rows)
+    lines += footer(path, r)
   return lines
 
 
 def quantized_bases_section() -> list[str]:
   lines = []
   for path, r in load("quantized_bases-*.json"):
-    lines += [f"**Q-GaLore's INT4 bases** ({r['preset']} kernel shapes, group size {r['group_size']}, {r['seeds']} seeds, "
-              f"gradient: {r['gradient']}): bytes per basis and relative error against fp32 bases", "",
-              "| kernel | shape | rank | fp32 / bf16 / int4 bytes | projection error bf16 / int4 | "
-              "first AdamW update error bf16 / int4 |", "|---|---|---|---|---|---|"]
-    for x in r["results"]:
-      lines.append(f"| {x['kernel']} | {'×'.join(map(str, x['shape']))} | {x['rank']} | {x['basis_bytes_float32']} / "
-                   f"{x['basis_bytes_bfloat16']} / {x['basis_bytes_int4']} | "
-                   f"{x['rel_error_projection_bfloat16_mean']:.2%} / {x['rel_error_projection_int4_mean']:.2%} | "
-                   f"{x['rel_error_adamw_bfloat16_mean']:.1%} / {x['rel_error_adamw_int4_mean']:.1%} |")
-    lines += ["", provenance(path, r), ""]
+    rows = [[x["kernel"], "×".join(map(str, x["shape"])), str(x["rank"]),
+             f"{x['basis_bytes_float32']} / {x['basis_bytes_bfloat16']} / {x['basis_bytes_int4']}",
+             f"{x['rel_error_projection_bfloat16_mean']:.2%} / {x['rel_error_projection_int4_mean']:.2%}",
+             f"{x['rel_error_adamw_bfloat16_mean']:.1%} / {x['rel_error_adamw_int4_mean']:.1%}"] for x in r["results"]]
+    lines += [f"**Q-GaLore's INT4 bases** ({r['preset']} kernel shapes, group size {r['group_size']}, {r['seeds']} "
+              f"seeds, gradient: {r['gradient']}): bytes per basis and relative error against fp32 bases", ""]
+    lines += table(["kernel", "shape", "rank", "fp32 / bf16 / int4 bytes", "projection error bf16 / int4",
+                    "first AdamW update error bf16 / int4"], rows)
+    lines += footer(path, r)
   return lines
 
 
