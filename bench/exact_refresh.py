@@ -1,4 +1,4 @@
-"""The exact refresh by the Gram matrix's eigenvectors (refresh="svd") against a direct SVD (refresh="svd_direct").
+"""The exact refresh by the Gram matrix's eigenvectors (refresh="gram") against a direct SVD (refresh="svd").
 
   python -m bench.exact_refresh [--preset llama_60m] [--steps 20] [--later 10] [--rank R] [--repeats 3]
                                 [--shapes_preset P] [--shapes_repeats 2] [--out PATH]

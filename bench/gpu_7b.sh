@@ -11,8 +11,8 @@
 #                         galore_adamw (fp32 states) + layerwise and bf16 AdamW, each in its own process: the
 #                         device's peak (memory_stats) beside the dry run's analytic figure -> memory-7b-gpu.json
 #   refresh REFRESH_S=90  the full Llama-7B refresh (224 matrices, r = 1024): randomized first, then exact
-#                         (refresh="svd": the Gram matrix's eigenvectors) on all 32 layers, then the direct SVD
-#                         (refresh="svd_direct") on 1 layer, scaled -> refresh-gpu-llama_7b.json
+#                         (refresh="gram": the Gram matrix's eigenvectors) on all 32 layers, then the direct SVD
+#                         (refresh="svd") on 1 layer, scaled -> refresh-gpu-llama_7b.json
 #   train   TRAIN_S=150   python train.py --config configs/llama7b.py, 6 logged steps of 8 x 256 tokens on the
 #                         embedded corpus (nothing downloaded): tokens/s, MFU, memory peak -> train-gpu-llama7b.json
 # PARTS="memory train" picks parts. A line of progress every 30 s. Compiles are cached in bench/.jax_cache (ignored by

@@ -13,8 +13,9 @@
    shapes from galore_jax.models.llama, rank from the preset's paper config, bench/common.py), measured on a
    jitted update that returns only the new state (XLA drops the projections), best of --repeats; the fast
    refreshes first (and, with --layers > 1, the default one with batch_refresh=True unless --skip_batch_refresh),
-   then the exact refresh (refresh="svd": the Gram matrix's eigenvectors) on --exact_layers of them, scaled to the
-   same layer count, and with --direct_layers N the direct SVD (refresh="svd_direct") on N layers, scaled.
+   then the fast exact refresh (refresh="gram": the Gram matrix's eigenvectors; its result key is "svd") on
+   --exact_layers of them, scaled to the same layer count, and with --direct_layers N the direct SVD (refresh="svd")
+   on N layers, scaled.
    The gradients are synthetic: Gaussian factors with a power-law spectrum s_i = i^-alpha (alpha from --alpha),
    energy ratios are measured on them. Full-model figures are scaled per layer and flagged as extrapolated
    unless every layer was timed.
@@ -56,6 +57,7 @@ FAST = {  # all: oversampling 10; names hold no comma (the --fast separator)
     "randomized(finish unbatched)": RandomizedRefresh(batch_budget_bytes=0),
     "randomized(jacobi eigh)": RandomizedRefresh(eigh_algorithm="jacobi"),
 }
+EXACT = "gram"  # the exact refresh timed on --exact_layers (the direct SVD on --direct_layers)
 TRAIN_REFRESHES = {"svd": "svd", **FAST}  # phase 3's choices: the exact refresh (the baseline) and the fast ones
 SEQ_LEN, BATCH = 128, 16
 
@@ -201,7 +203,7 @@ def timing(args, alpha: float, write) -> dict:
     s, _ = time_refresh(grads, args.rank, FAST["randomized"], batch_refresh=True, repeats=args.repeats)
     results["randomized+batch_refresh"] = {"refresh_s": s, "measured_layers": args.layers}
     write(results)
-  exact_s, exact_bases = time_refresh(small, args.rank, "svd", repeats=args.repeats)
+  exact_s, exact_bases = time_refresh(small, args.rank, EXACT, repeats=args.repeats)
   results["svd"] = {"refresh_s": exact_s * scale, "measured_layers": args.exact_layers}
   mats = dict(zip([p.path for p in plans], jax.tree.leaves(small)))
   e_exact = {path: float(projection.captured_energy(g, exact_bases[path])) for path, g in mats.items()}
@@ -331,7 +333,7 @@ def final_figures(args, timings: dict, summary_q: dict) -> dict:
   }
   if "randomized+batch_refresh" in timings:
     final[f"fast_batched_s_{args.model_layers}_layers"] = scaled(timings["randomized+batch_refresh"])
-  if "svd_direct" in timings:  # exact_s is refresh="svd" (the Gram eigensolver); this is the direct SVD's
+  if "svd_direct" in timings:  # exact_s is refresh="gram" (the Gram eigensolver); this is the direct SVD's
     final["direct_svd_s"] = timings["svd_direct"]["refresh_s"]
     final[f"direct_svd_s_{args.model_layers}_layers"] = scaled(timings["svd_direct"])
     final["direct_layers_timed"] = args.direct_layers

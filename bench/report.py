@@ -109,7 +109,7 @@ def exact_refresh_section() -> list[str]:
     real = r.get("real_gradients")
     if real:
       model = real["model_refresh_s"]
-      lines += [f"**Exact refresh: Gram eigh (`refresh=\"svd\"`) vs direct SVD (`\"svd_direct\"`)**, real gradients of "
+      lines += [f"**Exact refresh: Gram eigh (`refresh=\"gram\"`) vs direct SVD (`\"svd\"`)**, real gradients of "
                 f"{real['model']} after {real['steps']} steps, rank {real['rank']}, {r['device']}: one refresh of "
                 f"all {real['matrices']} matrices {seconds(model['gram_s'], '.3f')} vs {seconds(model['svd_s'], '.3f')} "
                 f"({real['model_speedup']:.1f}×); worst energy ratio {real['min_energy_ratio']:.6f}, worst subspace "

@@ -24,7 +24,7 @@ def get_config():
   c.optimizer.name = "galore_adamw_8bit"
   # At 6K tokens a step, 500 steps take minutes: a refresh must take seconds. The randomized range finder does
   # (2.2 s for llama_1b on an H100; >= 0.9999 of the exact basis's energy on real gradients, refresh-cpu-llama_1b.json);
-  # the exact one (refresh="svd", the Gram eigensolver) is unmeasured on a GPU at 7B.
+  # the exact ones (refresh="svd", or "gram") are unmeasured on a GPU at 7B.
   c.optimizer.refresh = "randomized"
   c.train.layerwise = True
   c.train.grad_clip = 1.0  # the reference's 7B clipping; layerwise clips by the global norm with a second sweep

@@ -67,10 +67,11 @@ class GaLoreOptions:
       reference's 256); it must divide each basis's ``d·r`` (checked at init,
       naming the leaf). Ignored for other dtypes.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact top-``r``
-      subspace, computed as the eigenvectors of the gradient's short-side Gram
-      matrix: :class:`~galore_jax.ExactRefresh`, :func:`~galore_jax.gram_basis`),
-      ``"svd_direct"`` (the same subspace by a direct SVD, as the reference;
-      resolves singular values below ``sqrt(eps)·σ₁`` that the Gram matrix cannot),
+      subspace by a direct SVD, :class:`~galore_jax.ExactRefresh`; ``"svd_direct"``
+      is the same), ``"gram"`` (the same subspace as the eigenvectors of the
+      gradient's short-side Gram matrix, :func:`~galore_jax.gram_basis`: several
+      times faster, but singular values below ``sqrt(eps)·σ₁`` are lost; on a
+      multi-device CPU mesh its step hangs today, see docs/optimizer.md),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10

@@ -43,7 +43,7 @@ RefreshFn = Callable[[jax.Array, Basis, int], Basis]
 
 def exact_refresh(grad: jax.Array, previous: Basis, rank: int) -> Basis:
   """The reference's refresh computed as the reference does: one direct SVD of the current gradient
-  (``refresh="svd_direct"``; ``refresh="svd"`` is :class:`ExactRefresh`, the same subspace by the Gram matrix)."""
+  (``refresh="svd"``; ``refresh="gram"`` computes the same subspace by the Gram matrix, :func:`gram_basis`)."""
   return svd_basis(grad, rank, sides_of(previous))
 
 
@@ -140,7 +140,7 @@ def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | N
   (fp32) are lost in rounding, so directions *among* them come out arbitrary (still orthonormal); the top-``r``
   subspace stays accurate to about ``eps·σ₁² / (σ_r² - σ_{r+1}²)`` when ``σ_r`` is above that floor and
   separated from ``σ_{r+1}``; where it is not, the directions mixed up carry at most ``~eps·σ₁²`` of energy
-  each. :func:`svd_basis` resolves singular values down to ``~eps·σ₁``; use it (``refresh="svd_direct"``) where
+  each. :func:`svd_basis` resolves singular values down to ``~eps·σ₁``; use it (``refresh="svd"``) where
   that matters: real gradients early in training have ``σ_r/σ₁`` of 1e-8..1e-4 at the paper ranks, and there
   the SVD's last columns capture more of the *later* gradients of the gap (bench/exact_refresh.py ``--later``).
   A zero or rank-deficient gradient gives orthonormal columns, never NaN.
@@ -180,10 +180,11 @@ EXACT_METHODS = ("gram", "svd")
 class ExactRefresh:
   """The reference's refresh, the exact top-``r`` singular subspace of the fp32 gradient, by one of two methods.
 
-  ``method="gram"`` (``refresh="svd"``, the default): :func:`gram_basis`, the eigenvectors of the short side's
+  ``method="gram"`` (``refresh="gram"``; ``method=None`` without ``svd_algorithm``): :func:`gram_basis`, the eigenvectors of the short side's
   Gram matrix, as a two-stage refresh: :meth:`sketch` forms the Gram matrix (one matmul reading the gradient)
   and :meth:`finish` runs the eigensolver, so a group of equal shapes is finished in one batched ``eigh``.
-  ``method="svd"`` (``refresh="svd_direct"``): :func:`svd_basis`, one direct SVD per matrix, as the reference;
+  ``method="svd"`` (``refresh="svd"``, the default of :func:`galore_jax.galore`): :func:`svd_basis`, one direct
+  SVD per matrix, as the reference;
   ``svd_algorithm`` picks ``jax.lax.linalg.svd``'s algorithm (e.g. ``"jacobi"``, cuSOLVER's Jacobi SVD on GPU).
   ``method=None`` is ``"svd"`` when ``svd_algorithm`` is given, so ``ExactRefresh("jacobi")`` keeps meaning a
   Jacobi SVD, and ``"gram"`` otherwise.
@@ -591,8 +592,9 @@ def is_orthonormal(refresh) -> bool:
 
 
 REFRESH_METHODS = {
-    "svd": ExactRefresh(),
-    "svd_direct": ExactRefresh(method="svd"),
+    "svd": ExactRefresh(method="svd"),
+    "svd_direct": ExactRefresh(method="svd"),  # the same: a name that says which method
+    "gram": ExactRefresh(method="gram"),
     "randomized": RandomizedRefresh(),
     "randomized_warm": RandomizedRefresh(iterations=0, warm_start=True),
     "random": RandomProjection(),

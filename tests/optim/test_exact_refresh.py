@@ -1,4 +1,4 @@
-"""The exact refresh by the Gram matrix's eigenvectors (``refresh="svd"``) against ``jnp.linalg.svd``.
+"""The exact refresh by the Gram matrix's eigenvectors (``refresh="gram"``) against ``jnp.linalg.svd``.
 
 Same subspace, energy and orthonormality as the direct SVD on random, low-rank-plus-noise, tall, wide, square
 and stacked gradients; no NaN at extreme scales or on zero / rank-deficient gradients; what the squared
@@ -195,8 +195,8 @@ def test_methods_and_names():
   assert ExactRefresh().method_used == "gram" and ExactRefresh().two_stage
   assert ExactRefresh("jacobi").method_used == "svd" and not ExactRefresh("jacobi").two_stage
   assert not refresh_lib.is_two_stage(ExactRefresh(method="svd")) and refresh_lib.is_two_stage(ExactRefresh())
-  assert refresh_lib.resolve("svd") == ExactRefresh()
-  assert refresh_lib.resolve("svd_direct") == ExactRefresh(method="svd")
+  assert refresh_lib.resolve("gram") == ExactRefresh(method="gram") and ExactRefresh().method_used == "gram"
+  assert refresh_lib.resolve("svd") == refresh_lib.resolve("svd_direct") == ExactRefresh(method="svd")
   with pytest.raises(ValueError, match="method='qr'"):
     ExactRefresh(method="qr")
   with pytest.raises(ValueError, match="needs method='svd'"):
@@ -211,13 +211,13 @@ def _four_equal_kernels_and_more():
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
 def test_batched_looped_and_two_stage_executors_give_the_same_bases(proj_type):
-  """refresh="svd" through the default looped executor (two-stage: sketches in a loop, one batched eigh per
+  """refresh="gram" through the default looped executor (two-stage: sketches in a loop, one batched eigh per
   chunk), through batch_refresh (one stacked call), per matrix in a chunk of one, and as a plain callable."""
   params = _four_equal_kernels_and_more()
   plain = lambda grad, previous, rank: gram_basis(grad, rank, Sides(previous.input is not None,
                                                                     previous.output is not None))
-  variants = [galore(rank=3, update_proj_gap=2, refresh="svd", proj_type=proj_type),
-              galore(rank=3, update_proj_gap=2, refresh="svd", proj_type=proj_type, batch_refresh=True),
+  variants = [galore(rank=3, update_proj_gap=2, refresh="gram", proj_type=proj_type),
+              galore(rank=3, update_proj_gap=2, refresh="gram", proj_type=proj_type, batch_refresh=True),
               galore(rank=3, update_proj_gap=2, refresh=ExactRefresh(batch_budget_bytes=0), proj_type=proj_type),
               galore(rank=3, update_proj_gap=2, refresh=plain, proj_type=proj_type)]
   grads = jax.tree.map(lambda x: low_rank_plus_noise(jax.random.key(x.size), x.shape) if x.ndim >= 2 else

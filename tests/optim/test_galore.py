@@ -77,7 +77,7 @@ def test_bases_refresh_exactly_every_gap_steps():
   assert int(state.count) == 7
 
 
-@pytest.mark.parametrize("refresh, factorisation", [("svd", "eigh"), ("svd_direct", "svd")])
+@pytest.mark.parametrize("refresh, factorisation", [("gram", "eigh"), ("svd", "svd")])
 @pytest.mark.parametrize("proj_type", ["std", "full"])
 def test_svd_only_inside_the_refresh_branch(refresh, factorisation, proj_type):
   params = {"attn": {"kernel": jnp.zeros((2, 6, 8))}, "mlp": {"kernel": jnp.zeros((8, 6))}}
