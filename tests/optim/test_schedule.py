@@ -28,7 +28,7 @@ from galore_jax import (
     refresh_offsets,
     svd_basis,
 )
-from galore_jax.optim.refresh import accepted_keywords
+from galore_jax.optim.refresh import accepted_keywords, resolve
 
 def test_refresh_offsets_are_balanced_and_in_range():
   _, plans, _ = plan_leaves(mixed_params(), rank=3)
@@ -81,7 +81,7 @@ def test_batched_refresh_gives_the_same_bases_as_per_leaf(refresh):
             "mlp": {"up": jnp.zeros((12, 20))}}
   shapes = []
 
-  method = ExactRefresh() if refresh == "svd" else RandomizedRefresh()
+  method = resolve(refresh)
 
   def spy(grad, previous, rank, **kw):  # is given every keyword a refresh may take; passes on what method takes
     shapes.append(grad.shape)
