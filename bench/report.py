@@ -144,8 +144,8 @@ def quality_section() -> list[str]:
       rel = x.get("rel_diff_to_svd_same_seed")
       lines.append(f"| {name} | {x['eval_loss']:.4f} | {'' if rel is None else f'{rel:+.2%}'} |")
     spread = r.get("svd_seed_spread")
-    lines += ["", "" if spread is None else f"Seed-to-seed spread of the exact-SVD baseline: {spread:.2%}.", "",
-              provenance(path, r), ""]
+    lines += ["", "" if spread is None else f"Seed-to-seed spread of the exact-SVD baseline: {spread:.2%}.", ""]
+    lines += footer(path, r)
   return lines
 
 
