@@ -3,9 +3,16 @@
 Every function here works on batches (leading axes) and in fp32. The choices that differ by platform
 (cuSOLVER's Jacobi solvers on GPU, LAPACK on CPU) are made at lowering with
 ``jax.lax.platform_dependent``, so one jitted program runs everywhere.
+
+On CPU a batch of matrices reaches LAPACK one matrix at a time (:func:`per_matrix_on_cpu`): jaxlib's
+batched LAPACK kernels split the batch over XLA's intra-op thread pool and block a pool thread until
+it is done, so batched calls running at once on every pool thread (one per device of a multi-device
+CPU mesh, or concurrent calls in one program) wait for each other forever.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +22,28 @@ SVD_ALGORITHMS = ("qr", "jacobi", "polar", "divide_and_conquer")
 
 EIGH_ALGORITHMS = ("jacobi",)
 """Names accepted by ``eigh_algorithm`` besides ``None`` (the backend's default)."""
+
+
+def decompose(x: jax.Array, cpu, other=None) -> tuple:
+  """``cpu(x)`` on CPU, one matrix of ``x [..., m, n]`` at a time; ``other(x)`` (default ``cpu``), batched, elsewhere.
+
+  Both return a tuple of arrays batched like ``x``. On CPU a ``lax.map`` over the flattened batch: an
+  unbatched LAPACK call runs on its caller's thread, whereas a batched one parks a pool thread until
+  work it queued on that same pool is done (see the module docstring). Elsewhere the batch stays one
+  call (cuSOLVER's batched solvers are the point on a GPU).
+  """
+  other = other or cpu
+  batch = x.shape[:-2]
+  if math.prod(batch) <= 1 and other is cpu:
+    return cpu(x)
+
+  def one_at_a_time(a):
+    if math.prod(batch) <= 1:
+      return cpu(a)
+    outs = jax.lax.map(cpu, a.reshape(-1, *a.shape[-2:]))
+    return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
+
+  return jax.lax.platform_dependent(x, cpu=one_at_a_time, default=other)
 
 
 def svd_algorithm(name: str | None):
@@ -36,13 +65,11 @@ def svd(x: jax.Array, algorithm: str | None = None):
   code runs on CPU and GPU).
   """
   alg = svd_algorithm(algorithm)
+  plain = lambda a: tuple(jnp.linalg.svd(a, full_matrices=False))
   if alg is None:
-    return jnp.linalg.svd(x, full_matrices=False)
+    return decompose(x, plain)
   chosen = lambda a: tuple(jax.lax.linalg.svd(a, full_matrices=False, algorithm=alg))
-  if alg.name in ("JACOBI", "POLAR"):
-    plain = lambda a: tuple(jnp.linalg.svd(a, full_matrices=False))
-    return jax.lax.platform_dependent(x, cpu=plain, default=chosen)
-  return chosen(x)
+  return decompose(x, plain if alg.name in ("JACOBI", "POLAR") else chosen, chosen)
 
 
 def check_eigh_algorithm(algorithm: str | None) -> None:
@@ -54,11 +81,11 @@ def eigh(x: jax.Array, algorithm: str | None = None):
   """``eigh`` of symmetric ``x [..., k, k]``, ascending; ``"jacobi"`` = cuSOLVER's Jacobi solver on GPU, the
   default elsewhere (jax has no Jacobi eigh on CPU; chosen per platform at lowering)."""
   check_eigh_algorithm(algorithm)
-  if algorithm is None:
-    return jnp.linalg.eigh(x)
-  jacobi = lambda a: tuple(jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI))[::-1]
   plain = lambda a: tuple(jnp.linalg.eigh(a))
-  return jax.lax.platform_dependent(x, cpu=plain, default=jacobi)
+  if algorithm is None:
+    return decompose(x, plain)
+  jacobi = lambda a: tuple(jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI))[::-1]
+  return decompose(x, plain, jacobi)
 
 
 def exact_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -73,15 +100,20 @@ def exact_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
 
 
+def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Reduced QR ``q, r`` of ``x [..., d, k]``."""
+  return decompose(x, lambda a: tuple(jnp.linalg.qr(a, mode="reduced")))
+
+
 def orth(x: jax.Array) -> jax.Array:
   """Orthonormal columns spanning ``x [..., d, k]`` (reduced QR; zero columns give unit vectors, never NaN)."""
-  return jnp.linalg.qr(x, mode="reduced")[0]
+  return qr(x)[0]
 
 
 def lu_basis(x: jax.Array) -> jax.Array:
   """Well-conditioned (not orthonormal) columns spanning ``x [..., d, k]``: the permuted unit-lower factor of
   a partial-pivoting LU, as fbpca normalises between power iterations (cheaper than QR, never NaN)."""
-  lu, _, perm = jax.lax.linalg.lu(x)
+  lu, _, perm = decompose(x, lambda a: tuple(jax.lax.linalg.lu(a)))
   d, k = x.shape[-2:]
   lower = jnp.tril(lu[..., :, :k], -1) + jnp.eye(d, k, dtype=x.dtype)
   inverse = jnp.argsort(perm, axis=-1)

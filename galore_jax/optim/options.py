@@ -70,8 +70,8 @@ class GaLoreOptions:
       subspace by a direct SVD, :class:`~galore_jax.ExactRefresh`; ``"svd_direct"``
       is the same), ``"gram"`` (the same subspace as the eigenvectors of the
       gradient's short-side Gram matrix, :func:`~galore_jax.gram_basis`: several
-      times faster, but singular values below ``sqrt(eps)·σ₁`` are lost; on a
-      multi-device CPU mesh its step hangs today, see docs/optimizer.md),
+      times faster, but singular values below ``sqrt(eps)·σ₁`` are lost, see
+      docs/optimizer.md),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10

@@ -106,7 +106,7 @@ def finish_gram(sketch: GramSketch, rank: int, sides: Sides, transposed: bool,
   long = None
   if want_long:
     x = exact_matmul(jnp.swapaxes(sketch.scaled, -1, -2), short)  # [..., l, r] = V_r Σ_r
-    long, r = jnp.linalg.qr(x, mode="reduced")
+    long, r = linalg.qr(x)
     long = long * jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)[..., None, :]
     if not want_short:  # a one-sided basis follows the one rule, whichever side it is
       long = largest_entry_positive(long)
@@ -307,7 +307,7 @@ def randomized_sketch(
     q = a @ norm(at(a) @ norm(q))
   q = linalg.orth(q)
   if sides.input and sides.output:
-    q2, r2 = jnp.linalg.qr(exact_matmul(at(a), q), mode="reduced")  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
+    q2, r2 = linalg.qr(exact_matmul(at(a), q))  # Aᵀ Q = Q₂ R₂, so Qᵀ A = R₂ᵀ Q₂ᵀ
     return Sketch(range=q, small=at(r2), other=q2)
   b = exact_matmul(at(q), a)
   return Sketch(range=q, small=exact_matmul(b, at(b)), other=None)
@@ -516,7 +516,7 @@ def random_orthonormal(key, shape: tuple[int, ...]) -> jax.Array:
   batch shape ``shape[:-2]``.
   """
   z = linalg.gaussian(key, shape)
-  q, r = jnp.linalg.qr(z, mode="reduced")
+  q, r = linalg.qr(z)
   sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
   return q * sign[..., None, :]
 

@@ -23,11 +23,14 @@ BATCH, GRAD_ACCUM, LR = 16, 2, 1e-3
 
 
 def make_config(name):
+  """``name``: an optimizer name, or ``NAME+REFRESH`` for another refresh method (``galore_adamw+gram``)."""
+  name, _, refresh = name.partition("+")
   cfg = base()
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = LR, 0, 10
   cfg.optimizer.name, cfg.optimizer.rank, cfg.optimizer.update_proj_gap = name, 4, 2  # refreshes on steps 0, 2
   cfg.optimizer.golore_switch_step = 2  # golore_adamw: an SVD refresh, then random ones
   cfg.optimizer.basis_group_size = 16  # q_galore_adamw: int4 groups that fit the tiny bases
+  cfg.optimizer.refresh = refresh or cfg.optimizer.refresh
   return cfg
 
 
@@ -173,7 +176,8 @@ def test_validate_refuses_meshes_that_cannot_work(overrides, needle):
 # ----------------------------------------------------------------------------- steps
 
 
-@pytest.mark.parametrize("name", ["galore_adamw", "adamw"])
+# galore_adamw+gram: the Gram refresh's batched eigh once hung the 8-device step (tests/optim/test_linalg.py)
+@pytest.mark.parametrize("name", ["galore_adamw", "adamw", "galore_adamw+gram"])
 @pytest.mark.parametrize("data,fsdp,axis_types", [(8, 1, "auto"), (1, 8, "explicit"), (2, 4, "auto")])
 def test_sharded_steps_equal_the_single_device_steps(name, data, fsdp, axis_types):
   """Three steps (GaLore refreshes on the first and the third) match one device; shardings never change."""
