@@ -1,11 +1,12 @@
 """The exact refresh by the Gram matrix's eigenvectors (refresh="gram") against a direct SVD (refresh="svd").
 
   python -m bench.exact_refresh [--preset llama_60m] [--steps 20] [--later 10] [--rank R] [--repeats 3]
-                                [--shapes_preset P] [--shapes_repeats 2] [--out PATH]
+                                [--deflations 0] [--shapes_preset P] [--shapes_repeats 2] [--out PATH]
 
 1. real gradients: a byte-level (vocab 256) --preset model trained --steps steps with optax.adamw on the embedded
    corpus (as bench/refresh.py); at the last step every attention/MLP kernel's gradient (Flax layout, 'std' sides,
-   rank from the preset's paper config unless --rank) is refreshed by `gram_basis` and by `svd_basis`
+   rank from the preset's paper config unless --rank) is refreshed by `gram_basis` (with --deflations deflated passes)
+   and by `svd_basis`
    (`jnp.linalg.svd`), each jitted one matrix at a time; per matrix: the energy captured by the Gram basis over that
    of the SVD basis, their subspace overlap (mean squared cosine of the principal angles) and the largest entry of
    the difference of their projectors, and the condition `σ_r / σ_1`; with --later K, the two bases' energy ratio
@@ -63,10 +64,10 @@ def real_gradients(preset: str, n_steps: int, max_bytes: int, later: int = 0) ->
   return grads, gradient(params, next(batches)) if later else None, loss
 
 
-def compare(g, rank: int, sides, g_later=None) -> dict:
+def compare(g, rank: int, sides, g_later=None, deflations: int = 0) -> dict:
   """Energy ratio, overlap, projector difference and ``σ_r / σ_1`` of the Gram basis against the SVD's; with
   ``g_later``, the energy ratio of the two bases on that later gradient (a basis serves a whole gap)."""
-  gram, exact = gram_basis(g, rank, sides), svd_basis(g, rank, sides)
+  gram, exact = gram_basis(g, rank, sides, deflations=deflations), svd_basis(g, rank, sides)
   s = jnp.linalg.svd(g, compute_uv=False)
   gaps = [float(jnp.max(jnp.abs(a @ a.T - b @ b.T))) for a, b in zip(gram, exact) if a is not None]
   out = {"energy_ratio": float(projection.captured_energy(g, gram) / projection.captured_energy(g, exact)),
@@ -86,13 +87,13 @@ def compiled(fn, example):
   return run
 
 
-def time_shape(mats: list, rank: int, sides, repeats: int, batched: bool = True) -> dict:
+def time_shape(mats: list, rank: int, sides, repeats: int, batched: bool = True, deflations: int = 0) -> dict:
   """Per-matrix seconds (medians) of the Gram method, alone and batched over ``mats``, and of the direct SVD.
 
   The two methods' calls alternate, matrix by matrix, so that a change of the machine's load between them
   (a shared CPU) moves both alike; the speedup is the ratio of the medians.
   """
-  gram = compiled(lambda g: gram_basis(g, rank, sides), mats[0])
+  gram = compiled(lambda g: gram_basis(g, rank, sides, deflations=deflations), mats[0])
   svd = compiled(lambda g: svd_basis(g, rank, sides), mats[0])
   samples = {"gram_s": [], "svd_s": []}
   for _ in range(repeats):
@@ -102,7 +103,7 @@ def time_shape(mats: list, rank: int, sides, repeats: int, batched: bool = True)
   out = {k: statistics.median(v) for k, v in samples.items()}
   if batched and len(mats) > 1:
     stacked = jnp.stack(mats)
-    both = compiled(lambda g: gram_basis(g, rank, sides), stacked)
+    both = compiled(lambda g: gram_basis(g, rank, sides, deflations=deflations), stacked)
     out["gram_batched_s"] = statistics.median(common.seconds(both, stacked)[1] for _ in range(repeats)) / len(mats)
   out["speedup"] = out["svd_s"] / out["gram_s"]
   return out
@@ -117,11 +118,13 @@ def real_phase(args) -> dict:
   for p, g, g_later in zip(plans, jax.tree.leaves(grads), later_leaves):
     if p is not None:
       g = jnp.asarray(g, jnp.float32)
-      rows.append({"path": p.path, "shape": [p.m, p.n], "rank": p.rank, **compare(g, p.rank, p.sides, g_later)})
+      rows.append({"path": p.path, "shape": [p.m, p.n], "rank": p.rank,
+                   **compare(g, p.rank, p.sides, g_later, args.deflations)})
       by_shape.setdefault((p.m, p.n, p.rank, p.sides), []).append(g)
   timing = []
   for (m, n, rank, sides), mats in by_shape.items():
-    timing.append({"shape": [m, n], "rank": rank, "matrices": len(mats), **time_shape(mats, rank, sides, args.repeats)})
+    timing.append({"shape": [m, n], "rank": rank, "matrices": len(mats),
+                   **time_shape(mats, rank, sides, args.repeats, deflations=args.deflations)})
   model = {k: sum(t[k] * t["matrices"] for t in timing) for k in ("gram_s", "svd_s")}
   if all("gram_batched_s" in t for t in timing):
     model["gram_batched_s"] = sum(t["gram_batched_s"] * t["matrices"] for t in timing)
@@ -155,7 +158,8 @@ def shapes_phase(args) -> dict:
     g = refresh.synthetic(jax.random.key(i), p.m, p.n, 1.0)
     rows.append({"shape": [p.m, p.n], "rank": p.rank, "matrices_in_model": cfg.num_hidden_layers * sum(
         1 for s in common.layer_kernels(cfg).values() if s == (p.m, p.n)),
-        **time_shape([g], p.rank, p.sides, args.shapes_repeats, batched=False), **compare(g, p.rank, p.sides)})
+        **time_shape([g], p.rank, p.sides, args.shapes_repeats, batched=False, deflations=args.deflations),
+        **compare(g, p.rank, p.sides, deflations=args.deflations)})
   model = {k: sum(r[k] * r["matrices_in_model"] for r in rows) for k in ("gram_s", "svd_s")}
   return {"preset": args.shapes_preset, "rank": rank, "gradients": "synthetic: Gaussian factors, power-law spectrum "
           "i^-1 on 1024 directions + 1e-4 noise (bench/refresh.py)", "by_shape": rows,
@@ -170,6 +174,8 @@ def parser() -> common.ArgumentParser:
                   "AdamW steps later (0: not)")
   ap.add_argument("--rank", type=int, default=None, help="default: the preset's paper rank (128 for llama_60m)")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--deflations", type=int, default=0, help="deflated passes of the Gram method (refresh='gram' "
+                  "uses galore_jax.GRAM_DEFLATIONS)")
   ap.add_argument("--shapes_preset", default=None, choices=common.PRESETS, help="also time one synthetic matrix "
                   "of each kernel shape of this preset (e.g. llama_1b)")
   ap.add_argument("--shapes_repeats", type=int, default=2)
@@ -183,6 +189,8 @@ def parse(argv: list[str]):
   args.rank = args.rank or common.rank(args.preset)
   if args.steps < 0 or args.later < 0:
     common.fail(f"--steps {args.steps} and --later {args.later} must be at least 0")
+  if args.deflations < 0:
+    common.fail(f"--deflations {args.deflations} must be at least 0")
   if args.repeats < 1 or args.shapes_repeats < 1:
     common.fail(f"--repeats {args.repeats} and --shapes_repeats {args.shapes_repeats} must be at least 1")
   args.out = args.out or os.path.join(common.RESULTS, f"exact_refresh-{jax.devices()[0].platform}-{args.preset}.json")
@@ -191,7 +199,7 @@ def parse(argv: list[str]):
 
 def summary(record: dict) -> dict:
   real, shapes = record["real_gradients"], record["shapes"]
-  return {"preset": record["preset"], "rank": record["rank"],
+  return {"preset": record["preset"], "rank": record["rank"], "deflations": record.get("deflations", 0),
           "model_gram_s": real and real["model_refresh_s"]["gram_s"],
           "model_svd_s": real and real["model_refresh_s"]["svd_s"],
           "model_speedup": real and real["model_speedup"], "min_energy_ratio": real and real["min_energy_ratio"],
@@ -204,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
   record = {**common.provenance(__spec__.name, argv), "preset": args.preset, "rank": args.rank,
+            "deflations": args.deflations,
             "load_average_at_start": os.getloadavg()[0], "real_gradients": None, "shapes": None}
   write = lambda: common.write_json(args.out, {**record, "summary": summary(record)})
   record["real_gradients"] = real_phase(args)

@@ -11,7 +11,7 @@
 #                         galore_adamw (fp32 states) + layerwise and bf16 AdamW, each in its own process: the
 #                         device's peak (memory_stats) beside the dry run's analytic figure -> memory-7b-gpu.json
 #   refresh REFRESH_S=90  the full Llama-7B refresh (224 matrices, r = 1024): randomized first, then exact
-#                         (refresh="gram": the Gram matrix's eigenvectors) on all 32 layers, then the direct SVD
+#                         (refresh="gram": deflated Gram eigenvectors) on 4 layers, then the direct SVD
 #                         (refresh="svd") on 1 layer, scaled -> refresh-gpu-llama_7b.json
 #   train   TRAIN_S=150   python train.py --config configs/llama7b.py, 6 logged steps of 8 x 256 tokens on the
 #                         embedded corpus (nothing downloaded): tokens/s, MFU, memory peak -> train-gpu-llama7b.json
@@ -35,7 +35,7 @@ else
   OUT=${OUT:-bench/results}
   LIMIT_S=
   MEMORY=(--presets llama_7b --tokens 256 --variants "$VARIANTS")
-  REFRESH=(--preset llama_7b --layers 32 --exact_layers 32 --direct_layers 1)
+  REFRESH=(--preset llama_7b --layers 32 --exact_layers 4 --direct_layers 1)
   TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1 --workdir /tmp/gpu_7b_train)
 fi
 MEMORY+=(--real_step --out "$OUT/memory-7b-gpu")

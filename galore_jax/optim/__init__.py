@@ -49,12 +49,14 @@ from galore_jax.optim.plan import (
     plan_leaves,
 )
 from galore_jax.optim.refresh import (
+    GRAM_DEFLATIONS,
     ExactRefresh,
     GoLoreRefresh,
     GramSketch,
     RandomizedRefresh,
     RandomProjection,
     Sketch,
+    deflated_eigenvectors,
     exact_refresh,
     finish_gram,
     finish_sketch,
@@ -69,6 +71,7 @@ from galore_jax.optim.schedule import AdaptiveGap, refresh_offsets
 from galore_jax.optim.transform import GaLoreState, galore
 
 __all__ = [
+    "GRAM_DEFLATIONS",
     "AdaptiveGap",
     "ApolloRule",
     "Basis",
@@ -98,6 +101,7 @@ __all__ = [
     "choose_sides",
     "decay_updated_weights",
     "dequantize_basis",
+    "deflated_eigenvectors",
     "exact_refresh",
     "finish_gram",
     "finish_sketch",

@@ -68,10 +68,11 @@ class GaLoreOptions:
       naming the leaf). Ignored for other dtypes.
     refresh: how bases are recomputed: ``"svd"`` (the reference's exact top-``r``
       subspace by a direct SVD, :class:`~galore_jax.ExactRefresh`; ``"svd_direct"``
-      is the same), ``"gram"`` (the same subspace as the eigenvectors of the
-      gradient's short-side Gram matrix, :func:`~galore_jax.gram_basis`: several
-      times faster, but singular values below ``sqrt(eps)·σ₁`` are lost, see
-      docs/optimizer.md),
+      is the same), ``"gram"`` (the same subspace from the eigenvectors of the
+      gradient's short-side Gram matrix with one deflated pass,
+      :func:`~galore_jax.gram_basis`: cuSOLVER's ``syevd`` instead of its slow
+      SVD on a GPU; singular vectors of ``σ`` below ~1e-6·σ₁ may differ from
+      the SVD's, see docs/optimizer.md),
       ``"randomized"`` (:class:`~galore_jax.RandomizedRefresh`: range finder with
       10 oversampling columns and 1 LU-stabilised power iteration),
       ``"randomized_warm"`` (test matrix seeded by the previous basis plus 10

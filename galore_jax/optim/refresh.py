@@ -70,8 +70,9 @@ def _short_side_first(shape: tuple[int, ...], sides: Sides) -> tuple[bool, bool,
   return transpose, (sides.output if transpose else sides.input), (sides.input if transpose else sides.output)
 
 
-def gram_sketch(grad: jax.Array, sides: Sides) -> GramSketch:
-  """The Gram matrix of the short side of ``grad / max|grad|`` (and the scaled gradient when the long side is wanted).
+def gram_sketch(grad: jax.Array, sides: Sides, deflate: bool = False) -> GramSketch:
+  """The Gram matrix of the short side of ``grad / max|grad|`` (and the scaled gradient when the long side is wanted
+  or ``deflate``, whose second pass reads it).
 
   The scaling by the largest magnitude (1 for a zero matrix) keeps the squares of tiny (1e-30) or huge (1e30)
   gradients inside fp32's range; the bases do not depend on it.
@@ -83,7 +84,7 @@ def gram_sketch(grad: jax.Array, sides: Sides) -> GramSketch:
   peak = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
   a = a / jnp.where(peak > 0, peak, 1.0)
   gram = exact_matmul(a, jnp.swapaxes(a, -1, -2))  # TF32 / one bf16 pass would blur every λ below ~1e-3·λ₁
-  return GramSketch(gram=gram, scaled=a if want_long else None)
+  return GramSketch(gram=gram, scaled=a if want_long or deflate else None)
 
 
 def largest_entry_positive(q: jax.Array) -> jax.Array:
@@ -92,17 +93,72 @@ def largest_entry_positive(q: jax.Array) -> jax.Array:
   return q * jnp.where(jnp.take_along_axis(q, at, axis=-2) < 0, -1.0, 1.0).astype(q.dtype)
 
 
+GRAM_DEFLATIONS = 1
+"""Deflated passes of ``refresh="gram"`` (:class:`ExactRefresh`'s default): with one, the singular vectors of
+``σ`` down to ~1e-5·σ₁ match the SVD's."""
+
+TRUSTED_EIGENVALUE = 1e-4
+"""In each pass of :func:`deflated_eigenvectors`, eigenvalues at or above this fraction of the pass's largest are
+taken as they are: fp32 rounds each to about ``1e-7·λ_max``, so their directions hold to ~1e-3."""
+
+
+def _descending_eigh(gram: jax.Array, eigh_algorithm: str | None) -> tuple[jax.Array, jax.Array]:
+  evals, evecs = linalg.eigh(gram, eigh_algorithm)
+  return jnp.flip(evals, axis=-1), jnp.flip(evecs, axis=-1)
+
+
+def _project_off(kept: jax.Array, x: jax.Array) -> jax.Array:
+  return x - exact_matmul(kept, exact_matmul(jnp.swapaxes(kept, -1, -2), x))
+
+
+def deflated_eigenvectors(a: jax.Array, gram: jax.Array, rank: int, deflations: int,
+                          eigh_algorithm: str | None = None) -> jax.Array:
+  r"""The top-``rank`` left singular vectors of ``a [..., s, l]`` from ``1 + deflations`` Gram eigensolves, each
+  resolving two more decades of ``σ`` (one eigensolve: down to about ``3e-4·σ₁``).
+
+  Pass one: ``gram = A Aᵀ = U Λ Uᵀ``; the eigenvectors with ``λ ≥`` :data:`TRUSTED_EIGENVALUE` ``·λ₁`` are
+  kept. Each further pass does the same on the deflated ``A' = A - K Kᵀ A`` (``K``: every vector kept so
+  far; formed from ``A``, not by subtracting from the Gram matrix, which would keep its rounding), whose
+  largest eigenvalue is about ``1e-4`` of the previous pass's, so fp32 resolves its spectrum that much
+  further down; its eigenvectors are projected off ``K``. The last pass keeps all of its eigenvectors. The
+  ``rank`` candidates of largest ``λ`` are orthonormalised by QR.
+  """
+  keys, candidates, kept = [], [], None
+  residual = a
+  for p in range(deflations + 1):
+    evals, evecs = _descending_eigh(gram if p == 0 else exact_matmul(residual, jnp.swapaxes(residual, -1, -2)),
+                                    eigh_algorithm)
+    if kept is not None:
+      evecs = _project_off(kept, evecs)
+    last = p == deflations
+    trusted = jnp.ones_like(evals, bool) if last else evals >= TRUSTED_EIGENVALUE * evals[..., :1]
+    keys.append(jnp.where(trusted, evals, -jnp.inf))  # a pass's trusted eigenvalues top every later pass's
+    candidates.append(evecs)
+    if not last:
+      new = evecs * trusted[..., None, :].astype(evecs.dtype)
+      residual = _project_off(new, residual)
+      kept = new if kept is None else jnp.concatenate([kept, new], axis=-1)  # untrusted columns are zero
+  order = jnp.argsort(-jnp.concatenate(keys, axis=-1), axis=-1)[..., :rank]
+  picked = jnp.take_along_axis(jnp.concatenate(candidates, axis=-1), order[..., None, :], axis=-1)
+  q, r = linalg.qr(picked)
+  return q * jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)[..., None, :]
+
+
 def finish_gram(sketch: GramSketch, rank: int, sides: Sides, transposed: bool,
-                eigh_algorithm: str | None = None) -> Basis:
+                eigh_algorithm: str | None = None, deflations: int = 0) -> Basis:
   """The top-``rank`` bases from a :class:`GramSketch` (batched); ``transposed``: the short side is the output one.
 
-  The eigenvectors of ``A Aᵀ`` in descending order are the short side's ``U_r``; the long side is
-  ``qr(Aᵀ U_r)``, whose columns are ``Aᵀ u_i / σ_i`` in exact arithmetic, with the sign that makes
-  ``u_iᵀ A v_i = σ_i ≥ 0``. QR instead of the division keeps them orthonormal when ``σ_i`` is 0.
+  The eigenvectors of ``A Aᵀ`` in descending order are the short side's ``U_r`` (with ``deflate``, by
+  :func:`deflated_eigenvectors`: the sketch must hold ``A``); the long side is ``qr(Aᵀ U_r)``, whose columns
+  are ``Aᵀ u_i / σ_i`` in exact arithmetic, with the sign that makes ``u_iᵀ A v_i = σ_i ≥ 0``. QR instead of
+  the division keeps them orthonormal when ``σ_i`` is 0.
   """
   want_short, want_long = (sides.output, sides.input) if transposed else (sides.input, sides.output)
-  _, evecs = linalg.eigh(sketch.gram, eigh_algorithm)
-  short = largest_entry_positive(jnp.flip(evecs, axis=-1)[..., :, :rank])
+  if deflations:
+    short = deflated_eigenvectors(sketch.scaled, sketch.gram, rank, deflations, eigh_algorithm)
+  else:
+    short = _descending_eigh(sketch.gram, eigh_algorithm)[1][..., :, :rank]
+  short = largest_entry_positive(short)
   long = None
   if want_long:
     x = exact_matmul(jnp.swapaxes(sketch.scaled, -1, -2), short)  # [..., l, r] = V_r Σ_r
@@ -123,7 +179,8 @@ def _is_transposed(sketch: GramSketch, previous: Basis) -> bool:
   return previous.output.shape[-2] == s  # output side only: transposed when n is the short side (or n = m)
 
 
-def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | None = None) -> Basis:
+def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | None = None,
+               deflations: int = GRAM_DEFLATIONS) -> Basis:
   r"""Top-``rank`` singular subspaces of ``grad [..., m, n]`` from the eigenvectors of its short side's Gram matrix.
 
   The same subspace as :func:`svd_basis` (the reference's rule), computed as one product and one symmetric
@@ -136,14 +193,15 @@ def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | N
   The Gram matrix is formed in fp32 at ``Precision.HIGHEST``; on a GPU the eigensolver is cuSOLVER's
   ``syevd`` (batched over leading axes), which is much faster than its ``gesvd``.
 
-  Numerics: squaring squares the condition number. Singular values below about ``sqrt(eps)·σ₁ ≈ 3e-4·σ₁``
-  (fp32) are lost in rounding, so directions *among* them come out arbitrary (still orthonormal); the top-``r``
-  subspace stays accurate to about ``eps·σ₁² / (σ_r² - σ_{r+1}²)`` when ``σ_r`` is above that floor and
-  separated from ``σ_{r+1}``; where it is not, the directions mixed up carry at most ``~eps·σ₁²`` of energy
-  each. :func:`svd_basis` resolves singular values down to ``~eps·σ₁``; use it (``refresh="svd"``) where
-  that matters: real gradients early in training have ``σ_r/σ₁`` of 1e-8..1e-4 at the paper ranks, and there
-  the SVD's last columns capture more of the *later* gradients of the gap (bench/exact_refresh.py ``--later``).
-  A zero or rank-deficient gradient gives orthonormal columns, never NaN.
+  Numerics: squaring squares the condition number. One eigensolve (``deflations=0``) loses the singular values
+  below about ``sqrt(eps)·σ₁ ≈ 3e-4·σ₁`` (fp32) in rounding, so directions *among* them come out arbitrary
+  (still orthonormal), while the top subspace above that floor stays accurate. Real gradients early in
+  training have ``σ_r/σ₁`` of 1e-8..1e-4 at the paper ranks, and there those last columns matter: the SVD's
+  capture more of the *later* gradients of the gap (bench/exact_refresh.py ``--later``). Each deflated pass
+  (:func:`deflated_eigenvectors`) removes the directions already resolved and solves again on the rest,
+  reaching about two more decades of ``σ`` for one more product with ``A`` and one more eigensolve; below
+  ~1e-6·σ₁ the fp32 residual's rounding is the floor, where :func:`svd_basis` (``~eps·σ₁``) still does
+  better. A zero or rank-deficient gradient gives orthonormal columns, never NaN.
 
   Signs: each column of a one-sided basis, and the short side of a two-sided one, has its largest-magnitude
   entry positive; the long side of a two-sided basis pairs with it (``u_iᵀ G v_i ≥ 0``). The rule is
@@ -154,6 +212,7 @@ def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | N
     rank: columns kept (already clipped to ``min(m, n)``).
     sides: which bases to return.
     eigh_algorithm: ``None`` (the backend's ``eigh``) or ``"jacobi"`` (cuSOLVER's Jacobi solver on GPU).
+    deflations: deflated passes after the first eigensolve (:data:`GRAM_DEFLATIONS`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -170,7 +229,8 @@ def gram_basis(grad: jax.Array, rank: int, sides: Sides, eigh_algorithm: str | N
     Golub & Van Loan, *Matrix Computations* (4th ed.), §8.6: the SVD from the symmetric eigenproblem of
     ``AᵀA`` and why it loses the small singular values.
   """
-  return finish_gram(gram_sketch(grad, sides), rank, sides, _short_side_first(grad.shape, sides)[0], eigh_algorithm)
+  return finish_gram(gram_sketch(grad, sides, deflations > 0), rank, sides, _short_side_first(grad.shape, sides)[0],
+                     eigh_algorithm, deflations)
 
 
 EXACT_METHODS = ("gram", "svd")
@@ -193,6 +253,7 @@ class ExactRefresh:
     svd_algorithm: ``None`` or one of :data:`~galore_jax.optim.linalg.SVD_ALGORITHMS` (``method="svd"``).
     method: ``"gram"``, ``"svd"`` or ``None`` (see above).
     eigh_algorithm: ``None`` or ``"jacobi"`` for the Gram matrix's eigensolver.
+    deflations: the Gram method's deflated passes (:func:`deflated_eigenvectors`; 0: one eigensolve).
     batch_budget_bytes: the most bytes of stacked sketches (``s×s`` Gram matrices, plus the scaled gradients
       when a long side is wanted) finished in one batched call.
 
@@ -211,6 +272,7 @@ class ExactRefresh:
   svd_algorithm: str | None = None
   method: str | None = None
   eigh_algorithm: str | None = None
+  deflations: int = GRAM_DEFLATIONS
   batch_budget_bytes: int = BATCH_BUDGET_BYTES
 
   def __post_init__(self):
@@ -222,6 +284,8 @@ class ExactRefresh:
       raise ValueError(f"svd_algorithm={self.svd_algorithm!r} needs method='svd' (the Gram method runs no SVD)")
     if self.batch_budget_bytes < 0:
       raise ValueError(f"batch_budget_bytes must be >= 0, got {self.batch_budget_bytes}")
+    if not isinstance(self.deflations, int) or self.deflations < 0:
+      raise ValueError(f"deflations must be an int >= 0, got {self.deflations!r}")
 
   @property
   def method_used(self) -> str:
@@ -236,17 +300,18 @@ class ExactRefresh:
   def sketch(self, grad: jax.Array, previous: Basis, rank: int, *, key=None, warm=True) -> GramSketch:
     """The part that reads ``grad``: the scaled Gram matrix (:func:`gram_sketch`)."""
     del rank, key, warm
-    return gram_sketch(grad, sides_of(previous))
+    return gram_sketch(grad, sides_of(previous), self.deflations > 0)
 
   def finish(self, sketch: GramSketch, previous: Basis, rank: int, *, warm=True) -> Basis:
     """The bases from Gram sketches, batched over leading axes (:func:`finish_gram`)."""
     del warm
-    return finish_gram(sketch, rank, sides_of(previous), _is_transposed(sketch, previous), self.eigh_algorithm)
+    return finish_gram(sketch, rank, sides_of(previous), _is_transposed(sketch, previous), self.eigh_algorithm,
+                       self.deflations)
 
   def __call__(self, grad: jax.Array, previous: Basis, rank: int) -> Basis:
     if self.method_used == "svd":
       return svd_basis(grad, rank, sides_of(previous), self.svd_algorithm)
-    return gram_basis(grad, rank, sides_of(previous), self.eigh_algorithm)
+    return gram_basis(grad, rank, sides_of(previous), self.eigh_algorithm, self.deflations)
 
 
 class Sketch(NamedTuple):
@@ -434,6 +499,7 @@ class RandomizedRefresh:
   stabilizer: str = "lu"
   align: bool = True
   eigh_algorithm: str | None = None
+  deflations: int = GRAM_DEFLATIONS
   batch_budget_bytes: int = BATCH_BUDGET_BYTES
 
   def __post_init__(self):

@@ -113,7 +113,7 @@ def test_gpu_7b_default_commands_parse():
       assert args.variants == ["galore_adamw_8bit + layerwise", "galore_adamw (fp32 states) + layerwise",
                                "adamw (bf16 states)"]
     elif module == "bench.refresh":
-      assert (args.preset, args.layers, args.exact_layers, args.direct_layers, args.rank) == ("llama_7b", 32, 32, 1,
+      assert (args.preset, args.layers, args.exact_layers, args.direct_layers, args.rank) == ("llama_7b", 32, 4, 1,
                                                                                                1024)
       assert args.fast == ["randomized"] and args.skip_quality and args.skip_train and args.skip_batch_refresh
     else:

@@ -13,6 +13,7 @@ import pytest
 from helpers import dot_precisions, mixed_params, operand_shapes, projector
 
 from galore_jax import (
+    GRAM_DEFLATIONS,
     Basis,
     ExactRefresh,
     Sides,
@@ -138,14 +139,15 @@ def test_zero_and_rank_deficient_gradients_give_orthonormal_columns(shape, side)
   np.testing.assert_allclose(captured_energy(g, ours), 1.0, atol=1e-5)
 
 
-def test_ill_conditioned_what_is_and_is_not_recovered():
+@pytest.mark.parametrize("deflations", [0, 1])
+def test_ill_conditioned_what_is_and_is_not_recovered(deflations):
   """Singular values 1, 0.5, 0.25, then 1e-5 and below (under sqrt(eps)·σ₁ ≈ 3e-4).
 
-  Recovered: the top-3 subspace above the gap, exactly as by the SVD. Not recovered: directions among the
-  tiny singular values (rank 4 keeps one of them): the SVD still finds the 4th singular vector, the Gram
-  matrix cannot tell it from the others (σ² ≈ 1e-10 is below fp32 rounding of σ₁² = 1), so the 4th column is
-  some orthonormal direction of the tail. It carries no energy that matters (the tail holds ~1e-10 of it): the
-  captured energies agree to fp32 rounding.
+  Recovered by one eigensolve: the top-3 subspace above the gap, exactly as by the SVD. Not recovered by it:
+  directions among the tiny singular values (rank 4 keeps one of them): the SVD still finds the 4th singular
+  vector, the Gram matrix cannot tell it from the others (σ² ≈ 1e-10 is below fp32 rounding of σ₁² = 1), so the
+  4th column is some orthonormal direction of the tail, carrying no energy that matters (the captured energies
+  agree to fp32 rounding). One deflated pass, solving again on the gradient without the top 3, finds it.
   """
   m, n = 24, 40
   k1, k2 = jax.random.split(jax.random.key(4))
@@ -154,30 +156,55 @@ def test_ill_conditioned_what_is_and_is_not_recovered():
   s = jnp.concatenate([jnp.array([1.0, 0.5, 0.25]), 1e-5 * 0.5 ** jnp.arange(m - 3)])
   g = (u * s) @ v.T
   for sides in SIDES.values():
-    top, top_exact = gram_basis(g, 3, sides), svd_basis(g, 3, sides)
-    four, four_exact = gram_basis(g, 4, sides), svd_basis(g, 4, sides)
+    top, top_exact = gram_basis(g, 3, sides, deflations=deflations), svd_basis(g, 3, sides)
+    four, four_exact = gram_basis(g, 4, sides, deflations=deflations), svd_basis(g, 4, sides)
     for q, q_exact, q4, q4_exact in zip(top, top_exact, four, four_exact):
       if q is not None:
         assert projector_gap(q, q_exact) <= 1e-5  # recovered
         assert_orthonormal(q4)
         assert projector_gap(q4[..., :3], q_exact) <= 1e-5  # the top 3 inside the rank-4 basis too
-    truth = u[:, 3]
-    svd_cos = float(jnp.abs(four_exact.input[:, 3] @ truth)) if sides.input else None
-    gram_cos = float(jnp.abs(four.input[:, 3] @ truth)) if sides.input else None
     if sides.input:
-      assert svd_cos > 0.99  # the SVD resolves σ₄ = 1e-5 ...
-      assert gram_cos < 0.9  # ... the Gram matrix does not
+      assert float(jnp.abs(four_exact.input[:, 3] @ u[:, 3])) > 0.99  # the SVD resolves σ₄ = 1e-5 ...
+      gram_cos = float(jnp.abs(four.input[:, 3] @ u[:, 3]))
+      assert gram_cos > 0.99 if deflations else gram_cos < 0.9  # ... one Gram eigensolve does not, a deflated does
     np.testing.assert_allclose(captured_energy(g, four), captured_energy(g, four_exact), atol=1e-6)
 
 
-def test_gram_and_long_side_products_run_in_full_fp32():
+@pytest.mark.parametrize("deflations,min_overlap,max_overlap", [(0, 0, 0.95), (1, 0.999, 1), (2, 0.99999, 1)])
+def test_each_deflated_pass_resolves_further_down_a_steep_spectrum(deflations, min_overlap, max_overlap):
+  """σ from 1 down to 1e-6 geometrically over 48 directions, rank 40 (σ_r ≈ 1.1e-5): the overlap with the exact
+  (float64) top-40 subspace grows with each pass, to the fp32 SVD's."""
+  m, n, rank = 48, 80, 40
+  rng = np.random.default_rng(0)
+  u = np.linalg.qr(rng.normal(size=(m, m)))[0]
+  v = np.linalg.qr(rng.normal(size=(n, m)))[0]
+  g = jnp.asarray((u * np.geomspace(1, 1e-6, m)) @ v.T, jnp.float32)
+  overlap = lambda q: np.linalg.norm(u[:, :rank].T @ np.asarray(q, np.float64)) ** 2 / rank
+  assert overlap(svd_basis(g, rank, Sides(True, False)).input) > 0.99999
+  q = gram_basis(g, rank, Sides(True, True), deflations=deflations)
+  assert min_overlap <= overlap(q.input) <= max_overlap
+  assert_orthonormal(q.input, atol=5e-6)
+  assert_orthonormal(q.output, atol=5e-6)
+
+
+# the products a deflated pass adds to one eigensolve's (dot_precisions' shapes): K (Kᵀ A), A' A'ᵀ and the tail's
+# projection off K (K = the kept eigenvectors, zero columns included: 10×10)
+DEFLATED_PASS = [(10, 16), (10, 16), (10, 10), (10, 10), (10, 10)]
+
+
+@pytest.mark.parametrize("deflations", [0, 1, 2])
+def test_gram_and_long_side_products_run_in_full_fp32(deflations):
   """TF32 (GPU) or one bf16 pass (TPU) would blur every σ² below ~1e-3·σ₁² of the Gram matrix."""
   g = jnp.ones((10, 16))
-  for sides, expected in ((Sides(True, False), [(10, 10)]), (Sides(True, True), [(10, 10), (16, 3)])):
-    jaxpr = jax.make_jaxpr(lambda g, sides=sides: gram_basis(g, 3, sides))(g).jaxpr
-    assert dot_precisions(jaxpr) == [(shape, True) for shape in expected]
-  assert operand_shapes(jax.make_jaxpr(lambda g: gram_basis(g, 3, Sides(False, True)))(g.T).jaxpr, "eigh") == \
-      [(10, 10)]  # the short side's Gram matrix, whichever side is wanted
+  for sides, long_side in ((Sides(True, False), []), (Sides(True, True), [(16, 3)])):
+    jaxpr = jax.make_jaxpr(lambda g, sides=sides: gram_basis(g, 3, sides, deflations=deflations))(g).jaxpr
+    precisions = dot_precisions(jaxpr)
+    assert all(highest for _, highest in precisions)
+    if deflations < 2:
+      assert [shape for shape, _ in precisions] == [(10, 10)] + DEFLATED_PASS * deflations + long_side
+  eighs = operand_shapes(jax.make_jaxpr(lambda g: gram_basis(g, 3, Sides(False, True), deflations=deflations))(
+      g.T).jaxpr, "eigh")
+  assert eighs == [(10, 10)] * (1 + deflations)  # the short side's Gram matrix, whichever side is wanted
 
 
 def test_gram_sketch_keeps_the_gradient_only_for_a_long_side():
@@ -203,6 +230,10 @@ def test_methods_and_names():
     ExactRefresh("jacobi", method="gram")
   with pytest.raises(ValueError, match="eigh_algorithm"):
     ExactRefresh(eigh_algorithm="magic")
+  assert refresh_lib.resolve("gram").deflations == GRAM_DEFLATIONS == 1
+  for bad in (-1, 1.5):
+    with pytest.raises(ValueError, match=f"deflations must be an int >= 0, got {bad}"):
+      ExactRefresh(deflations=bad)
 
 
 def _four_equal_kernels_and_more():
