@@ -107,37 +107,31 @@ def _descending_eigh(gram: jax.Array, eigh_algorithm: str | None) -> tuple[jax.A
   return jnp.flip(evals, axis=-1), jnp.flip(evecs, axis=-1)
 
 
-def _project_off(kept: jax.Array, x: jax.Array) -> jax.Array:
-  return x - exact_matmul(kept, exact_matmul(jnp.swapaxes(kept, -1, -2), x))
-
-
 def deflated_eigenvectors(a: jax.Array, gram: jax.Array, rank: int, deflations: int,
                           eigh_algorithm: str | None = None) -> jax.Array:
   r"""The top-``rank`` left singular vectors of ``a [..., s, l]`` from ``1 + deflations`` Gram eigensolves, each
-  resolving two more decades of ``σ`` (one eigensolve: down to about ``3e-4·σ₁``).
+  resolving about four more decades of ``λ = σ²`` (one eigensolve: ``σ`` down to about ``3e-4·σ₁``).
 
   Pass one: ``gram = A Aᵀ = U Λ Uᵀ``; the eigenvectors with ``λ ≥`` :data:`TRUSTED_EIGENVALUE` ``·λ₁`` are
-  kept. Each further pass does the same on the deflated ``A' = A - K Kᵀ A`` (``K``: every vector kept so
-  far; formed from ``A``, not by subtracting from the Gram matrix, which would keep its rounding), whose
-  largest eigenvalue is about ``1e-4`` of the previous pass's, so fp32 resolves its spectrum that much
-  further down; its eigenvectors are projected off ``K``. The last pass keeps all of its eigenvectors. The
-  ``rank`` candidates of largest ``λ`` are orthonormalised by QR.
+  kept as they are. A deflated pass takes the rows ``B = Uᵀ A`` of the others (those of the kept ones set to
+  zero: ``A`` with the kept directions removed, in ``U``'s coordinates, formed from ``A`` rather than from the
+  Gram matrix, which would keep its rounding) and solves ``B Bᵀ = W Λ' Wᵀ``: its largest eigenvalue is below
+  ``1e-4·λ₁``, so fp32 resolves it that much further down, and ``U W`` are its singular vectors of ``A``,
+  orthogonal to the kept ones by construction. The last pass keeps all of its vectors; the ``rank`` of largest
+  ``λ`` are orthonormalised by QR (signs: ``R``'s diagonal positive).
   """
-  keys, candidates, kept = [], [], None
-  residual = a
+  evals, basis = _descending_eigh(gram, eigh_algorithm)
+  rows = exact_matmul(jnp.swapaxes(basis, -1, -2), a)
+  keys, candidates = [], []
   for p in range(deflations + 1):
-    evals, evecs = _descending_eigh(gram if p == 0 else exact_matmul(residual, jnp.swapaxes(residual, -1, -2)),
-                                    eigh_algorithm)
-    if kept is not None:
-      evecs = _project_off(kept, evecs)
+    if p:
+      evals, w = _descending_eigh(exact_matmul(rows, jnp.swapaxes(rows, -1, -2)), eigh_algorithm)
+      basis, rows = exact_matmul(basis, w), exact_matmul(jnp.swapaxes(w, -1, -2), rows)
     last = p == deflations
     trusted = jnp.ones_like(evals, bool) if last else evals >= TRUSTED_EIGENVALUE * evals[..., :1]
     keys.append(jnp.where(trusted, evals, -jnp.inf))  # a pass's trusted eigenvalues top every later pass's
-    candidates.append(evecs)
-    if not last:
-      new = evecs * trusted[..., None, :].astype(evecs.dtype)
-      residual = _project_off(new, residual)
-      kept = new if kept is None else jnp.concatenate([kept, new], axis=-1)  # untrusted columns are zero
+    candidates.append(basis)
+    rows = rows * (~trusted)[..., :, None].astype(rows.dtype)
   order = jnp.argsort(-jnp.concatenate(keys, axis=-1), axis=-1)[..., :rank]
   picked = jnp.take_along_axis(jnp.concatenate(candidates, axis=-1), order[..., None, :], axis=-1)
   q, r = linalg.qr(picked)
