@@ -7,7 +7,7 @@ Each variant is one `python train.py --config configs/tiny.py` run (400 steps, l
 BPE on the embedded corpus, rank 64, T = 100) with the overrides below (and `--set` ones, passed to every run
 as `--config.KEY=VALUE`); the eval loss at the last step is read from its metrics.jsonl. The spread between
 seeds of the baseline (e.g. `--seeds 0 1`) says how much of a difference is noise. A run whose workdir already
-holds a final eval loss is not repeated. The results file is rewritten after each run. Writes
+holds the eval loss of its last step is not repeated (an interrupted one is resumed by train.py). The results file is rewritten after each run. Writes
 bench/results/tiny_quality-cpu.json.
 """
 
@@ -43,9 +43,23 @@ VARIANTS |= {f"{name}_lr{lr:g}": VARIANTS[name] + [f"--config.train.lr={lr:g}"] 
 CONFIG = "configs/tiny.py"
 
 
-def final_eval_loss(workdir: str) -> float | None:
-  rows = [row for row in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl")) if "eval_loss" in row]
+STEPS = 400  # configs/tiny.py's train.steps
+
+
+def final_eval_loss(workdir: str, steps: int = STEPS) -> float | None:
+  """The eval loss at step ``steps`` (the end of the run), or None: an interrupted run's earlier evals do not count."""
+  rows = [row for row in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if "eval_loss" in row and row.get("step") == steps]
   return rows[-1]["eval_loss"] if rows else None
+
+
+def run_steps(overrides: list[str]) -> int:
+  """``train.steps`` of every run: the config's, or the last ``--set train.steps=N``."""
+  given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "train.steps"]
+  try:
+    return int(given[-1]) if given else STEPS
+  except ValueError:
+    common.fail(f"--set train.steps={given[-1]!r} is not an integer")
 
 
 def parser() -> common.ArgumentParser:
@@ -65,6 +79,7 @@ def parse(argv: list[str]):
   bad = [o for o in args.overrides if "=" not in o]
   if bad:
     common.fail(f"--set {bad[0]!r} is not KEY=VALUE")
+  args.steps = run_steps(args.overrides)
   return args
 
 
@@ -90,12 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
       workdir = os.path.join(args.workdir, f"{variant}_s{seed}")
       cmd = [sys.executable, "train.py", "--config", CONFIG, f"--config.workdir={workdir}", f"--config.seed={seed}",
              *VARIANTS[variant], *(f"--config.{o}" for o in args.overrides)]
-      if not args.collect_only and final_eval_loss(workdir) is None:
+      if not args.collect_only and final_eval_loss(workdir, args.steps) is None:
         done = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
         if done.returncode:
           sys.exit(f"error: {' '.join(cmd[1:])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-      if final_eval_loss(workdir) is not None:  # --collect_only: runs that were not made are left out
-        runs[f"{variant}_s{seed}"] = {"variant": variant, "seed": seed, "eval_loss": final_eval_loss(workdir),
+      loss = final_eval_loss(workdir, args.steps)
+      if loss is not None:  # --collect_only: runs that were not made are left out
+        runs[f"{variant}_s{seed}"] = {"variant": variant, "seed": seed, "eval_loss": loss,
                                       "command": " ".join(["python"] + cmd[1:])}
         common.write_json(args.out, record(args, provenance, runs))
   result = record(args, provenance, runs)

@@ -155,9 +155,9 @@ def test_sharding_bytes_split_the_state_over_fsdp(tmp_path):
 
 def test_tiny_quality_runs_train_py_and_compares_against_the_same_seed(tmp_path):
   workdir = tmp_path / "runs"
-  for name, loss in (("svd_s1", 4.0), ("randomized_s1", 4.2)):  # finished runs are read, not repeated
+  for name, loss in (("svd_s1", 4.0), ("randomized_s1", 4.2)):  # finished runs (step 1 of 1) are read, not repeated
     os.makedirs(workdir / name)
-    (workdir / name / "metrics.jsonl").write_text(json.dumps({"step": 400, "eval_loss": loss}) + "\n")
+    (workdir / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_loss": loss}) + "\n")
   record = tiny_quality.main(["--seeds", "0", "1", "--variants", "svd", "randomized", "--workdir", str(workdir),
                               "--set", "train.steps=1", "--set", "data.max_bytes=30000", "--set",
                               "model.num_hidden_layers=1", "--set", "eval.batches=1", "--out",
@@ -170,6 +170,19 @@ def test_tiny_quality_runs_train_py_and_compares_against_the_same_seed(tmp_path)
       runs["randomized_s0"]["eval_loss"] / runs["svd_s0"]["eval_loss"] - 1)
   baselines = [runs["svd_s0"]["eval_loss"], 4.0]
   assert record["svd_seed_spread"] == pytest.approx(max(baselines) / min(baselines) - 1)
+
+
+def test_tiny_quality_counts_only_the_eval_at_the_last_step(tmp_path):
+  """A run stopped after an intermediate eval (here step 100 of 400) is not finished: its eval loss is not the
+  result, and the run is started again (train.py resumes it)."""
+  rows = [{"step": 100, "eval_loss": 6.0}, {"step": 110, "loss": 5.6}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert tiny_quality.final_eval_loss(str(tmp_path)) is None and tiny_quality.final_eval_loss(str(tmp_path), 100) == 6.0
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 400, "eval_loss": 4.4}) + "\n")
+  assert tiny_quality.final_eval_loss(str(tmp_path)) == 4.4
+  assert tiny_quality.parse(["--set", "train.steps=7", "--set", "seed=1"]).steps == 7
+  assert tiny_quality.parse([]).steps == tiny_quality.STEPS == 400
 
 
 def test_report_renders_every_committed_result_between_the_markers(tmp_path):
