@@ -100,6 +100,7 @@ class StopRequests:
 
   def __init__(self):
     self.signum: int | None = None
+    self.from_peer = False  # the signal reached another process of a multi-host run
     self.training = False
     for signum in STOP_SIGNALS:
       signal.signal(signum, self._handle)
@@ -119,6 +120,28 @@ class StopRequests:
   def start_training(self) -> None:
     """From now on a first signal stops the loop at a step boundary instead of ending the process."""
     self.training = True
+
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether the loop stops before ``step``: this process's request alone, or with several processes, any
+    process's, exchanged at the steps that are multiples of ``every`` (a log step, which syncs anyway).
+
+    Every process must stop at the same step: the checkpoint of a multi-host run is written by all of them
+    together, so one that stopped alone would wait for the others forever. A process that stops for another's
+    signal takes that signal's name and exit code.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    if self.signum is None and signums.any():
+      self.signum, self.from_peer = int(signums[signums > 0][0]), True
+    return self.requested
 
   def _handle(self, signum, frame) -> None:
     del frame
@@ -361,7 +384,7 @@ def train_loop(r: Run, stop: StopRequests) -> None:
   window_tokens, window_start, logged_step = 0.0, time.perf_counter(), r.start
   train_step = out_of_memory.checked_first_step(r.step_fns.train, device)  # a step that does not fit: one line
   try:
-    while r.step < cfg.train.steps and not stop.requested:
+    while r.step < cfg.train.steps and not stop.agreed(r.step, cfg.train.log_every):
       batch = next(r.dataset.train)
       r.params, r.opt_state, m = train_step(r.params, r.opt_state, r.put(batch))
       window_tokens = window_tokens + m["tokens"]  # stays on device: no sync
@@ -449,7 +472,8 @@ def finish(r: Run, stop: StopRequests) -> None:
   if r.step >= r.cfg.train.steps or not stop.requested:
     print(f"done at step {r.step}; {saved}", flush=True)
     return
-  print(f"stopped by {stop.name} at step {r.step}; {saved}; run the same command to resume", flush=True)
+  where = " on another process" if stop.from_peer else ""
+  print(f"stopped by {stop.name}{where} at step {r.step}; {saved}; run the same command to resume", flush=True)
   sys.exit(stop.exit_code)
 
 

@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -206,6 +207,35 @@ def run_signals(body):
           "; time.sleep(30); print('not reached', flush=True)")
   return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_several_processes_stop_together_at_a_log_step_with_any_ones_signal(monkeypatch):
+  """Multi-host: a signal that reached one process stops all of them at the same log step (the checkpoint is
+  written by all together); the others take its name and exit code."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  import train
+
+  handlers = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
+  try:
+    ours, theirs = train.StopRequests(), train.StopRequests()
+  finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+  ours.signum = signal.SIGINT  # as the handler records a first signal during training
+  assert ours.agreed(3, 2)  # one process: its own request, at once
+  exchanged = []
+
+  def allgather(x):  # two processes: ours (SIGINT) and theirs (none)
+    exchanged.append(int(x))
+    return np.array([signal.SIGINT, int(x)], np.int32)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  assert not theirs.agreed(3, 2) and not ours.agreed(5, 2) and exchanged == []  # not a log step: no exchange
+  assert theirs.agreed(4, 2) and exchanged == [0]
+  assert (theirs.name, theirs.exit_code, theirs.from_peer, ours.from_peer) == ("SIGINT", 130, True, False)
 
 
 def test_a_signal_during_start_up_ends_the_run_at_once_with_one_line():
