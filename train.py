@@ -122,21 +122,27 @@ class StopRequests:
     self.training = True
 
   def agreed(self, step: int, every: int) -> bool:
-    """Whether the loop stops before ``step``: this process's request alone, or with several processes, any
-    process's, exchanged at the steps that are multiples of ``every`` (a log step, which syncs anyway).
+    """Whether the loop stops before ``step``: this process's request alone, or with several processes, the
+    same answer on all of them (the checkpoint of a multi-host run is written by all together, so one that
+    stopped alone would wait for the others forever).
 
-    Every process must stop at the same step: the checkpoint of a multi-host run is written by all of them
-    together, so one that stopped alone would wait for the others forever. A process that stops for another's
-    signal takes that signal's name and exit code.
+    With several processes, SIGTERM is taken by JAX's preemption notifier (``jax.distributed``), not by this
+    handler: it tells every process, and ``reached_preemption_sync_point`` names the step where all stop (it
+    must be asked at every step). A SIGINT that reached one process is exchanged at the steps that are
+    multiples of ``every`` (a log step, which syncs anyway); the others take its name and exit code.
     """
     import jax
 
     if jax.process_count() == 1:
       return self.requested
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signum = self.signum or signal.SIGTERM
+      return True
     if step % every:
       return False
     import numpy as np
-    from jax.experimental import multihost_utils
 
     signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
     if self.signum is None and signums.any():

@@ -6,9 +6,12 @@ restores in one process to the state the single process reached.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,9 +41,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, corpus, **env):
+def start(workdir, corpus, *extra, **env):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1", "OPENBLAS_NUM_THREADS": "1", **env}
-  cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--config.workdir={workdir}", f"--config.data.path={corpus}", *ARGS]
+  cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--config.workdir={workdir}", f"--config.data.path={corpus}", *ARGS,
+         *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -107,6 +111,32 @@ def test_two_processes_train_as_one_and_their_checkpoint_restores_in_one(tmp_pat
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     worst = np.max(np.abs(a - b), initial=0.0)
     assert worst <= STATE_RTOL * np.max(np.abs(b), initial=0.0), (jax.tree_util.keystr(path), worst)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, corpus):
+  """SIGTERM reaches process 1 only (JAX's preemption notifier takes it): both stop at the step the preemption sync
+  names and save it together."""
+  two = str(tmp_path / "two_processes")
+  coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
+                 "JAX_NUM_CPU_DEVICES": "4"}
+  procs = [start(two, corpus, "--config.train.steps=10000", JAX_PROCESS_ID=str(i), **coordinator) for i in (0, 1)]
+  try:
+    deadline = time.time() + 240
+    while not (os.path.exists(os.path.join(two, "metrics.jsonl")) and metrics(two)) and time.time() < deadline:
+      time.sleep(0.5)  # process 0 writes a line per step: training has started
+    assert all(proc.poll() is None for proc in procs), "a process ended before the signal"
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert [proc.returncode for proc in procs] == [143, 143], outputs[1][-3000:] + outputs[0][-3000:]
+  said = [re.search(r"stopped by SIGTERM at step (\d+); checkpoint step (\d+)", out) for out in outputs]
+  assert all(said), outputs
+  assert said[0].group(1) == said[1].group(1) == said[0].group(2) == said[1].group(2)  # the same step, saved
+  restored_state(two, int(said[0].group(1)))
 
 
 @pytest.mark.parametrize("env,needle", [
