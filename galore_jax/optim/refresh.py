@@ -120,18 +120,17 @@ def deflated_eigenvectors(a: jax.Array, gram: jax.Array, rank: int, deflations: 
   orthogonal to the kept ones by construction. The last pass keeps all of its vectors; the ``rank`` of largest
   ``λ`` are orthonormalised by QR (signs: ``R``'s diagonal positive).
   """
-  evals, basis = _descending_eigh(gram, eigh_algorithm)
-  rows = exact_matmul(jnp.swapaxes(basis, -1, -2), a)
-  keys, candidates = [], []
-  for p in range(deflations + 1):
-    if p:
-      evals, w = _descending_eigh(exact_matmul(rows, jnp.swapaxes(rows, -1, -2)), eigh_algorithm)
-      basis, rows = exact_matmul(basis, w), exact_matmul(jnp.swapaxes(w, -1, -2), rows)
-    last = p == deflations
-    trusted = jnp.ones_like(evals, bool) if last else evals >= TRUSTED_EIGENVALUE * evals[..., :1]
+  evals, rotation = _descending_eigh(gram, eigh_algorithm)
+  basis, rows, keys, candidates = rotation, a, [], []
+  for _ in range(deflations):
+    trusted = evals >= TRUSTED_EIGENVALUE * evals[..., :1]
     keys.append(jnp.where(trusted, evals, -jnp.inf))  # a pass's trusted eigenvalues top every later pass's
     candidates.append(basis)
-    rows = rows * (~trusted)[..., :, None].astype(rows.dtype)
+    rows = exact_matmul(jnp.swapaxes(rotation, -1, -2), rows) * (~trusted)[..., :, None].astype(a.dtype)
+    evals, rotation = _descending_eigh(exact_matmul(rows, jnp.swapaxes(rows, -1, -2)), eigh_algorithm)
+    basis = exact_matmul(basis, rotation)
+  keys.append(evals)  # the last pass keeps all of its vectors
+  candidates.append(basis)
   order = jnp.argsort(-jnp.concatenate(keys, axis=-1), axis=-1)[..., :rank]
   picked = jnp.take_along_axis(jnp.concatenate(candidates, axis=-1), order[..., None, :], axis=-1)
   q, r = linalg.qr(picked)
