@@ -110,8 +110,9 @@ def exact_refresh_section() -> list[str]:
     if real:
       model = real["model_refresh_s"]
       passes = r.get("deflations", 0)  # files from before the deflated pass: one eigensolve
-      method = "one Gram eigh" if not passes else f"Gram eigh + {passes} deflated pass{'es' if passes > 1 else ''}"
-      lines += [f"**Exact refresh: {method} (`gram_basis(deflations={passes})`) vs direct SVD (`\"svd\"`)**, real gradients of "
+      method = "one Gram eigh" if not passes else f"Gram eigh + {passes} deflated pass{'es' * (passes > 1)}"
+      lines += [f"**Exact refresh: {method} (`gram_basis(deflations={passes})`) vs direct SVD (`\"svd\"`)**, "
+                f"real gradients of "
                 f"{real['model']} after {real['steps']} steps, rank {real['rank']}, {r['device']}: one refresh of "
                 f"all {real['matrices']} matrices {seconds(model['gram_s'], '.3f')} vs {seconds(model['svd_s'], '.3f')} "
                 f"({real['model_speedup']:.1f}×); worst energy ratio {real['min_energy_ratio']:.6f}, worst subspace "

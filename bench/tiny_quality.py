@@ -7,8 +7,8 @@ Each variant is one `python train.py --config configs/tiny.py` run (400 steps, l
 BPE on the embedded corpus, rank 64, T = 100) with the overrides below (and `--set` ones, passed to every run
 as `--config.KEY=VALUE`); the eval loss at the last step is read from its metrics.jsonl. The spread between
 seeds of the baseline (e.g. `--seeds 0 1`) says how much of a difference is noise. A run whose workdir already
-holds the eval loss of its last step is not repeated (an interrupted one is resumed by train.py). The results file is rewritten after each run. Writes
-bench/results/tiny_quality-cpu.json.
+holds the eval loss of its last step is not repeated (an interrupted one is resumed by train.py). The results
+file is rewritten after each run. Writes bench/results/tiny_quality-cpu.json.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 from bench import common
+from configs import tiny
 from galore_jax.train import metrics
 
 VARIANTS = {
@@ -43,7 +44,7 @@ VARIANTS |= {f"{name}_lr{lr:g}": VARIANTS[name] + [f"--config.train.lr={lr:g}"] 
 CONFIG = "configs/tiny.py"
 
 
-STEPS = 400  # configs/tiny.py's train.steps
+STEPS = tiny.get_config().train.steps
 
 
 def final_eval_loss(workdir: str, steps: int = STEPS) -> float | None:

@@ -4,7 +4,7 @@ Every function here works on batches (leading axes) and in fp32. The choices tha
 (cuSOLVER's Jacobi solvers on GPU, LAPACK on CPU) are made at lowering with
 ``jax.lax.platform_dependent``, so one jitted program runs everywhere.
 
-On CPU a batch of matrices reaches LAPACK one matrix at a time (:func:`per_matrix_on_cpu`): jaxlib's
+On CPU a batch of matrices reaches LAPACK one matrix at a time (:func:`decompose`): jaxlib's
 batched LAPACK kernels split the batch over XLA's intra-op thread pool and block a pool thread until
 it is done, so batched calls running at once on every pool thread (one per device of a multi-device
 CPU mesh, or concurrent calls in one program) wait for each other forever.
@@ -34,15 +34,14 @@ def decompose(x: jax.Array, cpu, other=None) -> tuple:
   """
   other = other or cpu
   batch = x.shape[:-2]
-  if math.prod(batch) <= 1 and other is cpu:
-    return cpu(x)
 
-  def one_at_a_time(a):
-    if math.prod(batch) <= 1:
-      return cpu(a)
+  def mapped(a):
     outs = jax.lax.map(cpu, a.reshape(-1, *a.shape[-2:]))
     return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
 
+  one_at_a_time = cpu if math.prod(batch) <= 1 else mapped
+  if one_at_a_time is other:  # one matrix and one method: nothing differs by platform
+    return other(x)
   return jax.lax.platform_dependent(x, cpu=one_at_a_time, default=other)
 
 
