@@ -84,11 +84,13 @@ def test_randomized_refresh_keeps_column_signs_across_refreshes(sides):
   """Two refreshes of one gradient with different test matrices give the same columns, signs included
   (without alignment about half of them flip), and the first refresh (warm=False) is left alone."""
   g = gapped_grad(jax.random.key(3), (2, 16, 24), 4)
-  first = RandomizedRefresh()(g, svd_basis(g, 4, sides), 4, key=jax.random.key(1), warm=False)
+  refresh = jax.jit(RandomizedRefresh(), static_argnums=2, static_argnames="warm")
+  unaligned_refresh = jax.jit(RandomizedRefresh(align=False), static_argnums=2, static_argnames="warm")
+  first = refresh(g, svd_basis(g, 4, sides), 4, key=jax.random.key(1), warm=False)
   flips = []
   for seed in range(2, 8):
-    aligned = RandomizedRefresh()(g, first, 4, key=jax.random.key(seed), warm=True)
-    raw = RandomizedRefresh(align=False)(g, first, 4, key=jax.random.key(seed), warm=True)
+    aligned = refresh(g, first, 4, key=jax.random.key(seed), warm=True)
+    raw = unaligned_refresh(g, first, 4, key=jax.random.key(seed), warm=True)
     for q_first, q_aligned, q_raw in zip(first, aligned, raw):
       if q_first is not None:
         np.testing.assert_allclose(q_aligned, q_first, atol=1e-3)
@@ -96,7 +98,7 @@ def test_randomized_refresh_keeps_column_signs_across_refreshes(sides):
         flips.append(bool(jnp.any(jnp.sum(q_raw * q_first, axis=-2) < 0)))
   assert any(flips)  # the alignment is doing something
   placeholder = Basis(*(None if q is None else -q for q in first))
-  unaligned = RandomizedRefresh()(g, placeholder, 4, key=jax.random.key(1), warm=False)
+  unaligned = refresh(g, placeholder, 4, key=jax.random.key(1), warm=False)
   for q_first, q in zip(first, unaligned):
     if q is not None:
       np.testing.assert_allclose(q, q_first, atol=1e-6)
