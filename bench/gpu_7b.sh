@@ -58,7 +58,9 @@ part() {  # part NAME LIMIT_S MODULE ARGS...: run one part under its time limit 
 }
 
 heartbeat() {  # a progress line every 30 s: the part running and the device memory in use
-  while sleep 30; do
+  # sleep's output goes to /dev/null: a sleep holding our stdout would keep the caller waiting up to 30 s after
+  # the script ended (the EXIT trap kills this loop, not the sleep it is in)
+  while sleep 30 >/dev/null 2>&1; do
     local memory
     memory=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null | head -1)
     echo "[gpu_7b] $(( $(date +%s) - START )) s: $(cat "$STATUS" 2>/dev/null) running${memory:+, GPU memory $memory}"

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 
 import pytest
 
@@ -119,6 +120,20 @@ def test_gpu_7b_default_commands_parse():
     else:
       assert args.config == "configs/llama7b.py" and args.batch_size * 256 == 2048
   assert modules == ["bench.memory", "bench.refresh", "bench.train_run"]
+
+
+def test_gpu_7b_returns_when_its_last_part_ends(tmp_path):
+  """The progress loop's 30 s sleep does not hold the script's output open: a caller reading it (the device
+  tool) is not kept waiting after the parts end. Here the one part is a 2 s stand-in; a held pipe takes 30 s."""
+  stand_in = tmp_path / "python"
+  stand_in.write_text("#!/bin/sh\nsleep 2\n")
+  stand_in.chmod(0o755)
+  env = dict(os.environ, PARTS="train", OUT=str(tmp_path), PYTHON=str(stand_in),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path))
+  start = time.monotonic()
+  subprocess.run(["bash", os.path.join(common.ROOT, "bench", "gpu_7b.sh")], env=env, capture_output=True, check=True,
+                 timeout=120)
+  assert time.monotonic() - start < 20
 
 
 def test_ranks_and_settings_come_from_the_paper_configs():
