@@ -1,7 +1,9 @@
 """The applicable checks of optax's contrib contract (optax/contrib/_common_test.py), plus orbax,
-nnx.Optimizer and the state size of a Llama-7B-shaped tree."""
+nnx.Optimizer, the state size of a Llama-7B-shaped tree, and every optimizer's GPU program (lowered on a CPU)."""
 
+import functools
 import math
+import re
 
 import chex
 import jax
@@ -12,7 +14,17 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from galore_jax import GaLoreState, galore_adamw
+from galore_jax import (
+    GaLoreState,
+    apollo_adamw,
+    apollo_mini,
+    fira_adamw,
+    galore_adafactor,
+    galore_adamw,
+    galore_adamw_8bit,
+    golore_adamw,
+    q_galore_adamw,
+)
 
 ALL_MATRICES = lambda path, leaf: jnp.ndim(leaf) >= 2
 
@@ -214,3 +226,27 @@ def test_llama_7b_state_bytes_match_closed_form(capsys):
     print(f"\nLlama-7B fp32 optimizer state: galore_adamw(rank={rank}) {galore_bytes / 1e9:.2f} GB "
           f"vs optax.adamw {adamw_bytes / 1e9:.2f} GB ({galore_bytes / adamw_bytes:.1%})")
   assert galore_bytes < 0.35 * adamw_bytes
+
+
+GPU_OPTIMIZERS = {
+    "galore_adamw": galore_adamw, "galore_adamw+gram": functools.partial(galore_adamw, refresh="gram"),
+    "galore_adamw+randomized": functools.partial(galore_adamw, refresh="randomized"),
+    "galore_adamw_8bit": galore_adamw_8bit, "galore_adafactor": galore_adafactor, "fira_adamw": fira_adamw,
+    "apollo_adamw": apollo_adamw, "apollo_mini": lambda lr, rank: apollo_mini(lr),
+    "golore_adamw": functools.partial(golore_adamw, switch_step=2),
+    "q_galore_adamw": functools.partial(q_galore_adamw, basis_group_size=16),
+}
+
+
+@pytest.mark.parametrize("name", list(GPU_OPTIMIZERS))
+def test_every_optimizer_lowers_for_a_gpu_with_batched_solver_calls(name):
+  """The update's StableHLO for CUDA, lowered here without a GPU (``jax.export``): a GPU session never finds it
+  failing to lower, and its decompositions are cuSOLVER calls over the whole batch, not a per-matrix loop."""
+  params = {"attn": {"stacked": jnp.zeros((3, 64, 48)), "wide": jnp.zeros((48, 64)), "norm": jnp.zeros(48)}}
+  tx = GPU_OPTIMIZERS[name](1e-3, rank=8)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  text = jax.export.export(jax.jit(tx.update), platforms=["cuda"])(abstract, jax.eval_shape(tx.init, params),
+                                                                   abstract).mlir_module()
+  targets = set(re.findall(r"stablehlo\.custom_call @(\w+)", text))
+  assert "stablehlo.while" not in text and all(t.startswith(("cusolver_", "cu_lu_")) for t in targets), targets
+  assert bool(targets) == (not name.startswith("apollo")), targets  # APOLLO draws its projections: no solver

@@ -1,5 +1,6 @@
-"""The refresh's decompositions on batches: the same factors as one call per matrix, and on CPU no batched LAPACK
-call (a batched one can park every XLA:CPU pool thread, which hung the Gram refresh on an 8-device mesh)."""
+"""The refresh's decompositions on batches: the same factors as one call per matrix, on CPU no batched LAPACK call
+(a batched one can park every XLA:CPU pool thread, which hung the Gram refresh on an 8-device mesh), and on GPU
+one batched cuSOLVER call (the GPU program is lowered here, on a CPU, with ``jax.export``)."""
 
 import re
 
@@ -45,6 +46,21 @@ def test_batched_factors_equal_one_call_per_matrix(name):
     single = DECOMPOSITIONS[name](x[index])
     for b, s in zip(batched, single):
       np.testing.assert_allclose(b[index], s, rtol=1e-5, atol=1e-5)
+
+
+def gpu_solver_calls(fn, x) -> list[tuple[str, int]]:
+  """``(target, batch dims)`` of every custom call in ``fn``'s StableHLO lowered for CUDA; no GPU needed."""
+  text = jax.export.export(jax.jit(fn), platforms=["cuda"])(jax.ShapeDtypeStruct(x.shape, x.dtype)).mlir_module()
+  assert "stablehlo.while" not in text  # no per-matrix loop on GPU
+  calls = re.findall(r'stablehlo\.custom_call @(\w+)\(.*?num_batch_dims = "(\d+)"', text)
+  assert len(calls) == text.count("stablehlo.custom_call"), text
+  return [(target, int(dims)) for target, dims in calls]
+
+
+@pytest.mark.parametrize("name", list(DECOMPOSITIONS))
+def test_gpu_lowering_keeps_the_batch_in_one_cusolver_call(name):
+  calls = gpu_solver_calls(DECOMPOSITIONS[name], jnp.ones((*BATCH, 6, 4)))
+  assert calls and all(target.startswith("cu") and dims == len(BATCH) for target, dims in calls), calls
 
 
 def test_one_matrix_is_not_wrapped_in_a_loop():
