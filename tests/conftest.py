@@ -31,4 +31,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once by pytest's main p
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="galore-jax-tests-xla-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny programs compile in under 1 s
+# A size limit turns on jax's file lock around cache reads and writes: without it, a process could read an entry
+# another one is still writing (a warning on stderr, which the one-line-error tests would see).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 jax.config.update("jax_compilation_cache_dir", None)
