@@ -39,8 +39,9 @@ from ml_collections import config_flags
 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the train step's memory breakdown, analytically (seconds, even "
                               "for Llama-7B on a CPU); allocates nothing, reads no data, writes nothing.")
-_DRY_RUN_COMPILE = flags.DEFINE_bool("dry_run_compile", False, "--dry_run plus XLA's figures: compile the train step on "
-                                      "abstract shapes (minutes for Llama-7B on a CPU; on a GPU also one real step).")
+_DRY_RUN_COMPILE = flags.DEFINE_bool("dry_run_compile", False, "--dry_run plus XLA's figures: compile the train step "
+                                      "on abstract shapes (minutes for Llama-7B on a CPU; "
+                                      "on a GPU also one real step).")
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_SAVE_FAILED = 4

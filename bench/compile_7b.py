@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict | None:
       rounds[name].append(r := run_variant(name, args.layers))
       print(f"{name:<42} trace+lower {r['trace_lower_s']:7.1f} s  compile {r['compile_s']:7.1f} s  "
             f"temp {r['xla_temp_gb']:6.2f} GB  peak {r['xla_peak_gb']:6.2f} GB", flush=True)
-  results = {name: {**sorted(rs, key=lambda r: r["total_s"])[len(rs) // 2], "total_s_rounds": [r["total_s"] for r in rs]}
+  results = {name: {**sorted(rs, key=lambda r: r["total_s"])[len(rs) // 2],
+                    "total_s_rounds": [r["total_s"] for r in rs]}
              for name, rs in rounds.items()}
   for r in results.values():
     r["ratio_to_adamw"] = r["total_s"] / results["adamw"]["total_s"]

@@ -1,14 +1,15 @@
-"""Optimizer state bytes of the low-rank family (GaLore, Fira, APOLLO, APOLLO-Mini, GoLore, Q-GaLore) beside AdamW, analytic.
+"""Optimizer state bytes of the low-rank family (GaLore, Fira, APOLLO, APOLLO-Mini, GoLore, Q-GaLore) beside AdamW,
+analytic.
 
   python -m bench.family_memory [--presets llama_7b llama_1b] [--out PATH]
 
-Writes bench/results/family_memory-analytic.json. Nothing is allocated: the parameters are the abstract model's ``ShapeDtypeStruct`` s and the state is
-``jax.eval_shape(tx.init, params)`` of the app's optimizer for that config (``galore_jax.train.dry_run.analytic``),
-split by ``galore_jax.optim.introspect.state_breakdown``. Settings: bf16 weights, and per variant the state
-dtype it names; ranks as the papers (GaLore and Fira: 1024 at 7B, 512 at 1B; APOLLO: 256 at 7B, the rank at
-which its bf16 moments are the APOLLO paper's 1.6 GB, and 512 at 1B, "GaLore's memory" of its Table 2;
-APOLLO-Mini: 1; GoLore and Q-GaLore: GaLore's; Q-GaLore's bases int4 with an fp32 scale and zero point per
-256 values). Embeddings, lm_head and norms get full-rank Adam in every method (as the references'
+Writes bench/results/family_memory-analytic.json. Nothing is allocated: the parameters are the abstract model's
+``ShapeDtypeStruct`` s and the state is ``jax.eval_shape(tx.init, params)`` of the app's optimizer for that config
+(``galore_jax.train.dry_run.analytic``), split by ``galore_jax.optim.introspect.state_breakdown``. Settings: bf16
+weights, and per variant the state dtype it names; ranks as the papers (GaLore and Fira: 1024 at 7B, 512 at 1B;
+APOLLO: 256 at 7B, the rank at which its bf16 moments are the APOLLO paper's 1.6 GB, and 512 at 1B, "GaLore's
+memory" of its Table 2; APOLLO-Mini: 1; GoLore and Q-GaLore: GaLore's; Q-GaLore's bases int4 with an fp32 scale and
+zero point per 256 values). Embeddings, lm_head and norms get full-rank Adam in every method (as the references'
 scripts), so ``projected_matrices_gb`` (low-rank moments + projections + limiter norms) is the column to hold
 against the papers' optimizer-state figures, which count the projected matrices.
 """

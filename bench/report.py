@@ -114,7 +114,8 @@ def exact_refresh_section() -> list[str]:
       lines += [f"**Exact refresh: {method} (`gram_basis(deflations={passes})`) vs direct SVD (`\"svd\"`)**, "
                 f"real gradients of "
                 f"{real['model']} after {real['steps']} steps, rank {real['rank']}, {r['device']}: one refresh of "
-                f"all {real['matrices']} matrices {seconds(model['gram_s'], '.3f')} vs {seconds(model['svd_s'], '.3f')} "
+                f"all {real['matrices']} matrices {seconds(model['gram_s'], '.3f')} "
+                f"vs {seconds(model['svd_s'], '.3f')} "
                 f"({real['model_speedup']:.1f}×); worst energy ratio {real['min_energy_ratio']:.6f}, worst subspace "
                 f"overlap {real['min_overlap']:.4f} (smallest σ_r/σ_1 {real['min_sigma_r_over_sigma_1']:.1e})"
                 + ("" if not real.get("later_steps") else

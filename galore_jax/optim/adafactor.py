@@ -20,10 +20,11 @@ average, so the learning rate cannot simply be applied after ``galore``. Hence t
   the reference). It accepts an extra argument ``leaf_scale`` (a tree of per-leaf scalars shaped like
   the updates' tree, default 1) multiplied in between, i.e. step 2's ``lr_t``. ``galore`` forwards
   extra arguments to its inner transformation.
-* :func:`galore_jax.galore_adafactor` (in ``alias.py``) — an outer transformation that computes ``lr_t`` per leaf from the full
-  ``params`` and its step count, calls ``galore(scale_by_adafactor_hf(...))`` with ``leaf_scale=lr_t``,
-  and then applies step 4's sign and weight decay. Its output is the additive update (use with
-  :func:`optax.apply_updates`; no separate learning-rate transformation).
+* :func:`galore_jax.galore_adafactor` (in ``alias.py``) — an outer transformation that computes
+  ``lr_t`` per leaf from the full ``params`` and its step count, calls
+  ``galore(scale_by_adafactor_hf(...))`` with ``leaf_scale=lr_t``, and then applies step 4's sign and
+  weight decay. Its output is the additive update (use with :func:`optax.apply_updates`; no separate
+  learning-rate transformation).
 """
 
 from __future__ import annotations

@@ -241,13 +241,15 @@ def galore_adafactor(
 
   def update_fn(updates, state, params=None, **extra_args):
     if needs_params and params is None:
-      raise ValueError("galore_adafactor needs params (scale_parameter / weight_decay): call update(updates, state, params)")
+      raise ValueError("galore_adafactor needs params (scale_parameter / weight_decay): "
+                       "call update(updates, state, params)")
     rho = _relative_step_size(state.count, learning_rate, relative_step, warmup_init)
     leaf_lr = lambda p: jnp.maximum(eps2, rms(jnp.asarray(p, jnp.float32))) * rho if scale_parameter else rho
     lrs = jax.tree.map(leaf_lr, params if params is not None else updates)
     u, gal_state = gal.update(updates, state.galore_state, params, leaf_scale=lrs, **extra_args)
     if weight_decay != 0:
-      out = jax.tree.map(lambda x, p, lr: (-x.astype(jnp.float32) - weight_decay * lr * p).astype(x.dtype), u, params, lrs)
+      out = jax.tree.map(lambda x, p, lr: (-x.astype(jnp.float32) - weight_decay * lr * p).astype(x.dtype),
+                         u, params, lrs)
     else:
       out = jax.tree.map(lambda x: -x, u)
     return out, GaLoreAdafactorState(count=optax.safe_increment(state.count), galore_state=gal_state)

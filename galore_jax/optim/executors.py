@@ -90,7 +90,8 @@ def keep_unless_changed(new: Basis, old: Basis, changed: jax.Array) -> Basis:
 
 
 def finish_chunk(members: int, member_bytes: int, budget_bytes: int) -> int:
-  """Members per batched finish of a two-stage refresh: the largest divisor of ``members`` whose sketches fit the budget (≥ 1)."""
+  """Members per batched finish of a two-stage refresh: the largest divisor of ``members`` whose sketches fit the
+  budget (≥ 1)."""
   return max(d for d in range(1, members + 1) if members % d == 0 and (d == 1 or d * member_bytes <= budget_bytes))
 
 
@@ -117,8 +118,8 @@ def batched_refresh(ops: RefreshOps, members: Sequence[int], r: Refresher) -> Fr
       fresh[i] = r(g32[i], ops.bases[i], keys[i], ops.warm, rank, ops.step)
       continue
     stacked_k = None if keys[group[0]] is None else jnp.concatenate([jnp.reshape(keys[i], (-1,)) for i in group])
-    out = r(_stack_group([g32[i] for i in group]), _stack_group([ops.bases[i] for i in group]), stacked_k, ops.warm, rank,
-            ops.step)
+    out = r(_stack_group([g32[i] for i in group]), _stack_group([ops.bases[i] for i in group]), stacked_k, ops.warm,
+            rank, ops.step)
     start = 0
     for i in group:
       size = plans[i].matrices
@@ -170,7 +171,8 @@ def _group_buffer(template: Basis, size: int) -> Basis:
   return Basis(*(None if q is None else jnp.zeros((size, *q.shape), q.dtype) for q in template))
 
 
-def sketched_refresh(loaders: Sequence[Callable], stacked_keys, template: Basis, warm, rank: int, refresh) -> list[Basis]:
+def sketched_refresh(loaders: Sequence[Callable], stacked_keys, template: Basis, warm, rank: int,
+                     refresh) -> list[Basis]:
   """New bases of a group whose members are all due, by a two-stage refresh (``sketch`` / ``finish``).
 
   A ``fori_loop`` sketches the members one at a time (one fp32 gradient copy

@@ -54,7 +54,8 @@ def moment_slots(inner_state, keypaths: Sequence[tuple], plans: Sequence[LeafPla
   for i, (state_path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(inner_state, is_leaf=is_leaf)[0]):
     for j, plan in enumerate(plans):
       suffix = keypaths[j]
-      if plan is None or len(state_path) < len(suffix) or tuple(state_path[len(state_path) - len(suffix):]) != tuple(suffix):
+      if (plan is None or len(state_path) < len(suffix)
+          or tuple(state_path[len(state_path) - len(suffix):]) != tuple(suffix)):
         continue
       if not _holds(leaf, plan):
         continue

@@ -136,8 +136,8 @@ class GaLoreOptions:
     if not refresh_lib.is_orthonormal(refresh_lib.resolve(self.refresh)):
       # C = Q_newᵀ Q_old and the overlap of two bases mean something only for orthonormal columns.
       if self.on_refresh in ("project", "project_first"):
-        raise ValueError(f"on_refresh={self.on_refresh!r} needs orthonormal bases, but refresh={self.refresh!r} draws random "
-                         "projections: use on_refresh='keep' (as APOLLO) or 'reset'")
+        raise ValueError(f"on_refresh={self.on_refresh!r} needs orthonormal bases, but refresh={self.refresh!r} "
+                         "draws random projections: use on_refresh='keep' (as APOLLO) or 'reset'")
       if self.adaptive_gap is not None:
         raise ValueError(f"adaptive_gap measures how far an orthonormal basis moved, but refresh={self.refresh!r} "
                          "draws random projections: use a fixed update_proj_gap")

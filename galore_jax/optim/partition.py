@@ -54,10 +54,11 @@ def state_specs(abstract_state, abstract_params, param_specs_tree, fsdp_size: in
   ``[..., m, r]`` (input side) and ``[..., n, r]`` (output side) take the spec of the parameter's
   axis -2 or -1 on their axis -2 and replicate the rank axis; low-rank moments ``[..., r, n]`` or
   ``[..., m, r]`` keep the spec of their unprojected axis. When the parameter's rule splits the larger
-  axis (as the training app's does) and GaLore's ``std`` rule projects the smaller one, the moments (``2·r·n`` values) are split
-  and the bases (``m·r``) replicated. Everything else (counts, schedules, 8-bit blocks,
-  factored moments) is replicated, and so is any axis the ``fsdp`` size does not divide. The rule
-  assumes the default dimension numbers (matrix = last two axes); other layouts are replicated.
+  axis (as the training app's does) and GaLore's ``std`` rule projects the smaller one, the
+  moments (``2·r·n`` values) are split and the bases (``m·r``) replicated. Everything else
+  (counts, schedules, 8-bit blocks, factored moments) is replicated, and so is any axis the
+  ``fsdp`` size does not divide. The rule assumes the default dimension numbers (matrix = last
+  two axes); other layouts are replicated.
 
   Args:
     abstract_state: the state's tree, e.g. ``jax.eval_shape(tx.init, params)``.

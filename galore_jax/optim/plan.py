@@ -167,7 +167,8 @@ def plan_leaf(path: str, shape: tuple[int, ...], dims: GaLoreDimensionNumbers, r
   output = _normalize_axes(dims.output_axis, ndim, path)
   if (not reduction or not output or set(reduction) & set(output) or len(set(reduction)) < len(reduction)
       or len(set(output)) < len(output)):
-    raise ValueError(f"dimension_numbers {dims} for leaf {path!r}: reduction and output axes must be non-empty and disjoint")
+    raise ValueError(f"dimension_numbers {dims} for leaf {path!r}: reduction and output axes must be non-empty "
+                     "and disjoint")
   batch = tuple(ax for ax in range(ndim) if ax not in reduction and ax not in output)
   r = rank(path, shape) if callable(rank) else rank
   if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:

@@ -38,7 +38,8 @@ def svd_basis(grad: jax.Array, rank: int, sides: Sides, algorithm: str | None = 
 
 
 RefreshFn = Callable[[jax.Array, Basis, int], Basis]
-"""``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``; the sides needed are those of ``previous_basis``."""
+"""``refresh(grad_fp32 [..., m, n], previous_basis, rank) -> Basis``; the sides needed are those of
+``previous_basis``."""
 
 
 def exact_refresh(grad: jax.Array, previous: Basis, rank: int) -> Basis:
@@ -233,11 +234,11 @@ EXACT_METHODS = ("gram", "svd")
 class ExactRefresh:
   """The reference's refresh, the exact top-``r`` singular subspace of the fp32 gradient, by one of two methods.
 
-  ``method="gram"`` (``refresh="gram"``; ``method=None`` without ``svd_algorithm``): :func:`gram_basis`, the eigenvectors of the short side's
-  Gram matrix, as a two-stage refresh: :meth:`sketch` forms the Gram matrix (one matmul reading the gradient)
-  and :meth:`finish` runs the eigensolver, so a group of equal shapes is finished in one batched ``eigh``.
-  ``method="svd"`` (``refresh="svd"``, the default of :func:`galore_jax.galore`): :func:`svd_basis`, one direct
-  SVD per matrix, as the reference;
+  ``method="gram"`` (``refresh="gram"``; ``method=None`` without ``svd_algorithm``): :func:`gram_basis`, the
+  eigenvectors of the short side's Gram matrix, as a two-stage refresh: :meth:`sketch` forms the Gram matrix
+  (one matmul reading the gradient) and :meth:`finish` runs the eigensolver, so a group of equal shapes is
+  finished in one batched ``eigh``. ``method="svd"`` (``refresh="svd"``, the default of
+  :func:`galore_jax.galore`): :func:`svd_basis`, one direct SVD per matrix, as the reference;
   ``svd_algorithm`` picks ``jax.lax.linalg.svd``'s algorithm (e.g. ``"jacobi"``, cuSOLVER's Jacobi SVD on GPU).
   ``method=None`` is ``"svd"`` when ``svd_algorithm`` is given, so ``ExactRefresh("jacobi")`` keeps meaning a
   Jacobi SVD, and ``"gram"`` otherwise.
@@ -565,7 +566,8 @@ class RandomProjection:
 
 
 def random_orthonormal(key, shape: tuple[int, ...]) -> jax.Array:
-  r"""Haar-distributed orthonormal columns ``Q [..., d, r]``: QR of a Gaussian, with the signs of ``R``'s diagonal fixed.
+  r"""Haar-distributed orthonormal columns ``Q [..., d, r]``: QR of a Gaussian, with the signs of ``R``'s diagonal
+  fixed.
 
   ``Z = Q R`` with ``Z`` i.i.d. :math:`\mathcal N(0, 1)`; multiplying each column of ``Q`` by
   :math:`\mathrm{sign}(R_{jj})` makes the factorisation unique, and then ``Q`` is uniform on the Stiefel
@@ -673,7 +675,8 @@ def resolve(refresh: str | RefreshFn) -> RefreshFn:
 
 
 def accepted_keywords(fn) -> frozenset[str]:
-  """The optional keywords (``key``, ``warm``, ``step``) a refresh callable accepts; plain 3-argument callables get none."""
+  """The optional keywords (``key``, ``warm``, ``step``) a refresh callable accepts; plain 3-argument callables get
+  none."""
   try:
     params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):

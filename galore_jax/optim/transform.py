@@ -165,7 +165,8 @@ def refresh_due(state: GaLoreState, plan: TreePlan, matrices: list, bases: list,
 
 
 def _rule_states(rule: UpdateRule, plan: TreePlan) -> dict | None:
-  """``{path: rule.init(plan)}``, kept only for a stateful rule: ``init`` also checks that the rule can handle the leaf."""
+  """``{path: rule.init(plan)}``, kept only for a stateful rule: ``init`` also checks that the rule can handle the
+  leaf."""
   states = {p.path: rule.init(p) for p in plan.leaves if p}
   return states if rule.stateful else None
 

@@ -98,7 +98,8 @@ def check_compatible(item: str, saved, target) -> None:
       raise CheckpointMismatch(f"checkpoint {item} lacks {path} {shape} that the config builds")
     if saved_shapes[path] != (shape, dtype):
       raise CheckpointMismatch(
-          f"checkpoint {item} {path} is {saved_shapes[path][0]} {saved_shapes[path][1]}, the config builds {shape} {dtype}")
+          f"checkpoint {item} {path} is {saved_shapes[path][0]} {saved_shapes[path][1]}, "
+          f"the config builds {shape} {dtype}")
   for path, (shape, _) in saved_shapes.items():
     if path not in target_shapes:
       raise CheckpointMismatch(f"checkpoint {item} has {path} {shape} that the config does not build")
@@ -109,7 +110,8 @@ def _placed(tree):
   sharding they were saved with, which names devices this process may not have)."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
-      lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      lambda x: (x if getattr(x, "sharding", None) is not None
+                 else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)),
       tree)
 
 

@@ -150,7 +150,8 @@ def _one_real_step(cfg, compiled, tx) -> int:
   rng = np.random.default_rng(0)
   vocab = config.model_config(cfg).vocab_size
   shape = (cfg.train.batch_size, cfg.data.seq_len)
-  batch = {"inputs": rng.integers(0, vocab, shape, dtype=np.int32), "targets": rng.integers(0, vocab, shape, dtype=np.int32),
+  batch = {"inputs": rng.integers(0, vocab, shape, dtype=np.int32),
+           "targets": rng.integers(0, vocab, shape, dtype=np.int32),
            "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
   params, opt_state, metrics = compiled(params, opt_state, batch)  # the step compiled above, not a second compile

@@ -276,8 +276,10 @@ def test_ignorable_extras_are_accepted(tmp_path):
 
 def test_misshaped_tensor_is_named(tmp_path):
   hf_model().save_pretrained(tmp_path)
-  _rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((64, 95), np.float32)}))
-  with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 95\), expected \(64, 96\)"):
+  _rewrite_single_file(tmp_path,
+                       lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((64, 95), np.float32)}))
+  with pytest.raises(ValueError,
+                     match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 95\), expected \(64, 96\)"):
     hf.from_hf(tmp_path)
 
 

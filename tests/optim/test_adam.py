@@ -21,7 +21,8 @@ def _updates(tx, grads):
 def test_bias_correction_split_off_equals_the_whole_step(b1, b2):
   grads = [{"w": jax.random.normal(jax.random.key(t), (3, 5))} for t in range(6)]
   whole = _updates(scale_by_adam_hf(b1, b2), grads)
-  split = _updates(optax.chain(scale_by_adam_hf(b1, b2, bias_correction=False), scale_by_bias_correction(b1, b2)), grads)
+  split = _updates(optax.chain(scale_by_adam_hf(b1, b2, bias_correction=False), scale_by_bias_correction(b1, b2)),
+                   grads)
   chex.assert_trees_all_close(split, whole, rtol=1e-6, atol=0)
   normalized = _updates(scale_by_adam_hf(b1, b2, bias_correction=False), grads)
   t = 3  # step t + 1: the factor sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)), in fp32 as the reference's step size

@@ -47,7 +47,8 @@ def jax_updates(problem, proj_type, **kwargs):
 
 
 def projector_matrix(p) -> np.ndarray:
-  """The orthogonal projector onto a reference projector's subspace: ``Pᵀ P`` for right ``(r, in)``, ``P Pᵀ`` for left."""
+  """The orthogonal projector onto a reference projector's subspace: ``Pᵀ P`` for right ``(r, in)``, ``P Pᵀ`` for
+  left."""
   p = p.numpy()
   return p.T @ p if p.shape[0] == RANK else p @ p.T
 

@@ -61,8 +61,9 @@ def test_stagger_refreshes_each_leaf_on_step_0_then_once_per_gap(gap):
     _, new = step(gapped_grads(t, params), state)
     jax.effects_barrier()
     for path in offsets:
-      history[path].append(not np.allclose(new.bases[path][0] if new.bases[path][0] is not None else new.bases[path][1],
-                                           state.bases[path][0] if state.bases[path][0] is not None else state.bases[path][1]))
+      history[path].append(not np.allclose(
+          new.bases[path][0] if new.bases[path][0] is not None else new.bases[path][1],
+          state.bases[path][0] if state.bases[path][0] is not None else state.bases[path][1]))
     state = new
   assert len(calls[0]) == 4  # every leaf on step 0
   for path, changed in history.items():

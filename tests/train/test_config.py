@@ -77,7 +77,7 @@ def test_bad_optimizer_values_are_refused(key, value, needle):
     config.validate(cfg)
 
 
-# ----------------------------------------------------------------------------- resolve: what the command line leaves implicit
+# ----------------------------------------------------------------------- resolve: what the command line leaves implicit
 
 
 @pytest.mark.parametrize("spelling", ["None", "none", ""])
@@ -115,7 +115,8 @@ def test_tokenizer_defaults_to_the_hf_checkpoints_own(tmp_path):
     ("apollo_adamw", "apollo_scale", -1.0, "optimizer.apollo_scale"),
     ("fira_adamw", "norm_growth_limit", 0.5, "optimizer.norm_growth_limit"),
     ("apollo_adamw", "on_refresh", "project", "optimizer.on_refresh='project' needs orthonormal bases"),
-    ("fira_adamw", "proj_type", "full", r"optimizer.proj_type='full': fira: leaf 'layers/0/attn/\w+/kernel'"),    ("golore_adamw", "golore_switch_step", -1, "optimizer.golore_switch_step"),
+    ("fira_adamw", "proj_type", "full", r"optimizer.proj_type='full': fira: leaf 'layers/0/attn/\w+/kernel'"),
+    ("golore_adamw", "golore_switch_step", -1, "optimizer.golore_switch_step"),
     ("golore_adamw", "refresh", "randomized", "optimizer.refresh='randomized': golore_adamw"),
     ("q_galore_adamw", "basis_group_size", 3, "optimizer.basis_group_size must be a positive even int"),
     ("q_galore_adamw", "basis_group_size", 1 << 20, r"optimizer.basis_group_size=1048576: basis_dtype='int4' at "
@@ -143,7 +144,8 @@ def test_golore_and_q_galore_options():
 
 
 def test_apollo_options_come_from_its_own_keys():
-  """APOLLO's scale and projection are its own keys (GaLore's α and refresh mean other things); APOLLO-Mini is rank 1."""
+  """APOLLO's scale and projection are its own keys (GaLore's α and refresh mean other things); APOLLO-Mini is
+  rank 1."""
   mini = config.optimizer_options(make_config(name="apollo_mini", scale=0.25, refresh="svd").optimizer)
   assert mini["rank"] == 1 and mini["refresh"] == "random" and "scale" not in mini  # the alias's 128
   apollo = make_config(name="apollo_adamw", apollo_scale=2.0, apollo_proj="svd")

@@ -29,7 +29,8 @@ def closed_form_state_bytes(cfg, rank=None) -> int:
   """Projector r·min(m,n) + moments 2·r·max(m,n) per targeted matrix, fp32 Adam for the rest, and three int32
   step counts (GaLore's, Adam's, the learning-rate schedule's)."""
   m = config.model_config(cfg)
-  h, f, q, kv = m.hidden_size, m.intermediate_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+  h, f, q, kv = (m.hidden_size, m.intermediate_size, m.num_attention_heads * m.head_dim,
+                 m.num_key_value_heads * m.head_dim)
   r = cfg.optimizer.rank if rank is None else rank
   matrices = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
   per_layer = sum(min(r, a, b) * min(a, b) + 2 * min(r, a, b) * max(a, b) for a, b in matrices)

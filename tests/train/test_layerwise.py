@@ -180,7 +180,8 @@ def test_stacked_state_is_the_unrolled_state_stacked():
   assert_same_training(params[True], stack_layers(params[False], CFG.num_hidden_layers), stack_layers(unrolled, 3))
   restacked = stack_layers(state[False], CFG.num_hidden_layers)["layers"]
   assert jax.tree.structure(state[True]["layers"]) == jax.tree.structure(restacked)
-  for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(restacked)[0], jax.tree.leaves(state[True]["layers"])):
+  for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(restacked)[0],
+                                jax.tree.leaves(state[True]["layers"])):
     assert have.shape == want.shape and have.dtype == want.dtype, jax.tree_util.keystr(path)
     if jnp.issubdtype(want.dtype, jnp.floating):  # bases and moments; 8-bit codes may move by one code
       np.testing.assert_allclose(np.asarray(have, np.float32), np.asarray(want, np.float32), atol=1e-3, rtol=0,
@@ -238,7 +239,8 @@ def test_config_wiring():
 
 def test_layout_mismatch_is_refused():
   params = initial_params()
-  step = steps.make_steps(nnx.graphdef(llama.Llama(CFG, rngs=nnx.Rngs(0))), layerwise.by_layer(galore_tx(), stacked=True),
+  step = steps.make_steps(nnx.graphdef(llama.Llama(CFG, rngs=nnx.Rngs(0))),
+                          layerwise.by_layer(galore_tx(), stacked=True),
                           grad_accum=1, packed=False, layerwise_updates=True).train
   with pytest.raises(ValueError, match="scan_layers=False"):
     step(params, layerwise.by_layer(galore_tx()).init(params), batch(0))

@@ -43,8 +43,8 @@ def free_port() -> int:
 
 def start(workdir, corpus, *extra, **env):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1", "OPENBLAS_NUM_THREADS": "1", **env}
-  cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--config.workdir={workdir}", f"--config.data.path={corpus}", *ARGS,
-         *extra]
+  cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--config.workdir={workdir}",
+         f"--config.data.path={corpus}", *ARGS, *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -142,7 +142,8 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(t
 @pytest.mark.parametrize("env,needle", [
     ({"JAX_COORDINATOR_ADDRESS": "localhost:notaport", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
      "JAX_COORDINATOR_ADDRESS must be host:port, got 'localhost:notaport'"),
-    ({"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "got 'two' and '0'"),
+    ({"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "got 'two' and '0'"),
     ({"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "got '2' and '2'"),
 ])
 def test_bad_multi_process_environment_is_one_line_and_exit_code_2(tmp_path, corpus, env, needle):

@@ -1,4 +1,5 @@
-"""Out of device memory at the first train step: one line with XLA's figure and the device's, exit 2, checkpoints untouched.
+"""Out of device memory at the first train step: one line with XLA's figure and the device's, exit 2, checkpoints
+untouched.
 
 CPU cannot run out of memory for real, so XLA's error is injected: the step's first call raises it.
 """
@@ -146,6 +147,7 @@ def test_train_py_out_of_memory_at_the_first_step_is_one_line_and_keeps_the_chec
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: out of device memory at the first train step: it needs "), lines
+  assert len(lines) == 1 and lines[0].startswith("error: out of device memory at the first train step: "
+                                                 "it needs "), lines
   assert "GB (XLA's memory analysis of the step)" in lines[0] and "--dry_run" in lines[0]
   assert snapshot(workdir / "checkpoints") == before
