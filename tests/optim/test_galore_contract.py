@@ -14,17 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from galore_jax import (
-    GaLoreState,
-    apollo_adamw,
-    apollo_mini,
-    fira_adamw,
-    galore_adafactor,
-    galore_adamw,
-    galore_adamw_8bit,
-    golore_adamw,
-    q_galore_adamw,
-)
+import galore_jax
+from galore_jax import GaLoreState, galore_adamw
 
 ALL_MATRICES = lambda path, leaf: jnp.ndim(leaf) >= 2
 
@@ -231,10 +222,11 @@ def test_llama_7b_state_bytes_match_closed_form(capsys):
 GPU_OPTIMIZERS = {
     "galore_adamw": galore_adamw, "galore_adamw+gram": functools.partial(galore_adamw, refresh="gram"),
     "galore_adamw+randomized": functools.partial(galore_adamw, refresh="randomized"),
-    "galore_adamw_8bit": galore_adamw_8bit, "galore_adafactor": galore_adafactor, "fira_adamw": fira_adamw,
-    "apollo_adamw": apollo_adamw, "apollo_mini": lambda lr, rank: apollo_mini(lr),
-    "golore_adamw": functools.partial(golore_adamw, switch_step=2),
-    "q_galore_adamw": functools.partial(q_galore_adamw, basis_group_size=16),
+    "galore_adamw_8bit": galore_jax.galore_adamw_8bit, "galore_adafactor": galore_jax.galore_adafactor,
+    "fira_adamw": galore_jax.fira_adamw, "apollo_adamw": galore_jax.apollo_adamw,
+    "apollo_mini": lambda lr, rank: galore_jax.apollo_mini(lr),
+    "golore_adamw": functools.partial(galore_jax.golore_adamw, switch_step=2),
+    "q_galore_adamw": functools.partial(galore_jax.q_galore_adamw, basis_group_size=16),
 }
 
 
