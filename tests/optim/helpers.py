@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,14 @@ def dot_precisions(jaxpr, found=None):
     for sub in sub_jaxprs(eqn):
       dot_precisions(sub, found)
   return found
+
+
+def gpu_solver_calls(fn, *args) -> list[tuple[str, int]]:
+  """``(target, batch dims)`` of every custom call in ``fn(*args)``'s StableHLO lowered for CUDA (``jax.export``,
+  no GPU needed); asserts there is no loop (a per-matrix loop is the CPU lowering only)."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*abstract).mlir_module()
+  assert "stablehlo.while" not in text
+  calls = re.findall(r'stablehlo\.custom_call @(\w+)\(.*?num_batch_dims = "(\d+)"', text)
+  assert len(calls) == text.count("stablehlo.custom_call"), text
+  return [(target, int(dims)) for target, dims in calls]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import gpu_solver_calls
 
 from galore_jax.optim import linalg
 
@@ -46,15 +47,6 @@ def test_batched_factors_equal_one_call_per_matrix(name):
     single = DECOMPOSITIONS[name](x[index])
     for b, s in zip(batched, single):
       np.testing.assert_allclose(b[index], s, rtol=1e-5, atol=1e-5)
-
-
-def gpu_solver_calls(fn, x) -> list[tuple[str, int]]:
-  """``(target, batch dims)`` of every custom call in ``fn``'s StableHLO lowered for CUDA; no GPU needed."""
-  text = jax.export.export(jax.jit(fn), platforms=["cuda"])(jax.ShapeDtypeStruct(x.shape, x.dtype)).mlir_module()
-  assert "stablehlo.while" not in text  # no per-matrix loop on GPU
-  calls = re.findall(r'stablehlo\.custom_call @(\w+)\(.*?num_batch_dims = "(\d+)"', text)
-  assert len(calls) == text.count("stablehlo.custom_call"), text
-  return [(target, int(dims)) for target, dims in calls]
 
 
 @pytest.mark.parametrize("name", list(DECOMPOSITIONS))
