@@ -3,9 +3,10 @@
   python eval.py --workdir workdir/tiny [--step N] [--prompt "def main("] [--export_hf DIR]
 
 Restores the parameters only (no optimizer state is read) against the model the run's saved
-config builds. Reads the workdir and writes nothing there (only ``--export_hf``'s directory). Any
-problem with the workdir (no config.json or an unreadable one, no checkpoint, a damaged one) is one
-line ``error: ...`` and exit code 2.
+config builds. Reads the workdir and writes nothing there: ``--export_hf`` must be outside it, and
+never overwrites a config.json that is not a transformers model's. Any problem with the arguments or
+the workdir (no config.json or an unreadable one, no checkpoint, a damaged one) is one line
+``error: ...`` and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -46,22 +47,51 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
                               eval_batches=cfg.eval.batches, seed=cfg.seed)
   except (config.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointDamaged, ValueError) as e:
     fail(str(e))  # RunNotLoadable is a ValueError
+  prompt_ids = dataset.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [dataset.eos_id]
+  limit = model.config.max_position_embeddings
+  if len(prompt_ids) + max_new_tokens > limit:
+    fail(f"--max_new_tokens {max_new_tokens}: with the prompt's {len(prompt_ids)} tokens that exceeds the model's "
+         f"max_position_embeddings {limit}")
   graphdef, params = nnx.split(model)
 
   eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(graphdef, p), b, cfg.data.packing))
-  loss_sum = tokens = 0.0
-  for batch in dataset.eval_batches:
-    l, t = eval_step(params, batch)
-    loss_sum, tokens = loss_sum + float(l), tokens + float(t)
-  eval_loss = loss_sum / max(tokens, 1.0)
+  eval_loss, tokens = metrics.validation_loss(lambda batch: eval_step(params, batch), dataset.eval_batches)
 
-  prompt_ids = dataset.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [dataset.eos_id]
   out = llama.generate(model, [prompt_ids], max_new_tokens=max_new_tokens)
   sample = dataset.tokenizer.decode(list(map(int, out[0])))
   if export_hf:
-    hf.to_hf(model, export_hf, tokenizer=dataset.tokenizer)
-  return {"step": step, "eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss), "eval_tokens": tokens,
+    try:
+      hf.to_hf(model, export_hf, tokenizer=dataset.tokenizer)
+    except (OSError, ValueError) as e:
+      fail(f"--export_hf {export_hf!r}: {e}")
+  return {"step": step, "eval_loss": eval_loss,
+          "eval_ppl": None if eval_loss is None else metrics.perplexity(eval_loss), "eval_tokens": tokens,
           "sample": sample, "export_hf": export_hf}
+
+
+def check_arguments(workdir: str, max_new_tokens: int, export_hf: str | None) -> None:
+  """The flags' own errors, before anything is loaded (a bad --export_hf must not cost an evaluation first)."""
+  if not os.path.isdir(workdir):
+    fail(f"--workdir {workdir!r} does not exist")
+  if max_new_tokens < 0:
+    fail(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
+  if not export_hf:
+    return
+  from galore_jax.models import hf
+
+  run, target = os.path.realpath(workdir), os.path.realpath(export_hf)
+  if os.path.commonpath([run, target]) == run:
+    fail(f"--export_hf {export_hf!r} is inside the workdir {workdir!r}, which eval.py does not write to; "
+         "give a directory outside it")
+  try:
+    hf.check_export_dir(export_hf)
+  except ValueError as e:
+    fail(f"--export_hf {e}")
+  existing = target
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    fail(f"--export_hf {export_hf!r}: {existing!r} is not writable")
 
 
 def main() -> None:
@@ -71,10 +101,12 @@ def main() -> None:
     fail(str(e).splitlines()[0])
   if not _WORKDIR.value:
     fail("--workdir is required")
-  if not os.path.isdir(_WORKDIR.value):
-    fail(f"--workdir {_WORKDIR.value!r} does not exist")
+  check_arguments(_WORKDIR.value, _MAX_NEW_TOKENS.value, _EXPORT_HF.value)
   result = evaluate(_WORKDIR.value, _STEP.value, _PROMPT.value, _MAX_NEW_TOKENS.value, _EXPORT_HF.value)
-  print(f"step {result['step']}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
+  if result["eval_loss"] is None:
+    print(f"step {result['step']}: no validation text (the run's data.validation_fraction is 0)")
+  else:
+    print(f"step {result['step']}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
   print(f"sample: {result['sample']!r}")
   if result["export_hf"]:
     print(f"exported to {result['export_hf']}")

@@ -306,6 +306,9 @@ def start_up(cfg, primary: bool) -> Run:
   where = device.device_kind if layout is None else f"{device.device_kind} x{mesh.size}, {sharding.describe(mesh)}"
   print(f"{steps.count_params(params) / 1e6:.1f}M parameters on {where}; steps {start} -> {cfg.train.steps}; "
         f"workdir {cfg.workdir}", flush=True)
+  if not dataset.stats["val_tokens"]:
+    print(f"no validation text (data.validation_fraction {cfg.data.validation_fraction}): no eval_loss is logged",
+          flush=True)
   return Run(cfg, dataset, ckpts, step_fns, put, writer, primary, start, params, opt_state,
              nonfinite_steps=meta.get("nonfinite_steps", 0), step=start)
 
@@ -433,12 +436,10 @@ def train_loop(r: Run, stop: StopRequests) -> None:
 def evaluate(r: Run, step: int) -> None:
   from galore_jax.train import metrics
 
-  loss_sum = tokens = 0.0
-  for batch in r.dataset.eval_batches:
-    l, t = r.step_fns.eval(r.params, r.put(batch))
-    loss_sum, tokens = loss_sum + float(l), tokens + float(t)
-  eval_loss = loss_sum / max(tokens, 1.0)
-  r.writer.write(step, {"eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss)})
+  eval_loss, _ = metrics.validation_loss(lambda batch: r.step_fns.eval(r.params, r.put(batch)),
+                                        r.dataset.eval_batches)
+  if eval_loss is not None:
+    r.writer.write(step, {"eval_loss": eval_loss, "eval_ppl": metrics.perplexity(eval_loss)})
 
 
 def save(r: Run, step: int, force: bool = False) -> None:
@@ -492,9 +493,7 @@ def parse_config():
   given = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
   given += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
   spec = given[-1] if given else "configs/tiny.py"
-  path = spec.split(":")[0]
-  if not os.path.isfile(path):
-    fail(f"config file {path!r} does not exist")
+  file_config = load_config_file(spec)
   try:
     # config_flags reads the overrides from sys.argv as soon as the flag is defined.
     config = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
@@ -502,7 +501,7 @@ def parse_config():
   except flags.Error as e:
     fail(str(e).splitlines()[0])
   except (AttributeError, KeyError) as e:
-    fail(unknown_key(spec, args) or f"bad config override in {overrides}: {innermost_message(e)}")
+    fail(unknown_key(file_config, args) or f"bad config override in {overrides}: {innermost_message(e)}")
   except (ValueError, TypeError, OSError) as e:
     fail(f"bad config ({overrides or 'no overrides'}): {str(e).splitlines()[0]}")
   from galore_jax.train import config as run_config
@@ -514,6 +513,28 @@ def parse_config():
   return config.value
 
 
+def load_config_file(spec: str):
+  """``get_config()`` of the config file ``path[:argument]``; a file that does not give a ConfigDict is bad input."""
+  import runpy
+
+  from ml_collections import config_dict
+
+  path, _, argument = spec.partition(":")
+  if not os.path.isfile(path):
+    fail(f"config file {path!r} does not exist")
+  try:
+    get_config = runpy.run_path(path).get("get_config")
+    if get_config is None:
+      fail(f"config file {path!r} defines no get_config()")
+    cfg = get_config(*([argument] if argument else []))
+  except Exception as e:  # noqa: BLE001 - a config file is the user's code: whatever it raises is bad input
+    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+    fail(f"config file {path!r} does not load: {type(e).__name__}: {innermost_message(e)}{where}")
+  if not isinstance(cfg, config_dict.ConfigDict):
+    fail(f"config file {path!r}: get_config() returned {type(cfg).__name__} {str(cfg)[:40]!r}, not a ConfigDict")
+  return cfg
+
+
 def innermost_message(error: BaseException) -> str:
   """The first line of the innermost message: ml_collections wraps a KeyError('...') in an AttributeError."""
   while error.args and isinstance(error.args[0], BaseException):
@@ -522,19 +543,15 @@ def innermost_message(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
-def unknown_key(spec: str, args: list[str]) -> str | None:
+def unknown_key(cfg, args: list[str]) -> str | None:
   """``unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?`` for the first
-  override naming a key the config file does not have; None when every override names one.
-
-  The config file is read again (ml_collections' own message is a multi-line repr of a KeyError).
+  override naming a key that the config file's ``cfg`` does not have; None when every override names one
+  (ml_collections' own message is a multi-line repr of a KeyError).
   """
   import difflib
-  import runpy
 
   from ml_collections import config_dict
 
-  path, _, argument = spec.partition(":")
-  cfg = runpy.run_path(path)["get_config"](*([argument] if argument else []))
   for arg in args:
     if not arg.startswith("--config."):
       continue

@@ -390,6 +390,27 @@ def _write_safetensors(filename: str, params: dict, shard: list[TensorSpec], dty
       del x
 
 
+def check_export_dir(path) -> None:
+  """Raise ``ValueError`` naming ``path`` unless :func:`to_hf` may write there.
+
+  An export replaces an earlier export's files; it never overwrites a ``config.json`` that is not a
+  transformers model's (a training run's workdir, say) and never writes where a file is.
+  """
+  path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{path!r} exists and is not a directory")
+  config_path = os.path.join(path, "config.json")
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path) as f:
+        existing = json.load(f)
+    except (OSError, ValueError):
+      existing = None
+    if not isinstance(existing, dict) or "model_type" not in existing:
+      raise ValueError(f"{path!r} holds a config.json that is not a transformers model's (a training run's "
+                       f"workdir?); export to a new or empty directory")
+
+
 def to_hf(model: Llama, path, *, tokenizer: Any = None, max_shard_size: int | str = "5GB", dtype=None) -> None:
   """Write ``model`` as a HF ``LlamaForCausalLM`` checkpoint directory.
 
@@ -402,8 +423,13 @@ def to_hf(model: Llama, path, *, tokenizer: Any = None, max_shard_size: int | st
       weights are split into ``model-0000x-of-0000y.safetensors`` with
       ``model.safetensors.index.json``.
     dtype: dtype of the saved tensors (default: the parameters' dtype).
+
+  Raises:
+    ValueError: ``path`` is a file, or holds a ``config.json`` that is not a transformers model's
+      (:func:`check_export_dir`); nothing is written.
   """
   path = os.fspath(path)
+  check_export_dir(path)
   os.makedirs(path, exist_ok=True)
   cfg = model.config
   dtype = np.dtype(cfg.param_dtype if dtype is None else jnp.dtype(dtype))

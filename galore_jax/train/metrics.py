@@ -37,6 +37,19 @@ def perplexity(loss: float) -> float:
     return math.inf
 
 
+def validation_loss(loss_and_tokens: Callable, batches) -> tuple[float | None, float]:
+  """``(loss per predicted token, tokens)`` over ``batches``; ``loss_and_tokens(batch)`` gives both summed.
+
+  The loss is None when the batches predict no token (``data.validation_fraction = 0`` leaves no validation
+  split): a loss of 0 there would read as a perfect model.
+  """
+  loss_sum = tokens = 0.0
+  for batch in batches:
+    loss, count = loss_and_tokens(batch)
+    loss_sum, tokens = loss_sum + float(loss), tokens + float(count)
+  return (loss_sum / tokens if tokens else None), tokens
+
+
 class MetricsFileError(ValueError):
   """A metrics file with a damaged line other than the last."""
 

@@ -24,6 +24,9 @@ __all__ = ["CheckpointDamaged", "CheckpointMismatch", "Restored", "RunNotLoadabl
            "restore_run"]
 
 
+RUN_SECTIONS = ("model", "data", "train", "optimizer")  # what restoring a model reads from a run's config
+
+
 class RunNotLoadable(ValueError):
   """A workdir that holds no readable run config or no such checkpoint; the message names it."""
 
@@ -37,9 +40,15 @@ def load_run_config(workdir: str):
     raise RunNotLoadable(f"workdir {workdir!r} has no config.json: not a training run")
   try:
     with open(path) as f:
-      cfg = config_dict.ConfigDict(json.load(f))
+      loaded = json.load(f)
   except (OSError, ValueError) as e:
     raise RunNotLoadable(f"{path} is not a readable config: {e}") from None
+  if not isinstance(loaded, dict):
+    raise RunNotLoadable(f"{path} is not a training run's config: it holds a {type(loaded).__name__}, not an object")
+  cfg = config_dict.ConfigDict(loaded)
+  missing = [section for section in RUN_SECTIONS if section not in cfg]
+  if missing:
+    raise RunNotLoadable(f"{path} is not a training run's config: it has no {', '.join(map(repr, missing))}")
   cfg.workdir = workdir
   return cfg
 

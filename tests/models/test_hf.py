@@ -163,6 +163,22 @@ def test_exported_config_fields(tmp_path):
   assert hf.config_from_hf(config) == cfg
 
 
+@pytest.mark.parametrize("existing", ['{"model": {"preset": "llama_20m"}, "train": {}}', "[1, 2]", "not json"],
+                         ids=["a-run-config", "json-not-an-object", "unreadable"])
+def test_export_never_overwrites_a_config_that_is_not_a_models(tmp_path, existing):
+  model = Llama(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4), rngs=nnx.Rngs(0))
+  (tmp_path / "config.json").write_text(existing)
+  with pytest.raises(ValueError, match=f"'{tmp_path}' holds a config.json that is not a transformers model's"):
+    hf.to_hf(model, tmp_path)
+  assert (tmp_path / "config.json").read_text() == existing and os.listdir(tmp_path) == ["config.json"]
+  with pytest.raises(ValueError, match="exists and is not a directory"):
+    hf.to_hf(model, tmp_path / "config.json")
+  hf.to_hf(model, tmp_path / "export")  # a new directory, then an earlier export's, are written
+  hf.to_hf(model, tmp_path / "export")
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "llama"
+
+
 def test_bfloat16_both_directions(tmp_path):
   torch = pytest.importorskip("torch")
   ref = hf_model(kv_heads=2, dtype=torch.bfloat16)

@@ -77,6 +77,49 @@ def test_bad_optimizer_values_are_refused(key, value, needle):
     config.validate(cfg)
 
 
+@pytest.mark.parametrize("name,section,key,value,needle", [
+    ("adamw", None, "seed", -1, r"seed must be >= 0, got -1"),
+    ("adamw", "train", "grad_clip", -1.0, r"train.grad_clip must be >= 0, got -1.0"),
+    ("adamw", "optimizer", "weight_decay", -0.1, r"optimizer.weight_decay must be >= 0"),
+    ("adamw", "optimizer", "eps", -1e-8, r"optimizer.eps must be >= 0"),
+    ("galore_adamw", "optimizer", "b1", 1.5, r"optimizer.b1 must be in \[0, 1\), got 1.5"),
+    ("adamw_8bit", "optimizer", "b2", 1.0, r"optimizer.b2 must be in \[0, 1\), got 1.0"),  # 1 - b2^t = 0
+    ("galore_adafactor", "optimizer", "adafactor_beta1", 1.0, r"optimizer.adafactor_beta1 must be in \[0, 1\)"),
+    ("galore_adamw", "optimizer", "scale", 0.0, r"optimizer.scale must be positive"),
+    ("fira_adamw", "optimizer", "scale", -0.25, r"optimizer.scale must be positive"),
+    ("galore_adamw", "model", "param_dtype", "int8", r"model: param_dtype must be a floating-point dtype, got int8"),
+    ("galore_adamw", "model", "dtype", "int32", r"model: dtype must be a floating-point dtype, got int32"),
+    ("galore_adamw", "model", "num_hidden_layers", 0, r"model: num_hidden_layers must be a positive int, got 0"),
+])
+def test_bad_run_values_are_refused_naming_the_value(name, section, key, value, needle):
+  cfg = make_config(name=name)
+  (cfg if section is None else cfg[section])[key] = value
+  with pytest.raises(config.ConfigError, match=needle):
+    config.validate(cfg)
+
+
+def test_apollo_ignores_the_galore_scale():
+  cfg = make_config(name="apollo_mini", scale=-1.0)  # APOLLO's own scale is apollo_scale
+  config.validate(cfg)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("x = 1\n", "defines no get_config()"),
+    ("def get_config():\n  raise RuntimeError('boom')\n", "does not load: RuntimeError: boom"),
+    ("def get_config(:\n", "does not load: SyntaxError: invalid syntax (line 1)"),
+    ("def get_config():\n  return 5\n", "get_config() returned int '5', not a ConfigDict"),
+])
+def test_a_config_file_that_gives_no_config_is_one_line(tmp_path, capsys, text, message):
+  import train
+
+  path = tmp_path / "bad.py"
+  path.write_text(text)
+  with pytest.raises(SystemExit, match="^2$"):
+    train.load_config_file(str(path))
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: config file '{path}'") and message in err and err.count("\n") == 1, err
+
+
 # ----------------------------------------------------------------------- resolve: what the command line leaves implicit
 
 

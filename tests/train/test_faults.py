@@ -163,6 +163,13 @@ def test_a_bad_line_before_the_last_is_an_error_naming_it(tmp_path):
   assert path.read_text() == '{"step": 1}\nnot json\n{"step": 3}\n'  # left as it was
 
 
+def test_validation_loss_is_per_token_and_none_without_validation_text():
+  sums = {0: (6.0, 2.0), 1: (3.0, 4.0)}  # (summed loss, predicted tokens) per batch
+  assert metrics.validation_loss(sums.get, [0, 1]) == (1.5, 6.0)
+  assert metrics.validation_loss(sums.get, []) == (None, 0.0)  # not 0: that would read as a perfect model
+  assert metrics.validation_loss(lambda batch: (0.0, 0.0), [0]) == (None, 0.0)
+
+
 def test_perplexity_of_huge_and_nan_losses():
   assert metrics.perplexity(1.0) == pytest.approx(math.e)
   assert metrics.perplexity(1e6) == math.inf and math.isnan(metrics.perplexity(math.nan))

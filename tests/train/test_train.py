@@ -431,6 +431,44 @@ def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(t
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
   assert result.stderr.startswith(f"error: {bare}/config.json is not a readable config: Expecting")
 
+  (bare / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')  # a transformers model's config
+  result = run([sys.executable, "eval.py", f"--workdir={bare}"])
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: {bare}/config.json is not a training run's config: it has no 'model', 'data', 'train', 'optimizer'"]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--export_hf={workdir}", "--export_hf '{workdir}' is inside the workdir '{workdir}', which eval.py does not "
+                              "write to; give a directory outside it"),
+    ("--export_hf={workdir}/hf", "--export_hf '{workdir}/hf' is inside the workdir"),
+    ("--max_new_tokens=-1", "--max_new_tokens must be >= 0, got -1"),
+    ("--max_new_tokens=100000", "--max_new_tokens 100000: with the prompt's"),  # beyond max_position_embeddings
+])
+def test_eval_bad_arguments_are_one_line_and_leave_the_workdir_as_it_was(finished_run, flag, message):
+  before = snapshot(pathlib.Path(finished_run))
+  result = run([sys.executable, "eval.py", f"--workdir={finished_run}", flag.format(workdir=finished_run)])
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert lines[0].startswith(f"error: {message.format(workdir=finished_run)}"), lines
+  assert snapshot(pathlib.Path(finished_run)) == before
+
+
+def test_eval_of_a_run_without_validation_text_logs_no_loss(tmp_path, finished_run):
+  """data.validation_fraction=0: no eval_loss at all, rather than a 0.0 that reads as a perfect model."""
+  import shutil
+
+  workdir = tmp_path / "no_validation"
+  shutil.copytree(finished_run, workdir)
+  cfg = json.loads((workdir / "config.json").read_text())
+  cfg["data"]["validation_fraction"] = 0.0
+  cfg["data"]["tokenizer"] = os.path.join(finished_run, "tokenizer")  # the cached one was trained on the old split
+  (workdir / "config.json").write_text(json.dumps(cfg))
+  result = run([sys.executable, "eval.py", f"--workdir={workdir}", "--max_new_tokens=2"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith("step 40: no validation text (the run's data.validation_fraction is 0)")
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["eval_loss"] is None and report["eval_ppl"] is None and report["eval_tokens"] == 0
+
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.train.stepz=3", "unknown config key train.stepz (--config.train.stepz=3); did you mean train.steps?"),
