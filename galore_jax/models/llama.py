@@ -106,6 +106,8 @@ class LlamaConfig:
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
+    for name in _POSITIVE_SIZES:
+      _check_positive_int(name, getattr(self, name))
     if self.num_key_value_heads is None:
       set_("num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -113,13 +115,17 @@ class LlamaConfig:
         raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                          f"{self.num_attention_heads}; give head_dim explicitly")
       set_("head_dim", self.hidden_size // self.num_attention_heads)
+    _check_positive_int("num_key_value_heads", self.num_key_value_heads)
+    _check_positive_int("head_dim", self.head_dim)
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                        f"num_key_value_heads {self.num_key_value_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-    set_("param_dtype", jnp.dtype(self.param_dtype))
-    set_("dtype", jnp.dtype(self.dtype))
+    for name in ("param_dtype", "dtype"):
+      set_(name, jnp.dtype(getattr(self, name)))
+      if not jnp.issubdtype(getattr(self, name), jnp.floating):
+        raise ValueError(f"{name} must be a floating-point dtype, got {getattr(self, name)}")
     set_("rope_scaling", _normalize_rope_scaling(self.rope_scaling))
     if not hasattr(jax.checkpoint_policies, self.remat_policy):
       raise ValueError(f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies member")
@@ -134,6 +140,15 @@ class LlamaConfig:
 
   def replace(self, **overrides) -> "LlamaConfig":
     return dataclasses.replace(self, **overrides)
+
+
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "max_position_embeddings")
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _normalize_rope_scaling(scaling):
@@ -181,7 +196,15 @@ def preset(name: str, **overrides) -> LlamaConfig:
   """A preset config by name, with fields replaced, e.g. ``preset('llama_60m', dtype='bfloat16')``."""
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-  return PRESETS[name].replace(**overrides)
+  base = PRESETS[name]
+  # A preset's head_dim (and, without grouped-query attention, its key/value heads) follow from its width and
+  # heads, as in transformers.LlamaConfig: they follow an override of those too unless given themselves.
+  if "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & overrides.keys():
+    overrides["head_dim"] = None
+  if ("num_key_value_heads" not in overrides and "num_attention_heads" in overrides
+      and base.num_key_value_heads == base.num_attention_heads):
+    overrides["num_key_value_heads"] = None
+  return base.replace(**overrides)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -576,7 +599,9 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
   prompt_BP = jnp.asarray(prompt_ids, jnp.int32)
   if prompt_BP.ndim != 2:
     raise ValueError(f"prompt_ids must be [batch, length], got shape {prompt_BP.shape}")
-  if max_new_tokens <= 0:
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+  if max_new_tokens == 0:
     return prompt_BP
   if top_k is not None and top_k <= 0:
     raise ValueError(f"top_k must be positive, got {top_k}")

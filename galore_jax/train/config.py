@@ -67,10 +67,9 @@ def validate(cfg) -> None:
   _validate_fault_policy(cfg)
   for name in ("train.batch_size", "train.grad_accum", "train.steps", "train.log_every", "train.lr", "data.seq_len",
                "eval.every", "eval.batches", "checkpoint.every", "checkpoint.keep"):
-    section, key = name.split(".")
-    _positive(name, cfg[section][key])
-  if cfg.train.warmup_steps < 0:
-    raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.train.warmup_steps}")
+    _positive(name, _value(cfg, name))
+  for name in ("seed", "train.warmup_steps", "train.grad_clip", "optimizer.weight_decay", "optimizer.eps"):
+    _at_least_zero(name, _value(cfg, name))
   if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
     raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
   if cfg.train.batch_size % cfg.train.grad_accum:
@@ -78,6 +77,7 @@ def validate(cfg) -> None:
                       f"{cfg.train.grad_accum}")
   if cfg.optimizer.name not in BUILDERS:
     raise ConfigError(f"optimizer.name {cfg.optimizer.name!r} is not one of {tuple(BUILDERS)}")
+  _validate_moments(cfg.optimizer)
   if cfg.optimizer.name in LOW_RANK:
     _validate_low_rank(cfg.optimizer, learning_rate_schedule(cfg.train))
   if cfg.optimizer.name.endswith("8bit") and cfg.optimizer.block_size not in (256, 2048):
@@ -95,6 +95,26 @@ def validate(cfg) -> None:
     except ValueError as e:
       key = "basis_group_size" if "basis_dtype='int4'" in str(e) else "proj_type"
       raise ConfigError(f"optimizer.{key}={cfg.optimizer[key]!r}: {e}") from None
+
+
+def _value(cfg, dotted_name: str):
+  for key in dotted_name.split("."):
+    cfg = cfg[key]
+  return cfg
+
+
+def _at_least_zero(name: str, value) -> None:
+  if value is None or value < 0:
+    raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+def _validate_moments(o) -> None:
+  """Adam's decay rates, and the update scale of the optimizers that multiply by it (APOLLO has its own)."""
+  for key in ("b1", "b2") + (("adafactor_beta1",) if o.adafactor_beta1 is not None else ()):
+    if not 0.0 <= o[key] < 1.0:  # b2 = 1 divides by a zero bias correction
+      raise ConfigError(f"optimizer.{key} must be in [0, 1), got {o[key]!r}")
+  if o.name in LOW_RANK - APOLLO and not o.scale > 0:
+    raise ConfigError(f"optimizer.scale must be positive (GaLore's α; the reference uses 0.25), got {o.scale!r}")
 
 
 def _validate_low_rank(o, schedule) -> None:

@@ -254,6 +254,28 @@ def test_config_validation():
   assert tiny(rope_scaling={"rope_type": "default"}).rope_scaling is None
   cfg = tiny(rope_scaling=LLAMA3_SCALING)
   assert hash(cfg) == hash(tiny(rope_scaling=dict(LLAMA3_SCALING))) and cfg == cfg.replace()
+  with pytest.raises(ValueError, match="num_hidden_layers must be a positive int, got 0"):
+    tiny(num_hidden_layers=0)
+  with pytest.raises(ValueError, match="num_key_value_heads must be a positive int, got 0"):
+    tiny(num_key_value_heads=0)
+  with pytest.raises(ValueError, match="vocab_size must be a positive int, got 6.5"):
+    tiny(vocab_size=6.5)
+  with pytest.raises(ValueError, match="param_dtype must be a floating-point dtype, got int8"):
+    tiny(param_dtype="int8")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"hidden_size": 512}, {"num_attention_heads": 8}, {"num_attention_heads": 2},
+    {"hidden_size": 384, "num_attention_heads": 6}, {"hidden_size": 512, "head_dim": 32},
+    {"num_attention_heads": 8, "num_key_value_heads": 2}])
+def test_preset_overrides_derive_head_dim_and_kv_heads_as_transformers(overrides):
+  transformers = pytest.importorskip("transformers")
+  base = llama.PRESETS["llama_20m"]
+  theirs = transformers.LlamaConfig(**{"hidden_size": base.hidden_size,
+                                       "num_attention_heads": base.num_attention_heads, **overrides})
+  ours = llama.preset("llama_20m", **overrides)
+  assert (ours.head_dim, ours.num_key_value_heads) == (theirs.head_dim, theirs.num_key_value_heads)
+  assert llama.preset("llama3_8b", num_attention_heads=16).num_key_value_heads == 8  # its grouping is kept
 
 
 # ----------------------------------------------------------------------------- features
@@ -381,6 +403,8 @@ def test_generate_sampling():
   np.testing.assert_array_equal(llama.generate(model, prompt, 6, temperature=0.7, top_k=1),
                                 llama.generate(model, prompt, 6))
   np.testing.assert_array_equal(llama.generate(model, prompt, 0), prompt)
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+    llama.generate(model, prompt, -1)
 
 
 # ----------------------------------------------------------------------------- GaLore on the model
