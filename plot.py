@@ -23,6 +23,11 @@ def series(rows, key):
 
 
 def plot(workdir: str, out: str) -> str:
+  """Write the figure to ``out`` (``.png`` added when it has no extension, as matplotlib does) and return its path."""
+  if os.path.isdir(out):
+    raise ValueError(f"--out {out!r} is a directory; give a file name such as {os.path.join(out, 'metrics.png')!r}")
+  if not os.path.splitext(out)[1]:
+    out += ".png"
   rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   if not rows:
     raise ValueError(f"no metrics in {os.path.join(workdir, 'metrics.jsonl')!r}")
