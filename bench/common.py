@@ -204,6 +204,21 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(message)
 
 
+def int_within(low: int, high: int | None = None) -> Callable[[str], int]:
+  """An argparse ``type``: an int in ``low..high``; outside it, the parser's one-line error names the value."""
+
+  def parse(text: str) -> int:
+    value = int(text)
+    if high is None and value < low:
+      raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    if high is not None and not low <= value <= high:
+      raise argparse.ArgumentTypeError(f"{value} is not within {low}..{high}")
+    return value
+
+  parse.__name__ = "int"  # argparse's word for a value that is not an int at all
+  return parse
+
+
 def choose(names: str | Iterable[str], known: Iterable[str], what: str) -> list[str]:
   """The names of a list argument (a ``SEPARATOR``-joined string or a list), each checked against ``known``."""
   known = list(known)

@@ -98,9 +98,11 @@ def commit() -> str:
 
 def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
-  ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all 32)")
+  ap.add_argument("--layers", type=common.int_within(1, 32), default=None,
+                  help="keep the first N layers (default: all 32)")
   ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants; each reports its median round")
+  ap.add_argument("--repeats", type=common.int_within(1), default=1,
+                  help="rounds over the variants; each reports its median round")
   ap.add_argument("--out", default=None)
   ap.add_argument("--one", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
   return ap

@@ -42,8 +42,8 @@ VARIANTS = {
 def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
   ap.add_argument("--preset", default="llama_130m", choices=common.PRESETS)
-  ap.add_argument("--vocab", type=int, default=1024)
-  ap.add_argument("--seq_len", type=int, default=64)
+  ap.add_argument("--vocab", type=common.int_within(1), default=1024)
+  ap.add_argument("--seq_len", type=common.int_within(1), default=64)
   ap.add_argument("--repeats", type=int, default=1, help="compiles per variant, in rotated rounds")
   ap.add_argument("--variants", default=common.SEPARATOR.join(VARIANTS),
                   help="comma-separated subset of: " + ", ".join(VARIANTS) + " (adamw is always timed)")

@@ -111,7 +111,7 @@ def parts_of(m: int, n: int, rank: int, count: int, repeats: int) -> dict[str, f
 def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
   ap.add_argument("--preset", default="llama_1b", choices=common.PRESETS)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=common.int_within(1), default=5)
   ap.add_argument("--out", default=None, help="default bench/results/refresh_parts-<backend>-<preset>.json")
   return ap
 

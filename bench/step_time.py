@@ -183,7 +183,7 @@ def parse(argv: list[str]):
   known = optimizers(args.settings)
   args.only = ["adamw"] + [n for n in common.choose(args.only or list(known), known, "optimizer") if n != "adamw"]
   preset_layers = llama.PRESETS[args.preset].num_hidden_layers
-  args.layers = args.layers or preset_layers
+  args.layers = preset_layers if args.layers is None else args.layers
   if not 1 <= args.layers <= preset_layers:
     common.fail(f"--layers {args.layers} is not within 1..{preset_layers} ({args.preset})")
   suffix = (f"-{args.layers}layers" if args.layers != preset_layers else "") + ("-bf16" if args.dtype == "bfloat16"

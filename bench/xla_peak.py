@@ -94,10 +94,10 @@ def compile_one(variant: str, layers: int, dtype: str) -> dict:
 
 def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
-  ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+  ap.add_argument("--layers", type=common.int_within(1, 32), nargs="+", default=[2, 4])
   ap.add_argument("--variants", nargs="+", default=["adamw", "galore_adamw"], choices=list(compile_7b.VARIANTS))
   ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
-  ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--top", type=common.int_within(0), default=12)
   ap.add_argument("--out", default=None)
   ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
   return ap

@@ -79,12 +79,27 @@ def test_no_benchmark_name_holds_the_list_separator():
     (exact_refresh, ["--repeats", "0"], "error: --repeats 0 and --shapes_repeats 2 must be at least 1"),
     (exact_refresh, ["--shapes_preset", "llama_2b"], "error: argument --shapes_preset: invalid choice: 'llama_2b'"),
     (speed, ["--tokens", "100"], "error: --tokens 100 is not a positive multiple of --seq_len 256"),
+    (step_time, ["--preset", "llama_9m", "--layers", "0"], "error: --layers 0 is not within 1..4 (llama_9m)"),
+    (compile_time, ["--vocab", "0"], "error: argument --vocab: must be at least 1, got 0"),
 ])
 def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
   with pytest.raises(SystemExit, match="^2$"):
     module.parse(argv)
   err = capsys.readouterr().err
   assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("compile_7b", ["--layers", "40"], "error: argument --layers: 40 is not within 1..32"),
+    ("compile_7b", ["--repeats", "0"], "error: argument --repeats: must be at least 1, got 0"),
+    ("refresh_parts", ["--repeats", "0"], "error: argument --repeats: must be at least 1, got 0"),
+    ("xla_peak", ["--layers", "2", "0"], "error: argument --layers: 0 is not within 1..32"),
+    ("xla_peak", ["--top", "x"], "error: argument --top: invalid int value: 'x'"),
+])
+def test_a_bad_number_is_refused_by_the_parser(capsys, name, argv, message):
+  with pytest.raises(SystemExit, match="^2$"):
+    importlib.import_module(f"bench.{name}").parser().parse_args(argv)
+  assert capsys.readouterr().err == message + "\n"
 
 
 def test_train_run_refuses_a_workdir_it_did_not_make(tmp_path, capsys):
