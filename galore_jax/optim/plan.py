@@ -119,6 +119,13 @@ def _default_target(path: str, leaf) -> bool:
   return jnp.ndim(leaf) >= 2 and re.search(DEFAULT_TARGET, path) is not None
 
 
+def _compiled(pattern: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"target {pattern!r} is not a regular expression: {e}") from None
+
+
 def _target_flags(target, paths: list[str], leaves: list, treedef) -> list[bool]:
   """Whether each leaf is targeted. Patterns (the default too) select matrices only: a ``bias`` under a
   matching path is not an error; a callable or a tree of bools selects exactly what it says."""
@@ -127,7 +134,7 @@ def _target_flags(target, paths: list[str], leaves: list, treedef) -> list[bool]
   if isinstance(target, str):
     target = [target]
   if isinstance(target, (list, tuple)) and all(isinstance(t, str) for t in target):
-    patterns = [re.compile(t) for t in target]
+    patterns = [_compiled(t) for t in target]
     return [jnp.ndim(x) >= 2 and any(p.search(path) for p in patterns) for path, x in zip(paths, leaves)]
   if callable(target):
     return [bool(target(p, x)) for p, x in zip(paths, leaves)]

@@ -164,6 +164,8 @@ def test_target_forms():
   assert targeted(target=r"attn") == ["attn/kernel"]  # a pattern selects matrices: attn/bias is skipped
   with pytest.raises(ValueError, match="'attn/bias' of shape \\(4,\\): GaLore needs ndim >= 2"):
     targeted(target=lambda path, leaf: path.startswith("attn"))  # a callable selects exactly what it says
+  with pytest.raises(ValueError, match=r"target 'attn\(\(' is not a regular expression: missing \)"):
+    targeted(target=[r"mlp", r"attn(("])
 
 
 def test_a_target_that_selects_nothing_is_said_once_at_init():
