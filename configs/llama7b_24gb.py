@@ -22,9 +22,7 @@ def get_config():
             batch_size=SEQUENCES_PER_STEP)
   c.workdir = "workdir/llama7b_24gb"
   c.optimizer.name = "galore_adamw_8bit"
-  # At 6K tokens a step, 500 steps take minutes: a refresh must take seconds. The randomized range finder does
-  # (2.2 s for llama_1b on an H100; >= 0.9999 of the exact basis's energy on real gradients, refresh-cpu-llama_1b.json);
-  # the exact ones (refresh="svd", or "gram") are unmeasured on a GPU at 7B.
+  # At 6K tokens a step, 500 steps take minutes: a refresh must take seconds (see llama7b.py).
   c.optimizer.refresh = "randomized"
   c.train.layerwise = True
   c.train.grad_clip = 1.0  # the reference's 7B clipping; layerwise clips by the global norm with a second sweep

@@ -108,6 +108,29 @@ def test_llama7b_configs_analytic_report(module):
     assert cfg.train.batch_size == llama7b_24gb.SEQUENCES_PER_STEP == dry_run.sequences_that_fit(cfg, 24.0) > 0
 
 
+@pytest.mark.parametrize("module", [llama7b, llama7b_24gb], ids=["llama7b", "llama7b_24gb"])
+def test_llama7b_configs_never_reach_the_slow_gpu_svd(module):
+  """The 7B configs' refresh, lowered for CUDA on this CPU (jax.export) on a 7B layer's two kernel shapes: no
+  cuSOLVER SVD (gesvd takes minutes for a 7B refresh, and the first step refreshes). The direct SVD's does."""
+  import jax
+  import jax.numpy as jnp
+
+  from tests.optim.helpers import gpu_solver_calls
+
+  kernel = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  params = {"layers": {"0": {"attn": {"q_proj": {"kernel": kernel(4096, 4096)}},
+                             "mlp": {"down_proj": {"kernel": kernel(11008, 4096)}}}}}
+
+  def solvers(refresh):
+    cfg = module.get_config()
+    cfg.train.layerwise, cfg.optimizer.refresh = False, refresh  # the whole-tree step refreshes alike
+    tx = config.build_optimizer(cfg)
+    return {target for target, _ in gpu_solver_calls(tx.update, params, jax.eval_shape(tx.init, params), params)}
+
+  assert not any("gesvd" in target for target in solvers(module.get_config().optimizer.refresh))
+  assert "cusolver_gesvd_ffi" in solvers("svd")
+
+
 def run_train_py(tmp_path, flag):
   workdir = tmp_path / "never"
   result = subprocess.run(
