@@ -264,7 +264,7 @@ def start_up(cfg, primary: bool) -> Run:
   """Data, model and optimizer state (restored or new), metrics: every check passes before the workdir changes."""
   import jax
 
-  from galore_jax.train import checkpoint, config, data, metrics, sharding, steps
+  from galore_jax.train import base_model, checkpoint, config, data, metrics, sharding, steps
   from galore_jax.train.workdir import write_text_atomic
 
   model_cfg = config.model_config(cfg)
@@ -297,6 +297,7 @@ def start_up(cfg, primary: bool) -> Run:
           f"{os.path.dirname(moved[0])}, not deleted", flush=True)
   if primary:
     write_text_atomic(os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
+    base_model.save_copy(cfg, dataset.tokenizer)  # eval and load_model need no base checkpoint after this
   step_fns = steps.make_steps(graphdef, tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=config.reports_overlap(cfg),
                               layerwise_updates=cfg.train.layerwise, layout=layout,

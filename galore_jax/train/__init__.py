@@ -4,8 +4,9 @@
 ``steps`` (the jitted train / eval steps), ``layerwise`` (updates inside the backward sweep),
 ``sharding`` (data × FSDP mesh), ``checkpoint`` (orbax), ``metrics`` (metrics.jsonl), ``dry_run``
 (will it fit), ``divergence`` (non-finite steps, collapse), ``workdir`` (one run per workdir, atomic files),
-``restore`` (a run's checkpoint as a model: ``load_model(workdir, step=None) -> (model, config)``, importable from
-here). The app depends on :mod:`galore_jax.optim` and :mod:`galore_jax.models`, never the reverse.
+``base_model`` (a fine-tune's own copy of its base config and tokenizer), ``restore`` (a run's checkpoint
+as a model: ``load_model(workdir, step=None) -> (model, config)``, importable from here). The app depends
+on :mod:`galore_jax.optim` and :mod:`galore_jax.models`, never the reverse.
 """
 
 _RESTORE = ("load_model", "load_run_config", "RunNotLoadable")

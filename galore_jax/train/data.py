@@ -53,12 +53,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from galore_jax.train.workdir import write_dir_atomic
 
 DEFAULT_MAX_BYTES = 8_000_000  # the embedded corpus's cap when data.max_bytes is None
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -411,32 +412,6 @@ def load_tokenizer(path: str):
     raise ValueError(f"data.tokenizer {path!r} could not be loaded ({_one_line(e)})") from None
 
 
-def _write_dir_atomically(final: str, write, marker: str) -> None:
-  """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``final`` (a killed run leaves no half-written cache).
-
-  ``final/marker`` exists once ``final`` is complete. The processes of a multi-host run build the same
-  caches in the same workdir at once: when another one has published a complete ``final`` first, its copy
-  is kept and this one dropped (the caller reads ``final`` back, so every process uses the same files). A
-  ``final`` without its marker (left by an older layout) is replaced.
-  """
-  parent = os.path.dirname(os.path.abspath(final))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
-    write(tmp)
-    if os.path.isdir(final) and not os.path.isfile(os.path.join(final, marker)):
-      shutil.rmtree(final, ignore_errors=True)
-    try:
-      os.replace(tmp, final)
-    except OSError:  # a non-empty final: ENOTEMPTY or EEXIST
-      if not os.path.isfile(os.path.join(final, marker)):
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: int):
   """The tokenizer in ``workdir/tokenizer``, trained on ``train_documents`` first if absent."""
   directory = os.path.join(workdir, "tokenizer")
@@ -459,7 +434,7 @@ def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: i
       with open(os.path.join(tmp, CORPUS_RECORD), "w") as f:
         json.dump(record, f)
 
-    _write_dir_atomically(directory, write, CORPUS_RECORD)
+    write_dir_atomic(directory, write, CORPUS_RECORD)
   return load_tokenizer(directory)
 
 
@@ -519,7 +494,7 @@ def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Seq
       with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({"key": json.loads(key_source), "tokens": {n: int(a[0].size) for n, a in arrays.items()}}, f)
 
-    _write_dir_atomically(directory, write, "meta.json")
+    write_dir_atomic(directory, write, "meta.json")
   return _load_token_cache(directory, splits)
 
 

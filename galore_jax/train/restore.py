@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from galore_jax.train import base_model
 from galore_jax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpoints
 
 __all__ = ["CheckpointDamaged", "CheckpointMismatch", "Restored", "RunNotLoadable", "load_model", "load_run_config",
@@ -32,7 +33,11 @@ class RunNotLoadable(ValueError):
 
 
 def load_run_config(workdir: str):
-  """The ``config.json`` a training run saved in ``workdir`` as a ConfigDict (``workdir`` set to this path)."""
+  """The ``config.json`` a training run saved in ``workdir`` as a ConfigDict.
+
+  ``workdir`` is set to this path, and ``model.hf_checkpoint`` and ``data.tokenizer`` to the workdir's copy of
+  them where it has one (:mod:`galore_jax.train.base_model`), so the base checkpoint may have moved.
+  """
   from ml_collections import config_dict
 
   path = os.path.join(workdir, "config.json")
@@ -50,6 +55,7 @@ def load_run_config(workdir: str):
   if missing:
     raise RunNotLoadable(f"{path} is not a training run's config: it has no {', '.join(map(repr, missing))}")
   cfg.workdir = workdir
+  base_model.use_copy(cfg)
   return cfg
 
 

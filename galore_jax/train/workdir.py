@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 
 LOCK_NAME = ".lock"
 
@@ -66,3 +68,29 @@ def write_text_atomic(path: str, text: str) -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def write_dir_atomic(final: str, write, marker: str) -> None:
+  """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``final`` (a killed run leaves no half-written cache).
+
+  ``final/marker`` exists once ``final`` is complete. The processes of a multi-host run build the same
+  caches in the same workdir at once: when another one has published a complete ``final`` first, its copy
+  is kept and this one dropped (the caller reads ``final`` back, so every process uses the same files). A
+  ``final`` without its marker (left by an older layout) is replaced.
+  """
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    write(tmp)
+    if os.path.isdir(final) and not os.path.isfile(os.path.join(final, marker)):
+      shutil.rmtree(final, ignore_errors=True)
+    try:
+      os.replace(tmp, final)
+    except OSError:  # a non-empty final: ENOTEMPTY or EEXIST
+      if not os.path.isfile(os.path.join(final, marker)):
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

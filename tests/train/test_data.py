@@ -472,14 +472,14 @@ def test_caches_built_by_two_processes_at_once_keep_the_first_published(folder, 
   import shutil
 
   build(str(folder), tmp_path / "other")
-  write_dir_atomically = data._write_dir_atomically
+  write_dir_atomic = data.write_dir_atomic
 
   def another_process_publishes_first(final, write, *marker):
     shutil.copytree(str(final).replace(str(tmp_path / "w"), str(tmp_path / "other")), final)
     open(os.path.join(final, "published_by_the_other_process"), "w").close()
-    write_dir_atomically(final, write, *marker)
+    write_dir_atomic(final, write, *marker)
 
-  monkeypatch.setattr(data, "_write_dir_atomically", another_process_publishes_first)
+  monkeypatch.setattr(data, "write_dir_atomic", another_process_publishes_first)
   built = build(str(folder), tmp_path / "w")
   (cache,) = (tmp_path / "w" / "data_cache").iterdir()
   for kept in (tmp_path / "w" / "tokenizer", cache):

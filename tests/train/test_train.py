@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -508,6 +509,29 @@ def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, c
   assert saved["data"]["tokenizer"] == str(checkpoint) and not (workdir / "tokenizer").exists()
   train, evals = train_lines(str(workdir))
   assert [r["step"] for r in train] == [2] and abs(evals[0]["eval_loss"] - np.log(320)) < 0.5  # a random init
+
+  # The run keeps its own copy of the base's config.json and tokenizer: with the base checkpoint gone, eval,
+  # load_model and a resume read the workdir only, and the copied tokenizer finds the same token cache.
+  copy = workdir / "base_model"
+  assert (copy / "config.json").read_bytes() == (checkpoint / "config.json").read_bytes()
+  assert json.loads((copy / "base_model.json").read_text()) == {"hf_checkpoint": str(checkpoint),
+                                                                 "tokenizer": str(checkpoint)}
+  shutil.rmtree(checkpoint)
+  before = snapshot(workdir)
+  result = run([sys.executable, "eval.py", f"--workdir={workdir}", "--max_new_tokens=4"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert snapshot(workdir) == before  # no second token cache: the copy tokenizes as the original did
+  assert abs(json.loads(result.stdout.strip().splitlines()[-1])["eval_loss"] - evals[0]["eval_loss"]) < 1e-5
+  from galore_jax.train import load_model
+
+  model, cfg = load_model(str(workdir))
+  assert cfg.model.hf_checkpoint == cfg.data.tokenizer == str(copy) and model.config.vocab_size == 320
+  result = run([sys.executable, "train.py", "--config", "configs/llama3_8b_finetune.py",
+                f"--config.model.hf_checkpoint={copy}", f"--config.data.path={corpus}",
+                f"--config.workdir={workdir}", *small[:-3], "--config.train.steps=3", *small[-2:]])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [r["step"] for r in train_lines(str(workdir))[0]] == [2, 3]
+  assert json.loads((copy / "base_model.json").read_text())["hf_checkpoint"] == str(checkpoint)  # never replaced
 
 
 # ----------------------------------------------------------------------------- load_model: a checkpoint in Python
