@@ -147,6 +147,7 @@ def _validate_mesh(cfg) -> None:
     return
   if cfg.mesh.axis_types not in sharding.AXIS_TYPES:
     raise ConfigError(f"mesh.axis_types must be one of {sharding.AXIS_TYPES}, got {cfg.mesh.axis_types!r}")
+  _at_least_zero("mesh.min_shard_size", cfg.mesh.min_shard_size)
   try:
     data, fsdp = sharding.resolve_sizes(cfg.mesh.data, cfg.mesh.fsdp, jax.device_count())
   except sharding.MeshError as e:

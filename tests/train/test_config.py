@@ -90,6 +90,7 @@ def test_bad_optimizer_values_are_refused(key, value, needle):
     ("galore_adamw", "model", "param_dtype", "int8", r"model: param_dtype must be a floating-point dtype, got int8"),
     ("galore_adamw", "model", "dtype", "int32", r"model: dtype must be a floating-point dtype, got int32"),
     ("galore_adamw", "model", "num_hidden_layers", 0, r"model: num_hidden_layers must be a positive int, got 0"),
+    ("adamw", "mesh", "min_shard_size", -1, r"mesh.min_shard_size must be >= 0, got -1"),
 ])
 def test_bad_run_values_are_refused_naming_the_value(name, section, key, value, needle):
   cfg = make_config(name=name)
