@@ -350,15 +350,19 @@ def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):
       ckpts.close()
       fail(f"checkpoint step {start} does not fit the configured data: {e}")
     return start, nnx.graphdef(abstract), params, opt_state, meta
-  if layout is None:
-    model = config.build_model(cfg, cfg.seed)
-    graphdef, params = nnx.graphdef(model), steps.params_of(model)
-    del model
-    return 0, graphdef, params, jax.jit(tx.init)(params), {}
-  if cfg.model.hf_checkpoint:  # read on the host, then split
-    params = jax.device_put(steps.params_of(config.build_model(cfg, cfg.seed)), layout.params)
-  else:  # created split: no device ever holds the whole model
+  if layout is not None and not cfg.model.hf_checkpoint:  # created split: no device ever holds the whole model
     params = layout.init_params(lambda: steps.params_of(config.build_model(cfg, cfg.seed)))
+    return 0, nnx.graphdef(abstract), params, layout.init_opt_state(tx, params), {}
+  try:
+    model = config.build_model(cfg, cfg.seed)  # an HF checkpoint is read on the host, then split
+  except config.ConfigError as e:
+    ckpts.close()
+    fail(str(e))
+  graphdef, params = nnx.graphdef(model), steps.params_of(model)
+  del model
+  if layout is None:
+    return 0, graphdef, params, jax.jit(tx.init)(params), {}
+  params = jax.device_put(params, layout.params)
   return 0, nnx.graphdef(abstract), params, layout.init_opt_state(tx, params), {}
 
 

@@ -213,8 +213,11 @@ class _Checkpoint:
     self.path, self._stack, self._handles = path, stack, {}
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-      with open(index) as f:
-        self.files = dict(json.load(f)["weight_map"])
+      try:
+        with open(index) as f:
+          self.files = dict(json.load(f)["weight_map"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
     elif os.path.exists(os.path.join(path, SINGLE_FILE)):
       self.files = {name: SINGLE_FILE for name in self._handle(SINGLE_FILE).keys()}
     else:
@@ -222,8 +225,11 @@ class _Checkpoint:
 
   def _handle(self, file: str):
     if file not in self._handles:
-      self._handles[file] = self._stack.enter_context(
-          safe_open(os.path.join(self.path, file), framework="numpy"))
+      filename = os.path.join(self.path, file)
+      try:
+        self._handles[file] = self._stack.enter_context(safe_open(filename, framework="numpy"))
+      except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"{filename} is not a readable safetensors file ({e})") from None
     return self._handles[file]
 
   def shape(self, name: str) -> tuple[int, ...]:
@@ -288,8 +294,9 @@ def from_hf(path, *, dtype=None, param_dtype=None, **config_overrides) -> Llama:
       ``scan_layers=True``, ``remat=True``.
 
   Raises:
-    ValueError: an unsupported config, or a missing, unexpected or mis-shaped
-      tensor (named in the message).
+    ValueError: an unsupported config, a missing, unexpected or mis-shaped
+      tensor, or a damaged safetensors file or index (named in the message).
+    FileNotFoundError: no ``config.json``, or no safetensors in ``path``.
   """
   path = os.fspath(path)
   hf = _load_json(path, "config.json")

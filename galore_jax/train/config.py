@@ -181,11 +181,16 @@ def model_config(cfg) -> llama.LlamaConfig:
 
 
 def build_model(cfg, seed: int) -> llama.Llama:
+  """A new model: the weights of ``model.hf_checkpoint`` (:class:`ConfigError` if they do not load), else random."""
   model_cfg = model_config(cfg)
   if cfg.model.hf_checkpoint:
     from galore_jax.models import hf
     overrides = {k: getattr(model_cfg, k) for k in ("remat", "remat_policy", "scan_layers")}
-    return hf.from_hf(cfg.model.hf_checkpoint, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, **overrides)
+    try:
+      return hf.from_hf(cfg.model.hf_checkpoint, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                        **overrides)
+    except (OSError, ValueError, KeyError) as e:  # the checkpoint's files: missing, damaged or another model's
+      raise ConfigError(f"model.hf_checkpoint: {e}") from None
   return llama.Llama(model_cfg, rngs=nnx.Rngs(seed))
 
 

@@ -314,6 +314,21 @@ def test_no_weights(tmp_path):
     hf.from_hf(tmp_path)
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda path: (path / hf.SINGLE_FILE).write_bytes(b"garbage"), r"model.safetensors is not a readable safetensors"),
+    (lambda path: (path / hf.SINGLE_FILE).write_bytes((path / hf.SINGLE_FILE).read_bytes()[:-100]),
+     r"model.safetensors is not a readable safetensors file \(.*not fully covered"),
+    (lambda path: (path / hf.INDEX_FILE).write_text('{"metadata": {}}'),
+     r"model.safetensors.index.json is not a safetensors index \(KeyError"),
+    (lambda path: (path / hf.INDEX_FILE).write_text("{"), r"model.safetensors.index.json is not a safetensors index"),
+])
+def test_damaged_weight_files_are_a_value_error_naming_the_file(tmp_path, damage, message):
+  hf_model().save_pretrained(tmp_path)
+  damage(tmp_path)
+  with pytest.raises(ValueError, match=message):
+    hf.from_hf(tmp_path)
+
+
 BASE_CONFIG = dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                    num_attention_heads=2)
 

@@ -532,6 +532,12 @@ def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, c
   assert result.returncode == 0, result.stderr[-3000:]
   assert [r["step"] for r in train_lines(str(workdir))[0]] == [2, 3]
   assert json.loads((copy / "base_model.json").read_text())["hf_checkpoint"] == str(checkpoint)  # never replaced
+  # The copy holds no weights: a new run cannot start from it, and says so in one line.
+  result = run([sys.executable, "train.py", "--config", "configs/llama3_8b_finetune.py",
+                f"--config.model.hf_checkpoint={copy}", f"--config.data.path={corpus}",
+                f"--config.workdir={tmp_path / 'new'}", *small])
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      f"error: model.hf_checkpoint: {copy}: neither model.safetensors nor model.safetensors.index.json found"]
 
 
 # ----------------------------------------------------------------------------- load_model: a checkpoint in Python
