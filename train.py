@@ -242,7 +242,7 @@ def run(cfg, stop: StopRequests) -> None:
     return
   primary = jax.process_index() == 0  # with several hosts, one locks the workdir and writes config and metrics
   lock = prepare_workdir(cfg.workdir, lock=primary)
-  checkpoint.quiet_orbax_logging()
+  checkpoint.quiet_orbax()
   try:
     r = start_up(cfg, primary)
     stop.start_training()
@@ -471,9 +471,6 @@ def end_with_error(r: Run, message: str, code: int) -> None:
   latest = r.ckpts.latest_step()
   print(f"error: {message}; the latest checkpoint is step {latest} in {r.ckpts.directory}" if latest is not None else
         f"error: {message}; there is no checkpoint", file=sys.stderr, flush=True)
-  # After a failed async save, orbax's background threads print "Event loop is closed" tracebacks while the
-  # interpreter shuts down; the line above is the run's last word, so what follows goes nowhere.
-  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   sys.exit(code)
 
 

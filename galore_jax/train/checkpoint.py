@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -53,10 +54,21 @@ class _QuietOrbax(logging.Filter):
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def quiet_orbax_logging() -> None:
+def _without_closed_loop_noise(previous_hook):
+  def hook(unraisable) -> None:
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return  # a read of a damaged checkpoint failed while others were in flight; they report to an ended loop
+    previous_hook(unraisable)
+
+  return hook
+
+
+def quiet_orbax() -> None:
   """Drop orbax's log records (it logs a failed background save as hundreds of traceback lines, from its
-  threads); the app reports every checkpoint fault itself, in one line."""
+  threads) and the "Event loop is closed" tracebacks that tensorstore's threads print after a restore failed
+  on a damaged file; the app reports every checkpoint fault itself, in one line."""
   logging.getLogger("absl").addFilter(_QuietOrbax())
+  sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
 META_FILE = "metadata"  # the JSON record's file in a step's meta/ (given to orbax's JsonCheckpointHandler)

@@ -234,6 +234,24 @@ def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
       f"--config.checkpoint.resume_step=30 (the later steps are moved to {workdir}/checkpoints.set_aside, not deleted)"]
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_damaged_array_data_is_one_line_without_the_readers_tracebacks(tmp_path, corpus, finished_run, command):
+  """Array data damaged under intact metadata fails inside orbax's restore, while other reads are in flight;
+  those report to an event loop that has ended ("Event loop is closed" tracebacks, about every other run)."""
+  import shutil
+
+  workdir = tmp_path / "damaged"
+  shutil.copytree(finished_run, workdir)
+  for path in (workdir / "checkpoints" / "40" / "params" / "d").iterdir():
+    path.write_bytes(b"garbage")
+  cmd = (train_cmd(str(workdir), corpus, steps=60) if command == "train" else
+         [sys.executable, "eval.py", f"--workdir={workdir}"])
+  result = run(cmd)
+  assert result.returncode == 2, result.stderr[-2000:]
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith(f"error: checkpoint step 40 in {workdir}/checkpoints is damaged: "), line
+
+
 # ----------------------------------------------------------------------------- faults
 
 
