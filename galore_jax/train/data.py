@@ -421,8 +421,10 @@ def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: i
     with open(record_path) as f:
       saved = json.load(f)
     if saved != record:
-      raise ValueError(f"the tokenizer cached in {directory!r} was trained on another corpus or vocab_size "
-                       f"({saved.get('vocab_size')} vs {vocab_size}); use a fresh workdir or delete that directory")
+      changed = (f"with vocab_size {saved.get('vocab_size')}, not {vocab_size}" if saved.get("vocab_size") != vocab_size
+                 else "on other training documents (data.path's text or caps changed); to resume, restore them")
+      raise ValueError(f"the tokenizer cached in {directory!r} was trained {changed}; this workdir's checkpoints "
+                       "hold that tokenizer's ids, so a new run needs a fresh workdir")
   else:
     if vocab_size < 256 + len(SPECIAL_TOKENS):
       raise ValueError(f"vocab_size {vocab_size} is below the byte-level tokenizer's minimum "

@@ -226,8 +226,10 @@ def test_given_tokenizer_and_vocab_too_big(folder, tmp_path):
 
 def test_cached_tokenizer_of_another_corpus_is_refused(folder, tmp_path):
   build(str(folder), tmp_path / "w")
-  with pytest.raises(ValueError, match="another corpus"):
+  with pytest.raises(ValueError, match=r"tokenizer cached in .* was trained on other training documents"):
     build(str(folder), tmp_path / "w", max_documents=10)
+  with pytest.raises(ValueError, match=r"was trained with vocab_size 320, not 600; this workdir's checkpoints"):
+    build(str(folder), tmp_path / "w", vocab_size=600)
 
 
 def test_vocab_below_byte_alphabet(folder, tmp_path):
