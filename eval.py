@@ -72,7 +72,7 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
 def check_arguments(workdir: str, max_new_tokens: int, export_hf: str | None) -> None:
   """The flags' own errors, before anything is loaded (a bad --export_hf must not cost an evaluation first)."""
   if not os.path.isdir(workdir):
-    fail(f"--workdir {workdir!r} does not exist")
+    fail(f"--workdir {workdir!r} " + ("is not a directory" if os.path.exists(workdir) else "does not exist"))
   if max_new_tokens < 0:
     fail(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
   if not export_hf:

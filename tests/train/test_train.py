@@ -462,6 +462,7 @@ def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(t
     ("--export_hf={workdir}/hf", "--export_hf '{workdir}/hf' is inside the workdir"),
     ("--max_new_tokens=-1", "--max_new_tokens must be >= 0, got -1"),
     ("--max_new_tokens=100000", "--max_new_tokens 100000: with the prompt's"),  # beyond max_position_embeddings
+    ("--workdir={workdir}/config.json", "--workdir '{workdir}/config.json' is not a directory"),  # the last one counts
 ])
 def test_eval_bad_arguments_are_one_line_and_leave_the_workdir_as_it_was(finished_run, flag, message):
   before = snapshot(pathlib.Path(finished_run))
