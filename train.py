@@ -229,11 +229,17 @@ def run(cfg, stop: StopRequests) -> None:
   from galore_jax.train import checkpoint, config, divergence, out_of_memory
 
   initialize_distributed()
+  dry = _DRY_RUN.value or _DRY_RUN_COMPILE.value
+  checkpoint_config = os.path.join(cfg.model.hf_checkpoint or "", "config.json")
+  if dry and cfg.model.hf_checkpoint and not os.path.isfile(checkpoint_config):  # will it fit, before the download
+    print(f"model.hf_checkpoint {cfg.model.hf_checkpoint!r} has no config.json: the dry run sizes the preset "
+          f"{cfg.model.preset!r} instead", flush=True)
+    cfg.model.hf_checkpoint = None
   try:
     config.validate(cfg)
   except config.ConfigError as e:
     fail(str(e))
-  if _DRY_RUN.value or _DRY_RUN_COMPILE.value:
+  if dry:
     from galore_jax.train import dry_run
 
     report = dry_run.dry_run(cfg, compile=_DRY_RUN_COMPILE.value)

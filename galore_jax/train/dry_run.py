@@ -175,7 +175,8 @@ def format_report(report: dict[str, Any]) -> str:
            f"{report['backend']} ({report['device']}) · " +
            (f"compiled in {report['compile_s']:.1f}s" if "compile_s" in report else
             "analytic (--dry_run_compile adds XLA's figures of the compiled step)")]
-  lines += [f"  {label:<34}{report[key]:>10.2f} GB" for label, key in rows if report.get(key) is not None]
+  width = max(len(label) for label, _ in rows)
+  lines += [f"  {label:<{width}}{report[key]:>10.2f} GB" for label, key in rows if report.get(key) is not None]
   if "xla_peak_gb" in report:
     lines.append(f"  note: {LIMITS}")
   return "\n".join(lines)

@@ -142,6 +142,20 @@ def run_train_py(tmp_path, flag):
   return result.stdout, json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def test_the_fine_tune_recipe_is_sized_before_its_checkpoint_is_downloaded(tmp_path):
+  """configs/llama3_8b_finetune.py names a checkpoint directory that is not there yet: --dry_run sizes the
+  config's preset, says so, and counts Llama-3-8B's parameters."""
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/llama3_8b_finetune.py", "--dry_run",
+       f"--config.model.hf_checkpoint={tmp_path / 'not_yet'}", f"--config.workdir={tmp_path / 'never'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == (f"model.hf_checkpoint '{tmp_path / 'not_yet'}' has no config.json: the dry run sizes the "
+                      "preset 'llama3_8b' instead")
+  assert json.loads(lines[-1])["params"] == 8_030_261_248 and not (tmp_path / "never").exists()
+
+
 @pytest.mark.slow
 def test_command_line_prints_json_last_and_writes_nothing(tmp_path):
   stdout, report = run_train_py(tmp_path, "--dry_run")
