@@ -313,11 +313,21 @@ def start_up(cfg, primary: bool) -> Run:
   where = device.device_kind if layout is None else f"{device.device_kind} x{mesh.size}, {sharding.describe(mesh)}"
   print(f"{steps.count_params(params) / 1e6:.1f}M parameters on {where}; steps {start} -> {cfg.train.steps}; "
         f"workdir {cfg.workdir}", flush=True)
+  print(describe_data(dataset.stats, cfg), flush=True)
   if not dataset.stats["val_tokens"]:
     print(f"no validation text (data.validation_fraction {cfg.data.validation_fraction}): no eval_loss is logged",
           flush=True)
   return Run(cfg, dataset, ckpts, step_fns, put, writer, primary, start, params, opt_state,
              nonfinite_steps=meta.get("nonfinite_steps", 0), step=start)
+
+
+def describe_data(stats: dict, cfg) -> str:
+  """How much text the run has, and how many passes over it its steps make (a small corpus is seen many times)."""
+  epochs = cfg.train.steps * cfg.train.batch_size / stats["train_rows"]
+  documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
+  return (f"data: {documents(stats['train_documents'])} for training, {stats['train_tokens']:,} tokens "
+          f"({epochs:.3g} epochs in {cfg.train.steps:,} steps of {cfg.train.batch_size} sequences); "
+          f"{documents(stats['val_documents'])} for validation, {stats['val_tokens']:,} tokens")
 
 
 def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):
