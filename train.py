@@ -326,7 +326,8 @@ def describe_data(stats: dict, cfg) -> str:
   epochs = cfg.train.steps * cfg.train.batch_size / stats["train_rows"]
   documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
   return (f"data: {documents(stats['train_documents'])} for training, {stats['train_tokens']:,} tokens "
-          f"({epochs:.3g} epochs in {cfg.train.steps:,} steps of {cfg.train.batch_size} sequences); "
+          f"({epochs:.3g} epochs in {cfg.train.steps:,} step{'' if cfg.train.steps == 1 else 's'} of "
+          f"{cfg.train.batch_size} sequences); "
           f"{documents(stats['val_documents'])} for validation, {stats['val_tokens']:,} tokens")
 
 
@@ -496,7 +497,9 @@ def finish(r: Run, stop: StopRequests) -> None:
   latest = r.ckpts.latest_step()
   saved = f"checkpoint step {latest} in {r.ckpts.directory}" if latest is not None else "no checkpoint"
   if r.step >= r.cfg.train.steps or not stop.requested:
-    print(f"done at step {r.step}; {saved}", flush=True)
+    idle = (f" (nothing to train: the checkpoint is at step {r.start}, train.steps is {r.cfg.train.steps})"
+            if r.start >= r.step else "")
+    print(f"done at step {r.step}{idle}; {saved}", flush=True)
     return
   where = " on another process" if stop.from_peer else ""
   print(f"stopped by {stop.name}{where} at step {r.step}; {saved}; run the same command to resume", flush=True)

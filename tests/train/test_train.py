@@ -235,6 +235,17 @@ def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
       f"--config.checkpoint.resume_step=30 (the later steps are moved to {workdir}/checkpoints.set_aside, not deleted)"]
 
 
+def test_a_run_already_at_train_steps_says_it_trained_nothing(tmp_path, corpus, finished_run):
+  workdir = tmp_path / "again"
+  shutil.copytree(finished_run, workdir)
+  result = run(train_cmd(str(workdir), corpus, steps=40))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines()[-1] == (
+      "done at step 40 (nothing to train: the checkpoint is at step 40, train.steps is 40); "
+      f"checkpoint step 40 in {workdir}/checkpoints")
+  assert train_lines(str(workdir)) == train_lines(finished_run)
+
+
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_damaged_array_data_is_one_line_without_the_readers_tracebacks(tmp_path, corpus, finished_run, command):
   """Array data damaged under intact metadata fails inside orbax's restore, while other reads are in flight;
