@@ -54,21 +54,32 @@ class _QuietOrbax(logging.Filter):
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def _without_closed_loop_noise(previous_hook):
+def drop_closed_loop_noise() -> None:
+  """Keep tensorstore's "Event loop is closed" tracebacks off stderr, from now on in this process (once).
+
+  When orbax gives up on a restore (a damaged file) or a background save, the tensorstore reads and writes
+  still in flight finish later on tensorstore's threads and report to an asyncio loop that orbax has closed;
+  Python prints each as a traceback through ``sys.unraisablehook``. Only that error is dropped.
+  """
+  previous_hook = sys.unraisablehook
+  if getattr(previous_hook, "drops_closed_loop_noise", False):
+    return
+
   def hook(unraisable) -> None:
     if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
-      return  # a read of a damaged checkpoint failed while others were in flight; they report to an ended loop
+      return
     previous_hook(unraisable)
 
-  return hook
+  hook.drops_closed_loop_noise = True
+  sys.unraisablehook = hook
 
 
 def quiet_orbax() -> None:
   """Drop orbax's log records (it logs a failed background save as hundreds of traceback lines, from its
-  threads) and the "Event loop is closed" tracebacks that tensorstore's threads print after a restore failed
-  on a damaged file; the app reports every checkpoint fault itself, in one line."""
+  threads) and tensorstore's closed-loop tracebacks (:func:`drop_closed_loop_noise`); the app reports every
+  checkpoint fault itself, in one line."""
   logging.getLogger("absl").addFilter(_QuietOrbax())
-  sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+  drop_closed_loop_noise()
 
 
 META_FILE = "metadata"  # the JSON record's file in a step's meta/ (given to orbax's JsonCheckpointHandler)
@@ -148,6 +159,7 @@ class Checkpoints:
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(META_FILE)}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    drop_closed_loop_noise()  # before any read or write: a failed one is reported in one line, not by stray threads
     self._in_flight: int | None = None  # the step whose background save has not been checked yet
     self._closed = False
 

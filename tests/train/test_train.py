@@ -634,6 +634,7 @@ def test_load_model_refuses_what_is_not_there(tmp_path, finished_run):
   assert sorted(os.listdir(tmp_path)) == ["config.json"]  # nothing created
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no closed-loop tracebacks after it
 def test_load_model_names_an_unreadable_checkpoint(tmp_path, finished_run):
   import shutil
 
