@@ -37,7 +37,7 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   from galore_jax.train import checkpoint, config, data, metrics, restore, steps
   from galore_jax.models import hf, llama
 
-  checkpoint.quiet_orbax()
+  checkpoint.quiet_orbax_logging()
   try:
     model, cfg, step = restore.restore_run(workdir, step)
     model_cfg = config.model_config(cfg)

@@ -230,8 +230,8 @@ def run(cfg, stop: StopRequests) -> None:
 
   initialize_distributed()
   dry = _DRY_RUN.value or _DRY_RUN_COMPILE.value
-  checkpoint_config = os.path.join(cfg.model.hf_checkpoint or "", "config.json")
-  if dry and cfg.model.hf_checkpoint and not os.path.isfile(checkpoint_config):  # will it fit, before the download
+  downloaded = lambda directory: os.path.isfile(os.path.join(directory, "config.json"))
+  if dry and cfg.model.hf_checkpoint and not downloaded(cfg.model.hf_checkpoint):  # will it fit, before the download
     print(f"model.hf_checkpoint {cfg.model.hf_checkpoint!r} has no config.json: the dry run sizes the preset "
           f"{cfg.model.preset!r} instead", flush=True)
     cfg.model.hf_checkpoint = None
@@ -248,7 +248,7 @@ def run(cfg, stop: StopRequests) -> None:
     return
   primary = jax.process_index() == 0  # with several hosts, one locks the workdir and writes config and metrics
   lock = prepare_workdir(cfg.workdir, lock=primary)
-  checkpoint.quiet_orbax()
+  checkpoint.quiet_orbax_logging()
   try:
     r = start_up(cfg, primary)
     stop.start_training()

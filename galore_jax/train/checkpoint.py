@@ -54,7 +54,7 @@ class _QuietOrbax(logging.Filter):
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def drop_closed_loop_noise() -> None:
+def _drop_closed_loop_noise() -> None:
   """Keep tensorstore's "Event loop is closed" tracebacks off stderr, from now on in this process (once).
 
   When orbax gives up on a restore (a damaged file) or a background save, the tensorstore reads and writes
@@ -74,12 +74,10 @@ def drop_closed_loop_noise() -> None:
   sys.unraisablehook = hook
 
 
-def quiet_orbax() -> None:
+def quiet_orbax_logging() -> None:
   """Drop orbax's log records (it logs a failed background save as hundreds of traceback lines, from its
-  threads) and tensorstore's closed-loop tracebacks (:func:`drop_closed_loop_noise`); the app reports every
-  checkpoint fault itself, in one line."""
+  threads); the app reports every checkpoint fault itself, in one line."""
   logging.getLogger("absl").addFilter(_QuietOrbax())
-  drop_closed_loop_noise()
 
 
 META_FILE = "metadata"  # the JSON record's file in a step's meta/ (given to orbax's JsonCheckpointHandler)
@@ -159,7 +157,7 @@ class Checkpoints:
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(META_FILE)}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    drop_closed_loop_noise()  # before any read or write: a failed one is reported in one line, not by stray threads
+    _drop_closed_loop_noise()  # before any read or write: a failed one is reported in one line, not by stray threads
     self._in_flight: int | None = None  # the step whose background save has not been checked yet
     self._closed = False
 
