@@ -325,10 +325,13 @@ def describe_data(stats: dict, cfg) -> str:
   """How much text the run has, and how many passes over it its steps make (a small corpus is seen many times)."""
   epochs = cfg.train.steps * cfg.train.batch_size / stats["train_rows"]
   documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
+  skipped = stats["skipped_documents"]
   return (f"data: {documents(stats['train_documents'])} for training, {stats['train_tokens']:,} tokens "
           f"({epochs:.3g} epochs in {cfg.train.steps:,} step{'' if cfg.train.steps == 1 else 's'} of "
           f"{cfg.train.batch_size} sequences); "
-          f"{documents(stats['val_documents'])} for validation, {stats['val_tokens']:,} tokens")
+          f"{documents(stats['val_documents'])} for validation, {stats['val_tokens']:,} tokens" +
+          (f"; {documents(skipped)} without text skipped (no string in data.text_field "
+           f"{cfg.data.text_field!r}, or only whitespace)" if skipped else ""))
 
 
 def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):

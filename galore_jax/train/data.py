@@ -7,9 +7,10 @@ Everything here runs on the host in numpy; a batch is a dict of numpy arrays::
 Decisions (see also ``build_data``):
 
 * **Documents.** A ``.txt`` file is one document (code and prose keep their context); a ``.jsonl``/
-  ``.json``/``.parquet`` row or a ``save_to_disk`` row is one document (its ``text_field``). Empty or
-  whitespace-only documents are dropped. A folder is read recursively (hidden entries skipped), grouped
-  by kind (text, json, parquet) and sorted by relative path within a kind.
+  ``.json``/``.parquet`` row or a ``save_to_disk`` row is one document (its ``text_field``). Rows whose
+  field is missing or not a string, and empty or whitespace-only documents, are dropped and counted
+  (``stats["skipped_documents"]``, which ``train.py`` prints at start-up). A folder is read recursively
+  (hidden entries skipped), grouped by kind (text, json, parquet) and sorted by relative path within a kind.
 * **Embedded corpus** (``path=None``): the Python standard library's own ``*.py`` sources, sorted by
   relative path, without test directories, site-packages, ``encodings`` tables and the machine-specific
   build files (``_sysconfigdata*``, ``config-*``), one document per file. Identical on every machine
@@ -55,7 +56,7 @@ import json
 import os
 import sysconfig
 import tempfile
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -204,10 +205,10 @@ def _one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def _column(dataset: Any, text_field: str, where: str) -> list[str]:
+def _column(dataset: Any, text_field: str, where: str) -> list[Any]:
   if text_field not in dataset.column_names:
     raise ValueError(f"data.text_field {text_field!r} is not a column of {where} (columns: {dataset.column_names})")
-  return [t for t in dataset[text_field] if isinstance(t, str)]
+  return list(dataset[text_field])
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -215,7 +216,15 @@ def _is_saved_dataset(path: str) -> bool:
       os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
 
 
-def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> list[str]:
+class Corpus(NamedTuple):
+  """A corpus's documents, and how many of its rows or files had no text (their ``text_field`` missing, not a
+  string, or only whitespace), which are left out."""
+
+  documents: list[str]
+  skipped: int = 0
+
+
+def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> Corpus:
   """Documents of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
 
   Uses HF ``datasets`` offline; its arrow files go to ``cache_dir`` (default: a temporary directory,
@@ -231,7 +240,7 @@ def load_documents(path: str, text_field: str = "text", cache_dir: str | None = 
     return _load_documents(path, text_field, cache_dir)
 
 
-def _load_documents(path: str, text_field: str, cache_dir: str) -> list[str]:
+def _load_documents(path: str, text_field: str, cache_dir: str) -> Corpus:
   with _quiet_offline_datasets() as datasets:
     if _is_saved_dataset(path):
       try:
@@ -242,12 +251,12 @@ def _load_documents(path: str, text_field: str, cache_dir: str) -> list[str]:
         if "train" not in saved and len(saved) != 1:
           raise ValueError(f"data.path {path!r} is a DatasetDict without a 'train' split (splits: {list(saved)})")
         saved = saved["train"] if "train" in saved else next(iter(saved.values()))
-      documents = _column(saved, text_field, repr(path))
+      rows = _column(saved, text_field, repr(path))
     else:
       files = _corpus_files(path)
       if not any(files.values()):
         raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files")
-      documents = []
+      rows = []
       for kind in KIND_ORDER:
         if not files[kind]:
           continue
@@ -259,8 +268,9 @@ def _load_documents(path: str, text_field: str, cache_dir: str) -> list[str]:
           if culprit:
             raise ValueError(f"data.path {path!r}: {culprit}") from None
           raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({_one_line(e)})") from None
-        documents += _column(loaded, text_field if kind != "text" else "text", f"the {kind} files of {path!r}")
-  return [d for d in documents if d.strip()]
+        rows += _column(loaded, text_field if kind != "text" else "text", f"the {kind} files of {path!r}")
+  documents = [text for text in rows if isinstance(text, str) and text.strip()]
+  return Corpus(documents, skipped=len(rows) - len(documents))
 
 
 def _unreadable_file(kind: str, files: Sequence[str]) -> str | None:
@@ -335,12 +345,13 @@ def cap_documents(documents: Sequence[str], max_documents: int | None, max_bytes
   return capped
 
 
-def corpus_documents(spec: DataSpec, cache_dir: str | None = None) -> list[str]:
+def corpus_documents(spec: DataSpec, cache_dir: str | None = None) -> Corpus:
   """The capped documents ``spec`` names (the embedded stdlib corpus when ``spec.path`` is None)."""
   if spec.path is None:
     max_bytes = spec.max_bytes or DEFAULT_MAX_BYTES
-    return cap_documents(stdlib_documents(max_bytes), spec.max_documents, max_bytes)
-  return cap_documents(load_documents(spec.path, spec.text_field, cache_dir), spec.max_documents, spec.max_bytes)
+    return Corpus(cap_documents(stdlib_documents(max_bytes), spec.max_documents, max_bytes))
+  corpus = load_documents(spec.path, spec.text_field, cache_dir)
+  return corpus._replace(documents=cap_documents(corpus.documents, spec.max_documents, spec.max_bytes))
 
 
 # ----------------------------------------------------------------------------- split
@@ -711,7 +722,8 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
   if eval_batch_size is not None and eval_batch_size <= 0:
     raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size!r}")
   tokenizer = None if spec.tokenizer is None else _checked(load_tokenizer(spec.tokenizer), spec.tokenizer, vocab_size)
-  documents = corpus_documents(spec)
+  corpus = corpus_documents(spec)
+  documents = corpus.documents
   where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
   if not documents:
     raise ValueError(f"{where} has no text")
@@ -731,7 +743,8 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
     raise ValueError(f"{where} has no training tokens to predict after tokenizing")
   stats = {"train_documents": len(train_docs), "val_documents": len(val_docs),
            "train_tokens": int(arrays["train"][0].size), "val_tokens": int(arrays["val"][0].size),
-           "train_rows": len(train_rows), "val_rows": len(val_rows), "vocab_size": len(tokenizer)}
+           "train_rows": len(train_rows), "val_rows": len(val_rows), "vocab_size": len(tokenizer),
+           "skipped_documents": corpus.skipped}
   return Data(tokenizer=tokenizer, train=Batches(train_rows, batch_size, seed),
               eval_batches=eval_batch_list(val_rows, eval_batch_size or batch_size, eval_batches),
               pad_id=pad_id, eos_id=eos_id, bos_id=bos_id, stats=stats)

@@ -61,7 +61,7 @@ def stream(rows: data.Rows) -> np.ndarray:
 def test_text_file_is_one_document(tmp_path):
   path = tmp_path / "a.txt"
   path.write_text("first para\n\nsecond para\n")
-  assert data.load_documents(str(path)) == ["first para\n\nsecond para\n"]
+  assert data.load_documents(str(path)).documents == ["first para\n\nsecond para\n"]
 
 
 def test_mixed_folder(tmp_path):
@@ -75,13 +75,14 @@ def test_mixed_folder(tmp_path):
   datasets.Dataset.from_dict({"text": ["p1", "p2", "  "], "n": [1, 2, 3]}).to_parquet(str(root / "d.parquet"))
   (root / ".hidden.txt").write_text("hidden\n")
   (root / "notes.md").write_text("ignored\n")
-  documents = data.load_documents(str(root), cache_dir=str(tmp_path / "hf"))
-  assert documents == ["text file b\n", "text file a\n", "j1", "j2", "p1", "p2"]
+  corpus = data.load_documents(str(root), cache_dir=str(tmp_path / "hf"))
+  assert corpus == (["text file b\n", "text file a\n", "j1", "j2", "p1", "p2"], 1)  # the blank parquet row
 
 
 def test_text_field(tmp_path):
   (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
-  assert data.load_documents(str(tmp_path / "c.jsonl"), text_field="body", cache_dir=str(tmp_path / "hf")) == ["hello"]
+  assert data.load_documents(str(tmp_path / "c.jsonl"), text_field="body", cache_dir=str(tmp_path / "hf")) == (
+      ["hello"], 0)
   with pytest.raises(ValueError, match="'text'"):
     data.load_documents(str(tmp_path / "c.jsonl"), cache_dir=str(tmp_path / "hf"))
 
@@ -90,10 +91,10 @@ def test_save_to_disk(tmp_path):
   import datasets
 
   datasets.Dataset.from_dict({"text": ["x1", "x2"]}).save_to_disk(str(tmp_path / "ds"))
-  assert data.load_documents(str(tmp_path / "ds")) == ["x1", "x2"]
+  assert data.load_documents(str(tmp_path / "ds")).documents == ["x1", "x2"]
   datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t"]}),
                         "test": datasets.Dataset.from_dict({"text": ["u"]})}).save_to_disk(str(tmp_path / "dd"))
-  assert data.load_documents(str(tmp_path / "dd")) == ["t"]
+  assert data.load_documents(str(tmp_path / "dd")).documents == ["t"]
 
 
 def test_build_from_each_kind(tmp_path):
@@ -133,11 +134,19 @@ def stdlib_builds(tmp_path_factory):
 
 
 def test_embedded_corpus_is_python_source():
-  documents = data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))
+  documents, skipped = data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))
   text = "".join(documents)
   assert "def " in text and "import " in text and "class " in text
   assert 0 < len(text.encode()) <= 300_000
-  assert documents == data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))
+  assert skipped == 0 and documents == data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))[0]
+
+
+def test_rows_without_text_are_left_out_and_counted(tmp_path):
+  rows = [{"text": "kept one"}, {"text": None}, {"text": "   "}, {"id": 3}, {"text": "kept two"}]
+  (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+  built = build(str(tmp_path / "c.jsonl"), tmp_path / "w", validation_fraction=0.5)
+  assert built.stats["skipped_documents"] == 3
+  assert built.stats["train_documents"] + built.stats["val_documents"] == 2
 
 
 def test_embedded_corpus_build_is_deterministic(stdlib_builds):

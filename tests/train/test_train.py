@@ -235,6 +235,20 @@ def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
       f"--config.checkpoint.resume_step=30 (the later steps are moved to {workdir}/checkpoints.set_aside, not deleted)"]
 
 
+def test_the_start_up_data_line_counts_epochs_and_documents_without_text():
+  import train
+  from configs.base import base
+
+  cfg = base()
+  cfg.train.steps, cfg.train.batch_size = 10, 4
+  stats = {"train_documents": 1, "train_tokens": 1200, "train_rows": 20, "val_documents": 2, "val_tokens": 30,
+           "skipped_documents": 3}
+  assert train.describe_data(stats, cfg) == (
+      "data: 1 document for training, 1,200 tokens (2 epochs in 10 steps of 4 sequences); 2 documents for "
+      "validation, 30 tokens; 3 documents without text skipped (no string in data.text_field 'text', or only "
+      "whitespace)")
+
+
 def test_a_run_already_at_train_steps_says_it_trained_nothing(tmp_path, corpus, finished_run):
   workdir = tmp_path / "again"
   shutil.copytree(finished_run, workdir)
