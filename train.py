@@ -323,15 +323,15 @@ def start_up(cfg, primary: bool) -> Run:
 
 def describe_data(stats: dict, cfg) -> str:
   """How much text the run has, and how many passes over it its steps make (a small corpus is seen many times)."""
+  count = lambda n, noun: f"{n:,} {noun}" + ("" if n == 1 else "s")
   epochs = cfg.train.steps * cfg.train.batch_size / stats["train_rows"]
-  documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
-  skipped = stats["skipped_documents"]
-  return (f"data: {documents(stats['train_documents'])} for training, {stats['train_tokens']:,} tokens "
-          f"({epochs:.3g} epochs in {cfg.train.steps:,} step{'' if cfg.train.steps == 1 else 's'} of "
-          f"{cfg.train.batch_size} sequences); "
-          f"{documents(stats['val_documents'])} for validation, {stats['val_tokens']:,} tokens" +
-          (f"; {documents(skipped)} without text skipped (no string in data.text_field "
-           f"{cfg.data.text_field!r}, or only whitespace)" if skipped else ""))
+  line = (f"data: {count(stats['train_documents'], 'document')} for training, {stats['train_tokens']:,} tokens "
+          f"({epochs:.3g} epochs in {count(cfg.train.steps, 'step')} of {cfg.train.batch_size} sequences); "
+          f"{count(stats['val_documents'], 'document')} for validation, {stats['val_tokens']:,} tokens")
+  if stats["skipped_documents"]:
+    line += (f"; {count(stats['skipped_documents'], 'document')} without text skipped (no string in "
+             f"data.text_field {cfg.data.text_field!r}, or only whitespace)")
+  return line
 
 
 def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):

@@ -60,7 +60,7 @@ def use_copy(cfg) -> None:
     with open(os.path.join(directory, RECORD)) as f:
       copied = json.load(f)
   except (OSError, ValueError):
-    return
+    copied = None
   if not isinstance(copied, dict):
     return
   if cfg.model.get("hf_checkpoint") and copied.get("hf_checkpoint"):

@@ -225,7 +225,7 @@ class Corpus(NamedTuple):
 
 
 def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> Corpus:
-  """Documents of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
+  """The :class:`Corpus` of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
 
   Uses HF ``datasets`` offline; its arrow files go to ``cache_dir`` (default: a temporary directory,
   removed afterwards: the documents are returned as strings and the tokens are cached by
