@@ -411,16 +411,17 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int):
   return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS)
 
 
-def load_tokenizer(path: str):
-  """``AutoTokenizer.from_pretrained(path, local_files_only=True)``; ``ValueError`` naming ``path`` if unreadable."""
+def load_tokenizer(path: str, what: str = "data.tokenizer"):
+  """``AutoTokenizer.from_pretrained(path, local_files_only=True)``; ``ValueError`` naming ``what`` and ``path``
+  if unreadable."""
   if not os.path.isdir(path):
-    raise ValueError(f"data.tokenizer {path!r} is not a directory")
+    raise ValueError(f"{what} {path!r} is not a directory")
   import transformers
 
   try:
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # noqa: BLE001 - any failure is bad input here
-    raise ValueError(f"data.tokenizer {path!r} could not be loaded ({_one_line(e)})") from None
+    raise ValueError(f"{what} {path!r} could not be loaded ({_one_line(e)})") from None
 
 
 def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: int):
@@ -448,7 +449,7 @@ def cached_tokenizer(workdir: str, train_documents: Sequence[str], vocab_size: i
         json.dump(record, f)
 
     write_dir_atomic(directory, write, CORPUS_RECORD)
-  return load_tokenizer(directory)
+  return load_tokenizer(directory, "the run's trained tokenizer")
 
 
 def special_ids(tokenizer) -> tuple[int, int, int | None]:
@@ -491,12 +492,22 @@ def tokenize_documents(tokenizer, documents: Sequence[str], eos_id: int,
   return tokens_N, offsets_D1
 
 
+def _token_cache_key(tokenizer, splits: dict[str, Sequence[str]]) -> dict[str, Any]:
+  return {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
+          "splits": {name: fingerprint(docs) for name, docs in sorted(splits.items())}}
+
+
+def token_cache_dir(cache_root: str, tokenizer, splits: dict[str, Sequence[str]]) -> str:
+  """Where ``cached_tokens`` keeps ``splits`` tokenized by ``tokenizer``: ``cache_root/<key>/``, the key hashing
+  the splits' contents and the tokenizer; it holds the tokens once its ``meta.json`` exists."""
+  key = json.dumps(_token_cache_key(tokenizer, splits))
+  return os.path.join(cache_root, hashlib.sha256(key.encode()).hexdigest()[:20])
+
+
 def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Sequence[str]]
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """``tokenize_documents`` of each split, cached in ``cache_root/<key>/`` (key: contents + tokenizer)."""
-  key_source = json.dumps({"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
-                           "splits": {name: fingerprint(docs) for name, docs in sorted(splits.items())}})
-  directory = os.path.join(cache_root, hashlib.sha256(key_source.encode()).hexdigest()[:20])
+  """``tokenize_documents`` of each split, cached in :func:`token_cache_dir`."""
+  directory = token_cache_dir(cache_root, tokenizer, splits)
   if not os.path.isfile(os.path.join(directory, "meta.json")):
     arrays = {name: tokenize_documents(tokenizer, docs, eos_id) for name, docs in splits.items()}
 
@@ -505,10 +516,11 @@ def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Seq
         np.save(os.path.join(tmp, f"{name}_tokens.npy"), tokens_N)
         np.save(os.path.join(tmp, f"{name}_offsets.npy"), offsets_D1)
       with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"key": json.loads(key_source), "tokens": {n: int(a[0].size) for n, a in arrays.items()}}, f)
+        json.dump({"key": _token_cache_key(tokenizer, splits),
+                   "tokens": {name: int(tokens_N.size) for name, (tokens_N, _) in arrays.items()}}, f)
 
     write_dir_atomic(directory, write, "meta.json")
-  return _load_token_cache(directory, splits)
+  return load_token_cache(directory, splits)
 
 
 def _read_json(path: str) -> Any:
@@ -520,7 +532,7 @@ class CorruptCache(ValueError):
   """A token-cache file that cannot be read or does not match its ``meta.json``."""
 
 
-def _load_token_cache(directory: str, names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_token_cache(directory: str, names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """The cached ``(tokens_N, offsets_D1)`` of each split, checked against ``meta.json``'s token counts.
 
   A truncated, missing or inconsistent file raises :class:`CorruptCache` naming it and saying to delete
@@ -681,7 +693,7 @@ def eval_batch_list(rows: Rows, batch_size: int, max_batches: int | None) -> lis
 # ----------------------------------------------------------------------------- entry point
 
 
-def _checked(tokenizer, name: str, vocab_size: int):
+def checked_tokenizer(tokenizer, name: str, vocab_size: int):
   """``tokenizer`` if it fits the model's vocabulary, else ``ValueError`` naming both sizes."""
   if len(tokenizer) > vocab_size:
     raise ValueError(f"tokenizer {name!r} has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}")
@@ -721,7 +733,8 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
     raise ValueError(f"vocab_size must be positive, got {vocab_size!r}")
   if eval_batch_size is not None and eval_batch_size <= 0:
     raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size!r}")
-  tokenizer = None if spec.tokenizer is None else _checked(load_tokenizer(spec.tokenizer), spec.tokenizer, vocab_size)
+  tokenizer = (None if spec.tokenizer is None else
+               checked_tokenizer(load_tokenizer(spec.tokenizer), spec.tokenizer, vocab_size))
   corpus = corpus_documents(spec)
   documents = corpus.documents
   where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
@@ -732,8 +745,8 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
     raise ValueError(f"{where} leaves an empty split: {len(train_docs)} training and {len(val_docs)} validation "
                      f"documents (validation_fraction {spec.validation_fraction})")
   if tokenizer is None:
-    tokenizer = _checked(cached_tokenizer(workdir, train_docs, int(vocab_size)), os.path.join(workdir, "tokenizer"),
-                         vocab_size)
+    tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size)),
+                                  os.path.join(workdir, "tokenizer"), vocab_size)
   pad_id, eos_id, bos_id = special_ids(tokenizer)
 
   arrays = cached_tokens(os.path.join(workdir, "data_cache"), tokenizer, eos_id, {"train": train_docs, "val": val_docs})

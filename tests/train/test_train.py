@@ -489,6 +489,9 @@ def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(t
     ("--max_new_tokens=-1", "--max_new_tokens must be >= 0, got -1"),
     ("--max_new_tokens=100000", "--max_new_tokens 100000: with the prompt's"),  # beyond max_position_embeddings
     ("--workdir={workdir}/config.json", "--workdir '{workdir}/config.json' is not a directory"),  # the last one counts
+    ("--batches=-1", "--batches must be >= 0 (0: every row), got -1"),
+    ("--data_path={workdir}/corpus", "--data_path '{workdir}/corpus' does not exist"),
+    ("--split=train", "flag --split=train: value should be one of <validation|all>"),
 ])
 def test_eval_bad_arguments_are_one_line_and_leave_the_workdir_as_it_was(finished_run, flag, message):
   before = snapshot(pathlib.Path(finished_run))
@@ -499,6 +502,22 @@ def test_eval_bad_arguments_are_one_line_and_leave_the_workdir_as_it_was(finishe
   assert snapshot(pathlib.Path(finished_run)) == before
 
 
+def test_eval_of_a_moved_corpus_without_its_token_cache_scores_the_logged_loss_and_writes_nothing(
+    tmp_path, finished_run, corpus):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  shutil.rmtree(workdir / "data_cache")
+  moved = shutil.copytree(corpus, tmp_path / "moved")
+  before = snapshot(workdir)
+  result = run([sys.executable, "eval.py", f"--workdir={workdir}", f"--data_path={moved}", "--split=validation",
+                "--max_new_tokens=2"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith(f"scoring the validation split of --data_path '{moved}': ")
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert abs(report["eval_loss"] - train_lines(finished_run)[1][-1]["eval_loss"]) < 1e-5
+  assert snapshot(workdir) == before  # the tokens were encoded in memory
+
+
 def test_eval_of_a_run_without_validation_text_logs_no_loss(tmp_path, finished_run):
   """data.validation_fraction=0: no eval_loss at all, rather than a 0.0 that reads as a perfect model."""
   import shutil
@@ -506,12 +525,12 @@ def test_eval_of_a_run_without_validation_text_logs_no_loss(tmp_path, finished_r
   workdir = tmp_path / "no_validation"
   shutil.copytree(finished_run, workdir)
   cfg = json.loads((workdir / "config.json").read_text())
-  cfg["data"]["validation_fraction"] = 0.0
-  cfg["data"]["tokenizer"] = os.path.join(finished_run, "tokenizer")  # the cached one was trained on the old split
+  cfg["data"]["validation_fraction"] = 0.0  # eval reads the run's tokenizer whatever the split: no corpus check
   (workdir / "config.json").write_text(json.dumps(cfg))
   result = run([sys.executable, "eval.py", f"--workdir={workdir}", "--max_new_tokens=2"])
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.startswith("step 40: no validation text (the run's data.validation_fraction is 0)")
+  assert (f"step 40: no token to predict in the validation split of data.path {cfg['data']['path']!r} (the run's "
+          "data.validation_fraction is 0; --split=all scores every document)") in result.stdout
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["eval_loss"] is None and report["eval_ppl"] is None and report["eval_tokens"] == 0
 

@@ -1,0 +1,108 @@
+"""eval.py's text: the run's validation split or other text, with the run's tokenizer, never writing the workdir."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from galore_jax.train import data, eval_data
+from tests.train.test_data import VOCAB, build, docs, make_config
+
+
+def snapshot(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run(tmp_path):
+  """A run's corpus and workdir as train.py leaves them: its trained tokenizer and its token cache."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, doc in enumerate(docs()):
+    (corpus / f"{i:03d}.txt").write_text(doc)
+  workdir = tmp_path / "workdir"
+  built = build(corpus, workdir, eval_batches=None)
+  return corpus, workdir, built
+
+
+def score(corpus, workdir, batches=None, **kwargs):
+  return eval_data.build_eval_data(make_config(str(corpus)), workdir=str(workdir), vocab_size=VOCAB, batch_size=3,
+                                   batches=batches, **kwargs)
+
+
+def assert_same_batches(got, expected):
+  assert len(got) == len(expected) > 0
+  for g, e in zip(got, expected):
+    assert g.keys() == e.keys()
+    for key in g:
+      np.testing.assert_array_equal(g[key], e[key], err_msg=key)
+
+
+@pytest.mark.parametrize("token_cache", ["kept", "deleted"])
+def test_the_validation_split_is_what_training_scored_and_the_workdir_is_only_read(run, token_cache):
+  corpus, workdir, built = run
+  if token_cache == "deleted":
+    shutil.rmtree(workdir / "data_cache")
+  before = snapshot(workdir)
+  scored = score(corpus, workdir)
+  assert_same_batches(scored.batches, built.eval_batches)
+  assert data.tokenizer_fingerprint(scored.tokenizer) == data.tokenizer_fingerprint(built.tokenizer)
+  assert (scored.documents, scored.tokens) == (built.stats["val_documents"], built.stats["val_tokens"])
+  assert snapshot(workdir) == before  # no token cache written, no tokenizer trained
+
+
+def test_a_moved_corpus_and_a_file_of_the_validation_documents_score_the_same(run, tmp_path):
+  corpus, workdir, built = run
+  moved = tmp_path / "moved"
+  shutil.move(corpus, moved)
+  with pytest.raises(ValueError, match="does not exist; if the corpus moved, eval.py --data_path names where"):
+    score(corpus, workdir)
+  scored = score(corpus, workdir, data_path=str(moved), split="validation")
+  assert_same_batches(scored.batches, built.eval_batches)
+  assert scored.source == f"the validation split of --data_path {str(moved)!r}"
+
+  _, validation = data.split_documents(docs(), 0.2)  # the split rule applied here, not by the code under test
+  held_out = tmp_path / "held_out.jsonl"
+  held_out.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in validation))
+  scored = score(corpus, workdir, data_path=str(held_out), text_field="body")  # all documents by default
+  assert scored.source == f"all of --data_path {str(held_out)!r}"
+  assert_same_batches(scored.batches, built.eval_batches)
+  with pytest.raises(ValueError, match=r"^--text_field 'text' is not a column of the json files"):
+    score(corpus, workdir, data_path=str(held_out))
+
+
+def test_all_documents_are_each_encoded_plus_eos_and_batches_limits_the_rows(run):
+  corpus, workdir, built = run
+  scored = score(corpus, workdir, split="all")
+  expected_N = np.concatenate([built.tokenizer(doc, add_special_tokens=False)["input_ids"] + [built.eos_id]
+                               for doc in docs()])  # the slow tokenizer call, not the batch encoder eval uses
+  assert scored.tokens == expected_N.size and scored.documents == len(docs())
+  inputs = np.concatenate([b["inputs"][b["loss_mask"][:, 0] > 0] for b in scored.batches])
+  assert scored.rows == len(inputs) == -(-(expected_N.size - 1) // 16)  # packed rows of seq_len 16
+  np.testing.assert_array_equal(inputs[:, 0], expected_N[:-1:16])
+  first_two = score(corpus, workdir, batches=2, split="all").batches
+  assert_same_batches(first_two, scored.batches[:2])
+
+
+def test_a_run_with_its_own_tokenizer_reads_it_and_a_trained_one_must_be_there(run, tmp_path):
+  corpus, workdir, built = run
+  shutil.move(workdir / "tokenizer", tmp_path / "base_tokenizer")
+  before = snapshot(workdir)
+  with pytest.raises(ValueError, match="has no tokenizer/: the run trained its tokenizer there"):
+    score(corpus, workdir)
+  assert snapshot(workdir) == before  # not trained again
+  scored = eval_data.build_eval_data(make_config(str(corpus), tokenizer=str(tmp_path / "base_tokenizer")),
+                                     workdir=str(workdir), vocab_size=VOCAB, batch_size=3, batches=None)
+  assert_same_batches(scored.batches, built.eval_batches)  # the same tokenizer, so the token cache is found
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(split="train"), "split must be one of validation, all, got 'train'"),
+    (dict(batches=0), "batch_size and batches must be positive, got 3 and 0"),
+])
+def test_bad_arguments_are_value_errors_naming_them(run, kwargs, message):
+  corpus, workdir, _ = run
+  with pytest.raises(ValueError, match=message):
+    score(corpus, workdir, **kwargs)
