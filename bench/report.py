@@ -304,10 +304,26 @@ def train_section() -> list[str]:
   return lines
 
 
+def data_pipeline_section() -> list[str]:
+  lines = []
+  for path, r in load("data_pipeline-*.json"):
+    x = r["stats"]
+    rows = [[name.replace("_", " "), seconds(p["seconds"], ".1f"), gb(p["peak_rss_gb"]), gb(p["data_rss_gb"])]
+            for name, p in r["phases"].items()]
+    lines += [f"**`train.py`'s data pipeline**, {r['corpus']} ({r['corpus_bytes'] / 1e9:.2f} GB on disk, "
+              f"{x['train_documents'] + x['val_documents']:,} documents, {x['train_tokens'] + x['val_tokens']:,} "
+              f"tokens, tokenizer vocab {r['vocab_size']}): the first start trains the tokenizer, encodes and writes "
+              "the token cache; a later one reads and hashes the corpus again and loads the cache", ""]
+    lines += table(["start", "time", "peak host memory", "of which the data"], rows)
+    lines += footer(path, r)
+  return lines
+
+
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
-          + xla_peak_section() + family_memory_section() + quantized_bases_section() + step_time_section())
+          + xla_peak_section() + family_memory_section() + quantized_bases_section() + step_time_section()
+          + data_pipeline_section())
 
 
 def render(page: str, body: list[str]) -> str:

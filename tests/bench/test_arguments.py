@@ -12,8 +12,9 @@ import pytest
 
 from bench import common, compile_time, exact_refresh, memory, refresh, speed, step_time, tiny_quality
 
-SCRIPTS = ["compile_7b", "compile_time", "exact_refresh", "family_memory", "memory", "quantized_bases", "refresh",
-           "refresh_parts", "report", "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
+SCRIPTS = ["compile_7b", "compile_time", "data_pipeline", "exact_refresh", "family_memory", "memory", "quantized_bases",
+           "refresh", "refresh_parts", "report", "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run",
+           "xla_peak"]
 METAVAR = re.compile(r"[A-Z][A-Z_=]*|a,b|.*[<|].*")  # N, PATH, KEY=VALUE, a,b, float32|bfloat16, ...<backend>
 
 
@@ -95,6 +96,8 @@ def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
     ("refresh_parts", ["--repeats", "0"], "error: argument --repeats: must be at least 1, got 0"),
     ("xla_peak", ["--layers", "2", "0"], "error: argument --layers: 0 is not within 1..32"),
     ("xla_peak", ["--top", "x"], "error: argument --top: invalid int value: 'x'"),
+    ("data_pipeline", ["--megabytes", "0"], "error: argument --megabytes: must be at least 1, got 0"),
+    ("data_pipeline", ["--vocab", "100"], "error: argument --vocab: must be at least 259, got 100"),
 ])
 def test_a_bad_number_is_refused_by_the_parser(capsys, name, argv, message):
   with pytest.raises(SystemExit, match="^2$"):

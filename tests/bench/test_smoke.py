@@ -15,6 +15,7 @@ import pytest
 from bench import (
     common,
     compile_time,
+    data_pipeline,
     exact_refresh,
     family_memory,
     memory,
@@ -24,6 +25,21 @@ from bench import (
     sharding_bytes,
     tiny_quality,
 )
+
+
+def test_data_pipeline_measures_both_starts_of_the_corpus_it_wrote(tmp_path, capsys):
+  out = tmp_path / "data.json"
+  record = data_pipeline.main(["--megabytes", "1", "--vocab", "300", "--seq_len", "64", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  documents = data_pipeline.write_corpus(str(tmp_path / "same.jsonl"), 1)  # the same seed, so the same corpus
+  assert record["stats"]["train_documents"] + record["stats"]["val_documents"] == documents
+  assert record["corpus_bytes"] == os.path.getsize(tmp_path / "same.jsonl") > 1_000_000
+  assert record["stats"]["vocab_size"] <= 300 and record["stats"]["train_tokens"] > 0
+  for phase in record["phases"].values():
+    assert phase["data_rss_gb"] == pytest.approx(phase["peak_rss_gb"] - phase["import_rss_gb"])
+  with pytest.raises(SystemExit, match="^2$"):
+    data_pipeline.main(["--corpus", str(tmp_path / "missing")])
+  assert capsys.readouterr().err.endswith(f"error: --corpus '{tmp_path / 'missing'}' does not exist\n")
 
 
 def test_compile_time_ratios_are_against_adamw(tmp_path):
