@@ -14,7 +14,8 @@ continues exactly where it stopped (same batches, same loss series). One run at 
 Every way a run ends is one line and an exit code:
   0    done (all train.steps run)
   2    bad input: a config value, a workdir in use or not writable, a checkpoint that does not fit or is
-       damaged, an unreadable metrics file; nothing in the workdir was changed
+       damaged, an unreadable metrics file; nothing in the workdir was changed (start-up may have added
+       to its caches: the token cache, a trained tokenizer)
   3    diverged: non-finite loss or gradients (train.nonfinite, train.max_nonfinite_steps); the steps since
        the last finite one are not saved
   4    a checkpoint could not be written (full disk...); the earlier checkpoints are intact
@@ -48,7 +49,7 @@ EXIT_SAVE_FAILED = 4
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-  """One line on stderr and the exit code; bad input (code 2) has touched nothing in the workdir."""
+  """One line on stderr and the exit code; bad input (code 2) has changed nothing in the workdir (caches aside)."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
 
