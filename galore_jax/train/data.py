@@ -56,7 +56,7 @@ import json
 import os
 import sysconfig
 import tempfile
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -470,26 +470,55 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # ----------------------------------------------------------------------------- tokens
 
 
-def tokenize_documents(tokenizer, documents: Sequence[str], eos_id: int,
-                       chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens_N int32, offsets_D1 int64)``: documents encoded without special tokens, each + eos.
-
-  Document ``d`` is ``tokens_N[offsets_D1[d]:offsets_D1[d + 1]]``.
-  """
+def encoded_chunks(tokenizer, documents: Sequence[str], eos_id: int,
+                   chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``(tokens int32, lengths_D int64)`` per ``chunk`` documents, each encoded without special tokens, + eos."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
-  pieces, lengths = [], []
   for start in range(0, len(documents), chunk):
     batch = list(documents[start:start + chunk])
     if backend is not None:
       ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
     else:
       ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-    for doc_ids in ids:
-      pieces.append(np.asarray(list(doc_ids) + [eos_id], np.int32))
-      lengths.append(len(doc_ids) + 1)
-  tokens_N = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
-  offsets_D1 = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-  return tokens_N, offsets_D1
+    lengths_D = np.array([len(doc_ids) + 1 for doc_ids in ids], np.int64)
+    tokens = np.full(int(lengths_D.sum()), eos_id, np.int32)
+    for doc_ids, end in zip(ids, np.cumsum(lengths_D)):
+      tokens[end - len(doc_ids) - 1:end - 1] = doc_ids
+    yield tokens, lengths_D
+
+
+def _offsets(lengths: Sequence[np.ndarray]) -> np.ndarray:
+  return np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64), *lengths]))]).astype(np.int64)
+
+
+def tokenize_documents(tokenizer, documents: Sequence[str], eos_id: int,
+                       chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens_N int32, offsets_D1 int64)``: documents encoded without special tokens, each + eos.
+
+  Document ``d`` is ``tokens_N[offsets_D1[d]:offsets_D1[d + 1]]``.
+  """
+  chunks = list(encoded_chunks(tokenizer, documents, eos_id, chunk))
+  tokens_N = np.concatenate([np.zeros(0, np.int32)] + [tokens for tokens, _ in chunks])
+  return tokens_N, _offsets([lengths for _, lengths in chunks])
+
+
+def _save_split(directory: str, name: str, chunks: list[tuple[np.ndarray, np.ndarray]]) -> int:
+  """``name_tokens.npy`` and ``name_offsets.npy`` in ``directory`` from encoded chunks, filled in place (the
+  tokens are never joined in memory: a corpus's tokens are held once, not twice); the number of tokens."""
+  size = sum(tokens.size for tokens, _ in chunks)
+  path = os.path.join(directory, f"{name}_tokens.npy")
+  if size:
+    tokens_N = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(size,))
+    at = 0
+    for tokens, _ in chunks:
+      tokens_N[at:at + tokens.size] = tokens
+      at += tokens.size
+    tokens_N.flush()
+    del tokens_N
+  else:
+    np.save(path, np.zeros(0, np.int32))
+  np.save(os.path.join(directory, f"{name}_offsets.npy"), _offsets([lengths for _, lengths in chunks]))
+  return size
 
 
 def _token_cache_key(tokenizer, splits: dict[str, Sequence[str]]) -> dict[str, Any]:
@@ -509,15 +538,12 @@ def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Seq
   """``tokenize_documents`` of each split, cached in :func:`token_cache_dir`."""
   directory = token_cache_dir(cache_root, tokenizer, splits)
   if not os.path.isfile(os.path.join(directory, "meta.json")):
-    arrays = {name: tokenize_documents(tokenizer, docs, eos_id) for name, docs in splits.items()}
 
     def write(tmp):
-      for name, (tokens_N, offsets_D1) in arrays.items():
-        np.save(os.path.join(tmp, f"{name}_tokens.npy"), tokens_N)
-        np.save(os.path.join(tmp, f"{name}_offsets.npy"), offsets_D1)
+      counts = {name: _save_split(tmp, name, list(encoded_chunks(tokenizer, docs, eos_id)))
+                for name, docs in splits.items()}
       with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"key": _token_cache_key(tokenizer, splits),
-                   "tokens": {name: int(tokens_N.size) for name, (tokens_N, _) in arrays.items()}}, f)
+        json.dump({"key": _token_cache_key(tokenizer, splits), "tokens": counts}, f)
 
     write_dir_atomic(directory, write, "meta.json")
   return load_token_cache(directory, splits)
