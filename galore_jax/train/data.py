@@ -29,10 +29,16 @@ Decisions (see also ``build_data``):
 * **Token cache.** ``workdir/data_cache/<key>/{train,val}_{tokens,offsets}.npy`` where ``key`` hashes the
   split documents' contents and the tokenizer; reloaded memory-mapped and checked against the token counts
   in its ``meta.json`` (a truncated or corrupt file is refused, naming it and the directory to delete).
-  Files are parsed by ``datasets`` into a temporary cache that is removed afterwards (the corpus is
-  re-read and re-hashed each run, which is cheap next to tokenizing). Caches are written to a temporary
-  directory and renamed; a file ``datasets`` cannot parse is named with its reason (not UTF-8 text, the
-  first line that is not a JSON object, not parquet).
+  Files are parsed by ``datasets`` into a temporary cache that is removed afterwards. Caches are written to a
+  temporary directory and renamed; a file ``datasets`` cannot parse is named with its reason (not UTF-8 text,
+  the first line that is not a JSON object, not parquet). The tokens are written into their memory-mapped file
+  chunk by chunk, never joined in memory.
+* **Later starts.** A token cache records the state of the corpus it was built from (``corpus_state.json``:
+  every file under ``path`` with its size and modification time, the settings that pick and split the
+  documents, the tokenizer, the vocabulary). A later start whose corpus state equals a recorded one loads that
+  cache without reading the corpus; any change (a file touched, added or removed, another cap) reads it again
+  and checks it as a first start does. As with ``make``, a file rewritten with the same size and an unchanged
+  modification time goes unnoticed. The embedded corpus is always read again (it is small).
 * **Rows.** ``packing=True``: the split's token stream is cut into rows of ``seq_len + 1`` tokens that
   overlap by one (row ``r`` = ``tokens[r*S : r*S + S + 1]``) so every token but the first is a target
   exactly once; the last, shorter row is padded. Segment ids number the documents inside a row from 1
@@ -60,7 +66,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from galore_jax.train.workdir import write_dir_atomic
+from galore_jax.train.workdir import write_dir_atomic, write_text_atomic
 
 DEFAULT_MAX_BYTES = 8_000_000  # the embedded corpus's cap when data.max_bytes is None
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -70,6 +76,7 @@ KIND_ORDER = ("text", "json", "parquet")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                               "encodings"})
 CORPUS_RECORD = "galore_jax_corpus.json"  # next to a trained tokenizer: what it was trained on
+CORPUS_STATE = "corpus_state.json"  # in a token cache: the corpus files it was built from (corpus_state)
 CACHE_VERSION = 1
 
 
@@ -533,10 +540,9 @@ def token_cache_dir(cache_root: str, tokenizer, splits: dict[str, Sequence[str]]
   return os.path.join(cache_root, hashlib.sha256(key.encode()).hexdigest()[:20])
 
 
-def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Sequence[str]]
+def cached_tokens(directory: str, tokenizer, eos_id: int, splits: dict[str, Sequence[str]]
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """``tokenize_documents`` of each split, cached in :func:`token_cache_dir`."""
-  directory = token_cache_dir(cache_root, tokenizer, splits)
+  """``tokenize_documents`` of each split, cached in ``directory`` (:func:`token_cache_dir`)."""
   if not os.path.isfile(os.path.join(directory, "meta.json")):
 
     def write(tmp):
@@ -547,6 +553,55 @@ def cached_tokens(cache_root: str, tokenizer, eos_id: int, splits: dict[str, Seq
 
     write_dir_atomic(directory, write, "meta.json")
   return load_token_cache(directory, splits)
+
+
+def corpus_files(path: str | None) -> list[list[Any]] | None:
+  """``[relative path, size, modification time]`` of every file under ``path`` (or of the file ``path``), taken
+  before the corpus is read; None for the embedded corpus (``path`` None: small, read again) or a file that
+  cannot be listed."""
+  if path is None:
+    return None
+  root = os.path.abspath(path)
+  paths = [root] if os.path.isfile(root) else sorted(os.path.join(d, name) for d, _, names in os.walk(root)
+                                                     for name in names)
+  try:
+    return [[os.path.relpath(p, root), st.st_size, st.st_mtime_ns] for p in paths for st in [os.stat(p)]]
+  except OSError:
+    return None
+
+
+def corpus_state(spec: DataSpec, files: list[list[Any]] | None, tokenizer, vocab_size: int) -> dict[str, Any] | None:
+  """What a token cache is built from, cheap to compare at a later start: the corpus's ``files``
+  (:func:`corpus_files`), the settings that pick and split its documents, the tokenizer and the model's
+  vocabulary. None when ``files`` is None."""
+  if files is None:
+    return None
+  return {"version": CACHE_VERSION, "path": os.path.abspath(spec.path), "files": files,
+          "text_field": spec.text_field, "max_documents": spec.max_documents, "max_bytes": spec.max_bytes,
+          "validation_fraction": spec.validation_fraction, "tokenizer": tokenizer_fingerprint(tokenizer),
+          "vocab_size": int(vocab_size)}
+
+
+def recorded_cache(cache_root: str, state: dict[str, Any] | None) -> tuple[str, dict[str, int]] | None:
+  """``(directory, stats)`` of the token cache that :func:`record_corpus_state` recorded for ``state``, if any."""
+  if state is None or not os.path.isdir(cache_root):
+    return None
+  for name in sorted(os.listdir(cache_root)):
+    directory = os.path.join(cache_root, name)
+    try:
+      recorded = _read_json(os.path.join(directory, CORPUS_STATE))
+    except (OSError, ValueError):
+      continue
+    if (isinstance(recorded, dict) and recorded.get("state") == state
+        and os.path.isfile(os.path.join(directory, "meta.json"))):
+      return directory, recorded["stats"]
+  return None
+
+
+def record_corpus_state(directory: str, state: dict[str, Any] | None, stats: dict[str, int]) -> None:
+  """Note in the token cache ``directory`` the corpus state it was built from, for :func:`recorded_cache`."""
+  if state is not None:
+    write_text_atomic(os.path.join(directory, CORPUS_STATE), json.dumps({"state": state, "stats": stats}))
 
 
 def _read_json(path: str) -> Any:
@@ -740,6 +795,41 @@ class Data:
   stats: dict[str, int]
 
 
+def _recorded_start(spec: DataSpec, files, workdir: str, tokenizer, vocab_size: int):
+  """``(tokenizer, token cache directory, document counts)`` when a token cache records this corpus state."""
+  if tokenizer is None:  # trained by an earlier start, if the run has one
+    trained = os.path.join(workdir, "tokenizer")
+    if files is None or not os.path.isfile(os.path.join(trained, CORPUS_RECORD)):
+      return None
+    try:
+      tokenizer = checked_tokenizer(load_tokenizer(trained), trained, vocab_size)
+    except ValueError:
+      return None  # reading the corpus again reports it, as a first start would
+  found = recorded_cache(os.path.join(workdir, "data_cache"), corpus_state(spec, files, tokenizer, vocab_size))
+  return None if found is None else (tokenizer, *found)
+
+
+def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int):
+  """``(tokenizer, token cache directory, document counts, arrays)``: the corpus read, split and encoded (the
+  tokenizer trained first when the run has none), the tokens cached."""
+  corpus = corpus_documents(spec)
+  where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
+  if not corpus.documents:
+    raise ValueError(f"{where} has no text")
+  train_docs, val_docs = split_documents(corpus.documents, spec.validation_fraction)
+  if not train_docs or (spec.validation_fraction > 0 and not val_docs):
+    raise ValueError(f"{where} leaves an empty split: {len(train_docs)} training and {len(val_docs)} validation "
+                     f"documents (validation_fraction {spec.validation_fraction})")
+  if tokenizer is None:
+    tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size)),
+                                  os.path.join(workdir, "tokenizer"), vocab_size)
+  splits = {"train": train_docs, "val": val_docs}
+  directory = token_cache_dir(os.path.join(workdir, "data_cache"), tokenizer, splits)
+  arrays = cached_tokens(directory, tokenizer, special_ids(tokenizer)[1], splits)
+  documents = {"train_documents": len(train_docs), "val_documents": len(val_docs), "skipped_documents": corpus.skipped}
+  return tokenizer, directory, documents, arrays
+
+
 def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: int, seed: int = 0,
                eval_batch_size: int | None = None, eval_batches: int | None = 8) -> Data:
   """Corpus → split → tokenizer → cached tokens → ``Data``; bad input raises a one-line ``ValueError``.
@@ -761,29 +851,22 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
     raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size!r}")
   tokenizer = (None if spec.tokenizer is None else
                checked_tokenizer(load_tokenizer(spec.tokenizer), spec.tokenizer, vocab_size))
-  corpus = corpus_documents(spec)
-  documents = corpus.documents
-  where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
-  if not documents:
-    raise ValueError(f"{where} has no text")
-  train_docs, val_docs = split_documents(documents, spec.validation_fraction)
-  if not train_docs or (spec.validation_fraction > 0 and not val_docs):
-    raise ValueError(f"{where} leaves an empty split: {len(train_docs)} training and {len(val_docs)} validation "
-                     f"documents (validation_fraction {spec.validation_fraction})")
-  if tokenizer is None:
-    tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size)),
-                                  os.path.join(workdir, "tokenizer"), vocab_size)
+  files = corpus_files(spec.path)  # before reading: a file changed while it is read is not recorded as read
+  recorded = _recorded_start(spec, files, workdir, tokenizer, vocab_size)
+  if recorded is not None:  # the corpus has not changed since a start that recorded it: not read again
+    tokenizer, directory, documents = recorded
+    arrays = load_token_cache(directory, ["train", "val"])
+  else:
+    tokenizer, directory, documents, arrays = _read_and_encode(spec, workdir, tokenizer, vocab_size)
+    record_corpus_state(directory, corpus_state(spec, files, tokenizer, vocab_size), documents)
   pad_id, eos_id, bos_id = special_ids(tokenizer)
-
-  arrays = cached_tokens(os.path.join(workdir, "data_cache"), tokenizer, eos_id, {"train": train_docs, "val": val_docs})
   train_rows = Rows(*arrays["train"], spec.seq_len, spec.packing, pad_id)
   val_rows = Rows(*arrays["val"], spec.seq_len, spec.packing, pad_id)
   if len(train_rows) == 0:
+    where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
     raise ValueError(f"{where} has no training tokens to predict after tokenizing")
-  stats = {"train_documents": len(train_docs), "val_documents": len(val_docs),
-           "train_tokens": int(arrays["train"][0].size), "val_tokens": int(arrays["val"][0].size),
-           "train_rows": len(train_rows), "val_rows": len(val_rows), "vocab_size": len(tokenizer),
-           "skipped_documents": corpus.skipped}
+  stats = {**documents, "train_tokens": int(arrays["train"][0].size), "val_tokens": int(arrays["val"][0].size),
+           "train_rows": len(train_rows), "val_rows": len(val_rows), "vocab_size": len(tokenizer)}
   return Data(tokenizer=tokenizer, train=Batches(train_rows, batch_size, seed),
               eval_batches=eval_batch_list(val_rows, eval_batch_size or batch_size, eval_batches),
               pad_id=pad_id, eos_id=eos_id, bos_id=bos_id, stats=stats)

@@ -4,7 +4,8 @@ By default it is the run's validation split, rebuilt from the run's saved ``data
 split rule), so the loss equals the ``eval_loss`` the run logged. The documents are encoded by the run's own
 tokenizer, whose ids the checkpoints hold: ``data.tokenizer`` (the workdir's copy of it, see
 :mod:`galore_jax.train.base_model`) or the one the run trained into ``workdir/tokenizer``; never a new one.
-The tokens come from the run's token cache when it holds this split, otherwise they are encoded in memory.
+The tokens come from the run's token cache when it holds this split (without reading the corpus when it is
+unchanged since the run recorded it, see :mod:`galore_jax.train.data`), otherwise they are encoded in memory.
 
 ``data_path`` replaces the run's corpus (one that moved, or held-out text; the run's ``text_field`` and caps
 apply unless ``text_field`` is given) and ``split="all"`` scores every document instead of the split.
@@ -59,15 +60,29 @@ def _documents(spec: data.DataSpec, from_flag: bool) -> list[str]:
   raise ValueError(message)
 
 
-def _tokens(spec, workdir, tokenizer, eos_id, documents, split) -> tuple[np.ndarray, np.ndarray]:
-  """The validation split from the run's token cache when it is there (read, never written), else encoded."""
+def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens_N, offsets_D1)`` of the text to score. The validation split comes from the run's token cache when
+  it holds it (read, never written): without reading the corpus when a start recorded the corpus's state, else
+  after reading and splitting it. Anything else is encoded in memory."""
+  cache_root = os.path.join(workdir, "data_cache")
+  if split == "validation":
+    state = data.corpus_state(spec, data.corpus_files(spec.path), tokenizer, vocab_size)
+    recorded = data.recorded_cache(cache_root, state)
+    if recorded is not None:
+      return data.load_token_cache(recorded[0], ["val"])["val"]
+  documents = _documents(spec, from_flag)
+  if not documents:
+    raise ValueError(f"{_corpus_name(spec, from_flag)} has no text (data.text_field {spec.text_field!r})")
   if split == "validation":
     train_docs, documents = data.split_documents(documents, spec.validation_fraction)
-    directory = data.token_cache_dir(os.path.join(workdir, "data_cache"), tokenizer,
-                                     {"train": train_docs, "val": documents})
+    directory = data.token_cache_dir(cache_root, tokenizer, {"train": train_docs, "val": documents})
     if os.path.isfile(os.path.join(directory, "meta.json")):
       return data.load_token_cache(directory, ["val"])["val"]
-  return data.tokenize_documents(tokenizer, documents, eos_id)
+  return data.tokenize_documents(tokenizer, documents, data.special_ids(tokenizer)[1])
+
+
+def _corpus_name(spec: data.DataSpec, from_flag: bool) -> str:
+  return f"{'--data_path' if from_flag else 'data.path'} {spec.path!r}" if spec.path else "the embedded corpus"
 
 
 def build_eval_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: int, batches: int | None,
@@ -95,12 +110,9 @@ def build_eval_data(data_config: Any, *, workdir: str, vocab_size: int, batch_si
   spec = dataclasses.replace(spec, path=data_path or spec.path, text_field=text_field or spec.text_field)
   tokenizer = run_tokenizer(spec, workdir, vocab_size)
   pad_id, eos_id, _ = data.special_ids(tokenizer)
-  corpus = f"{'--data_path' if data_path else 'data.path'} {spec.path!r}" if spec.path else "the embedded corpus"
-  documents = _documents(spec, from_flag=bool(data_path))
-  if not documents:
-    raise ValueError(f"{corpus} has no text (data.text_field {spec.text_field!r})")
-  tokens_N, offsets_D1 = _tokens(spec, workdir, tokenizer, eos_id, documents, split)
+  tokens_N, offsets_D1 = _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag=bool(data_path))
   rows = data.Rows(tokens_N, offsets_D1, spec.seq_len, spec.packing, pad_id)
   return EvalData(tokenizer, eos_id, data.eval_batch_list(rows, batch_size, batches),
-                  source=f"{'the validation split' if split == 'validation' else 'all'} of {corpus}",
+                  source=(f"{'the validation split' if split == 'validation' else 'all'} of "
+                          f"{_corpus_name(spec, bool(data_path))}"),
                   documents=len(offsets_D1) - 1, tokens=int(tokens_N.size), rows=len(rows))

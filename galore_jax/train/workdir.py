@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 
 LOCK_NAME = ".lock"
@@ -63,11 +64,20 @@ def _read_pid(fd: int) -> int | None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-  """Replace ``path`` by ``text`` at once: a reader (or a crash) sees the old file or the new one, never half."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Replace ``path`` by ``text`` at once: a reader (or a crash) sees the old file or the new one, never half.
+
+  The temporary file is named after this host and process, so that the processes of a multi-host run writing
+  the same file at once do not clash.
+  """
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_dir_atomic(final: str, write, marker: str) -> None:

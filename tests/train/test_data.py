@@ -214,6 +214,42 @@ def test_tokenizer_trained_cached_and_reloadable(folder, tmp_path, monkeypatch):
   assert reloaded.decode(ids) == text and reloaded.eos_token == "<eos>" and reloaded.pad_token_id == 0
 
 
+class ReadAgain(Exception):
+  pass
+
+
+def read_again(*_):
+  raise ReadAgain
+
+
+@pytest.mark.parametrize("change", [None, "touched", "added", "max_documents", "validation_fraction", "tokenizer"])
+def test_a_later_start_reads_the_corpus_again_only_when_it_or_its_settings_changed(folder, tmp_path, monkeypatch,
+                                                                                   change):
+  first = build(str(folder), tmp_path / "w")
+  overrides = {}
+  if change == "touched":  # the same bytes, a new modification time: read again, as make would
+    stat = (folder / "003.txt").stat()
+    os.utime(folder / "003.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+  elif change == "added":
+    (folder / "999.txt").write_text("one more document\n")
+  elif change == "tokenizer":
+    build(str(folder), tmp_path / "other", vocab_size=300)
+    overrides = {"tokenizer": str(tmp_path / "other" / "tokenizer")}
+  elif change is not None:
+    overrides = {"max_documents": 30} if change == "max_documents" else {"validation_fraction": 0.3}
+  monkeypatch.setattr(data, "corpus_documents", read_again)
+  if change is not None:
+    with pytest.raises(ReadAgain):
+      build(str(folder), tmp_path / "w", **overrides)
+    return
+  second = build(str(folder), tmp_path / "w")
+  assert second.stats == first.stats
+  np.testing.assert_array_equal(second.train.rows.tokens_N, first.train.rows.tokens_N)
+  for got, expected in zip(second.eval_batches, first.eval_batches, strict=True):
+    np.testing.assert_array_equal(got["inputs"], expected["inputs"])
+  assert not list(tmp_path.rglob("*.tmp-*"))
+
+
 def test_documents_end_with_eos(folder, tmp_path):
   built = build(str(folder), tmp_path / "w")
   tokenizer, eos = built.tokenizer, built.eos_id

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from galore_jax.train import data, eval_data
-from tests.train.test_data import VOCAB, build, docs, make_config
+from tests.train.test_data import VOCAB, build, docs, make_config, read_again
 
 
 def snapshot(root: pathlib.Path) -> dict:
@@ -41,10 +41,12 @@ def assert_same_batches(got, expected):
 
 
 @pytest.mark.parametrize("token_cache", ["kept", "deleted"])
-def test_the_validation_split_is_what_training_scored_and_the_workdir_is_only_read(run, token_cache):
+def test_the_validation_split_is_what_training_scored_and_the_workdir_is_only_read(run, token_cache, monkeypatch):
   corpus, workdir, built = run
   if token_cache == "deleted":
     shutil.rmtree(workdir / "data_cache")
+  else:  # the cache records the corpus's files, unchanged since: it is not read again
+    monkeypatch.setattr(data, "corpus_documents", read_again)
   before = snapshot(workdir)
   scored = score(corpus, workdir)
   assert_same_batches(scored.batches, built.eval_batches)
