@@ -60,14 +60,16 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
                                         data_path=data_path, split=split, text_field=text_field)
   except (config.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointDamaged, ValueError) as e:
     fail(str(e))  # RunNotLoadable is a ValueError
-  print(f"scoring {dataset.source}: {dataset.documents:,} document{'s' * (dataset.documents != 1)}, "
-        f"{dataset.tokens:,} tokens; "
-        f"{len(dataset.batches)} of its {-(-dataset.rows // batch_size)} batches of {batch_size} rows", flush=True)
   prompt_ids = dataset.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [dataset.eos_id]
   limit = model.config.max_position_embeddings
   if len(prompt_ids) + max_new_tokens > limit:
-    fail(f"--max_new_tokens {max_new_tokens}: with the prompt's {len(prompt_ids)} tokens that exceeds the model's "
+    fail(f"the --prompt's {len(prompt_ids)} tokens plus --max_new_tokens {max_new_tokens} exceed the model's "
          f"max_position_embeddings {limit}")
+  count = lambda n, noun: f"{n:,} {noun}" + "s" * (n != 1)
+  skipped = f"; {count(dataset.skipped, 'row')} of the corpus without text left out" if dataset.skipped else ""
+  print(f"scoring {dataset.source}: {count(dataset.documents, 'document')}, {count(dataset.tokens, 'token')}; "
+        f"{len(dataset.batches)} of its {count(-(-dataset.rows // batch_size), 'batch')} of {batch_size} rows"
+        f"{skipped}", flush=True)
   graphdef, params = nnx.split(model)
 
   eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(graphdef, p), b, cfg.data.packing))
@@ -82,11 +84,12 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
       fail(f"--export_hf {export_hf!r}: {e}")
   return {"step": step, "eval_loss": eval_loss,
           "eval_ppl": None if eval_loss is None else metrics.perplexity(eval_loss), "eval_tokens": tokens,
-          "eval_source": dataset.source, "eval_documents": dataset.documents, "sample": sample, "export_hf": export_hf}
+          "eval_source": dataset.source, "eval_documents": dataset.documents, "empty_because": dataset.empty_because,
+          "sample": sample, "export_hf": export_hf}
 
 
 def check_arguments(workdir: str, max_new_tokens: int, export_hf: str | None, data_path: str | None = None,
-                    batches: int | None = None) -> None:
+                    batches: int | None = None, text_field: str | None = None) -> None:
   """The flags' own errors, before anything is loaded (a bad --export_hf must not cost an evaluation first)."""
   if not os.path.isdir(workdir):
     fail(f"--workdir {workdir!r} " + ("is not a directory" if os.path.exists(workdir) else "does not exist"))
@@ -94,13 +97,20 @@ def check_arguments(workdir: str, max_new_tokens: int, export_hf: str | None, da
     fail(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
   if batches is not None and batches < 0:
     fail(f"--batches must be >= 0 (0: every row), got {batches}")
-  if data_path is not None and not os.path.exists(data_path):
-    fail(f"--data_path {data_path!r} does not exist")
+  if text_field is not None and not text_field.strip():
+    fail(f"--text_field must name a field, got {text_field!r}")
+  run = os.path.realpath(workdir)
+  if data_path is not None:
+    if not os.path.exists(data_path):
+      fail(f"--data_path {data_path!r} does not exist")
+    if os.path.commonpath([run, os.path.realpath(data_path)]) == run:
+      fail(f"--data_path {data_path!r} is inside the workdir {workdir!r}, which holds the run's files, not text "
+           "to score")
   if not export_hf:
     return
   from galore_jax.models import hf
 
-  run, target = os.path.realpath(workdir), os.path.realpath(export_hf)
+  target = os.path.realpath(export_hf)
   if os.path.commonpath([run, target]) == run:
     fail(f"--export_hf {export_hf!r} is inside the workdir {workdir!r}, which eval.py does not write to; "
          "give a directory outside it")
@@ -117,19 +127,20 @@ def check_arguments(workdir: str, max_new_tokens: int, export_hf: str | None, da
 
 def main() -> None:
   try:
-    flags.FLAGS(sys.argv)
+    positional = flags.FLAGS(sys.argv)[1:]
   except flags.Error as e:
     fail(str(e).splitlines()[0])
+  if positional:  # absl would ignore it: a corpus given without --data_path= would go unscored, unnoticed
+    fail(f"unexpected argument {positional[0]!r}: eval.py takes flags only (--workdir=DIR, --data_path=PATH, ...)")
   if not _WORKDIR.value:
     fail("--workdir is required")
-  check_arguments(_WORKDIR.value, _MAX_NEW_TOKENS.value, _EXPORT_HF.value, _DATA_PATH.value, _BATCHES.value)
+  check_arguments(_WORKDIR.value, _MAX_NEW_TOKENS.value, _EXPORT_HF.value, _DATA_PATH.value, _BATCHES.value,
+                  _TEXT_FIELD.value)
   result = evaluate(_WORKDIR.value, _STEP.value, _PROMPT.value, _MAX_NEW_TOKENS.value, _EXPORT_HF.value,
                     data_path=_DATA_PATH.value, split=_SPLIT.value, text_field=_TEXT_FIELD.value,
                     batches=_BATCHES.value)
   if result["eval_loss"] is None:
-    why = (" (the run's data.validation_fraction is 0; --split=all scores every document)"
-           if result["eval_source"].startswith("the validation split") else "")
-    print(f"step {result['step']}: no token to predict in {result['eval_source']}{why}")
+    print(f"step {result['step']}: no token to predict in {result['eval_source']}: {result['empty_because']}")
   else:
     print(f"step {result['step']}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
   print(f"sample: {result['sample']!r}")

@@ -522,13 +522,16 @@ def parse_config():
   try:
     # config_flags reads the overrides from sys.argv as soon as the flag is defined.
     config = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
-    flags.FLAGS(sys.argv)
+    positional = flags.FLAGS(sys.argv)[1:]
   except flags.Error as e:
     fail(str(e).splitlines()[0])
   except (AttributeError, KeyError) as e:
     fail(unknown_key(file_config, args) or f"bad config override in {overrides}: {innermost_message(e)}")
   except (ValueError, TypeError, OSError) as e:
     fail(f"bad config ({overrides or 'no overrides'}): {str(e).splitlines()[0]}")
+  if positional:  # absl would ignore it, and a forgotten --config.key= would go unnoticed
+    fail(f"unexpected argument {positional[0]!r}: train.py takes flags only (--config=FILE, "
+         "--config.section.key=VALUE, --dry_run)")
   from galore_jax.train import config as run_config
 
   try:

@@ -295,9 +295,14 @@ def _unreadable_file(kind: str, files: Sequence[str]) -> str | None:
 
 
 def _text_problem(path: str, json_lines: bool) -> str | None:
-  """``is not UTF-8 text (...)`` or ``line N is not a JSON object (...)``; None when the file reads."""
+  """``is not UTF-8 text (...)``, ``line N is not a JSON object (...)`` or ``cannot be read (...)`` (a broken
+  link); None when the file reads."""
   bad_line = None
-  with open(path, "rb") as f:
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    return f"cannot be read ({e.strerror})"
+  with f:
     for number, raw in enumerate(f, start=1):
       try:
         line = raw.decode("utf-8")
@@ -316,10 +321,10 @@ def _text_problem(path: str, json_lines: bool) -> str | None:
 
 
 def _is_one_json_document(path: str) -> bool:
+  """Whether the file is one JSON object or list, which ``datasets`` reads as rows (a lone string it cannot)."""
   try:
     with open(path, encoding="utf-8") as f:
-      json.load(f)
-    return True
+      return isinstance(json.load(f), (dict, list))
   except ValueError:
     return False
 
@@ -592,7 +597,7 @@ def recorded_cache(cache_root: str, state: dict[str, Any] | None) -> tuple[str, 
       recorded = _read_json(os.path.join(directory, CORPUS_STATE))
     except (OSError, ValueError):
       continue
-    if (isinstance(recorded, dict) and recorded.get("state") == state
+    if (isinstance(recorded, dict) and recorded.get("state") == state and isinstance(recorded.get("stats"), dict)
         and os.path.isfile(os.path.join(directory, "meta.json"))):
       return directory, recorded["stats"]
   return None

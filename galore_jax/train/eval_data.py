@@ -30,10 +30,12 @@ class EvalData(NamedTuple):
   tokenizer: Any
   eos_id: int
   batches: list[dict[str, np.ndarray]]
-  source: str  # "the validation split of data.path '...'"
+  source: str  # "the validation split of data.path '...'", with the caps that cut it
   documents: int
   tokens: int
   rows: int
+  skipped: int  # rows of the corpus without text, left out
+  empty_because: str | None  # why no token is predicted, when none is
 
 
 def run_tokenizer(spec: data.DataSpec, workdir: str, vocab_size: int):
@@ -47,42 +49,64 @@ def run_tokenizer(spec: data.DataSpec, workdir: str, vocab_size: int):
   return data.checked_tokenizer(data.load_tokenizer(directory, "the run's trained tokenizer"), directory, vocab_size)
 
 
-def _documents(spec: data.DataSpec, from_flag: bool) -> list[str]:
+def _names(from_flag: bool) -> tuple[str, str]:
+  """How the messages name the corpus path and its text field: eval.py's flags, or the run's config keys."""
+  return ("--data_path", "--text_field") if from_flag else ("data.path", "data.text_field")
+
+
+def _corpus(spec: data.DataSpec, from_flag: bool) -> data.Corpus:
   """The corpus's documents; its errors name what eval.py's user can change (the loader names config keys)."""
+  path_name, field_name = _names(from_flag)
   try:
-    return data.corpus_documents(spec).documents
+    corpus = data.corpus_documents(spec)
   except ValueError as e:
-    message = str(e)
-  if from_flag:
-    message = message.replace("data.path", "--data_path", 1).replace("data.text_field", "--text_field", 1)
-  elif spec.path is not None and not os.path.exists(spec.path):
-    message += "; if the corpus moved, eval.py --data_path names where it is now"
-  raise ValueError(message)
+    message = str(e).replace("data.path", path_name, 1).replace("data.text_field", field_name, 1)
+    if not from_flag and spec.path is not None and not os.path.exists(spec.path):
+      message += "; if the corpus moved, eval.py --data_path names where it is now"
+    raise ValueError(message) from None
+  if not corpus.documents:
+    rows = ("" if not corpus.skipped else
+            f": {f'none of its {corpus.skipped} rows holds' if corpus.skipped > 1 else 'its one row holds no'} text "
+            f"in {field_name} {spec.text_field!r}")
+    raise ValueError(f"{path_name} {spec.path!r} has no text{rows}")
+  return corpus
 
 
-def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens_N, offsets_D1)`` of the text to score. The validation split comes from the run's token cache when
-  it holds it (read, never written): without reading the corpus when a start recorded the corpus's state, else
-  after reading and splitting it. Anything else is encoded in memory."""
+def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.ndarray, np.ndarray, int]:
+  """``(tokens_N, offsets_D1, skipped rows)`` of the text to score. The validation split comes from the run's
+  token cache when it holds it (read, never written): without reading the corpus when a start recorded the
+  corpus's state, else after reading and splitting it. Anything else is encoded in memory."""
   cache_root = os.path.join(workdir, "data_cache")
   if split == "validation":
     state = data.corpus_state(spec, data.corpus_files(spec.path), tokenizer, vocab_size)
     recorded = data.recorded_cache(cache_root, state)
     if recorded is not None:
-      return data.load_token_cache(recorded[0], ["val"])["val"]
-  documents = _documents(spec, from_flag)
-  if not documents:
-    raise ValueError(f"{_corpus_name(spec, from_flag)} has no text (data.text_field {spec.text_field!r})")
+      directory, stats = recorded
+      return (*data.load_token_cache(directory, ["val"])["val"], int(stats.get("skipped_documents", 0)))
+  corpus = _corpus(spec, from_flag)
+  documents = corpus.documents
   if split == "validation":
     train_docs, documents = data.split_documents(documents, spec.validation_fraction)
     directory = data.token_cache_dir(cache_root, tokenizer, {"train": train_docs, "val": documents})
     if os.path.isfile(os.path.join(directory, "meta.json")):
-      return data.load_token_cache(directory, ["val"])["val"]
-  return data.tokenize_documents(tokenizer, documents, data.special_ids(tokenizer)[1])
+      return (*data.load_token_cache(directory, ["val"])["val"], corpus.skipped)
+  return (*data.tokenize_documents(tokenizer, documents, data.special_ids(tokenizer)[1]), corpus.skipped)
 
 
-def _corpus_name(spec: data.DataSpec, from_flag: bool) -> str:
-  return f"{'--data_path' if from_flag else 'data.path'} {spec.path!r}" if spec.path else "the embedded corpus"
+def _source(spec: data.DataSpec, split: str, from_flag: bool) -> str:
+  """``the validation split of data.path '...'``, with the run's caps when they cut the text."""
+  corpus = f"{_names(from_flag)[0]} {spec.path!r}" if spec.path else "the embedded corpus"
+  caps = [f"data.{name} {value}" for name, value in (("max_documents", spec.max_documents),
+                                                       ("max_bytes", spec.max_bytes)) if value]
+  return (f"{'the validation split' if split == 'validation' else 'all'} of {corpus}"
+          + (f" (cut by the run's {' and '.join(caps)})" if caps else ""))
+
+
+def _empty_because(spec: data.DataSpec, split: str) -> str:
+  if split == "validation" and spec.validation_fraction == 0:
+    return "the run's data.validation_fraction is 0; --split=all scores every document"
+  return ("its validation split is empty; --split=all scores every document" if split == "validation"
+          else "its documents hold fewer than two tokens")
 
 
 def build_eval_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: int, batches: int | None,
@@ -110,9 +134,9 @@ def build_eval_data(data_config: Any, *, workdir: str, vocab_size: int, batch_si
   spec = dataclasses.replace(spec, path=data_path or spec.path, text_field=text_field or spec.text_field)
   tokenizer = run_tokenizer(spec, workdir, vocab_size)
   pad_id, eos_id, _ = data.special_ids(tokenizer)
-  tokens_N, offsets_D1 = _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag=bool(data_path))
+  tokens_N, offsets_D1, skipped = _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag=bool(data_path))
   rows = data.Rows(tokens_N, offsets_D1, spec.seq_len, spec.packing, pad_id)
   return EvalData(tokenizer, eos_id, data.eval_batch_list(rows, batch_size, batches),
-                  source=(f"{'the validation split' if split == 'validation' else 'all'} of "
-                          f"{_corpus_name(spec, bool(data_path))}"),
-                  documents=len(offsets_D1) - 1, tokens=int(tokens_N.size), rows=len(rows))
+                  source=_source(spec, split, bool(data_path)), documents=len(offsets_D1) - 1,
+                  tokens=int(tokens_N.size), rows=len(rows), skipped=skipped,
+                  empty_because=None if len(rows) else _empty_because(spec, split))

@@ -244,6 +244,12 @@ def test_a_later_start_reads_the_corpus_again_only_when_it_or_its_settings_chang
     return
   second = build(str(folder), tmp_path / "w")
   assert second.stats == first.stats
+  (state,) = (tmp_path / "w" / "data_cache").glob(f"*/{data.CORPUS_STATE}")
+  recorded = json.loads(state.read_text())
+  for damaged in ("{", json.dumps({"state": recorded["state"]})):  # not JSON; no stats: read the corpus again
+    state.write_text(damaged)
+    with pytest.raises(ReadAgain):
+      build(str(folder), tmp_path / "w")
   np.testing.assert_array_equal(second.train.rows.tokens_N, first.train.rows.tokens_N)
   for got, expected in zip(second.eval_batches, first.eval_batches, strict=True):
     np.testing.assert_array_equal(got["inputs"], expected["inputs"])
@@ -451,6 +457,15 @@ def test_bad_input_names_the_value(tmp_path, folder):
     message = str(info.value)
     assert needle in message and "\n" not in message, (overrides, message)
   assert not (tmp_path / "w").exists()  # bad input writes nothing
+
+
+def test_a_broken_link_and_a_json_string_are_named(folder, tmp_path):
+  os.symlink(tmp_path / "gone.txt", folder / "linked.txt")
+  with pytest.raises(ValueError, match=r"file '[^']*linked\.txt' cannot be read \(No such file or directory\)$"):
+    build(str(folder), tmp_path / "w")
+  (tmp_path / "string.json").write_text('"one string, not rows"\n')
+  with pytest.raises(ValueError, match=r"string\.json' line 1 is a JSON str, not an object$"):
+    build(str(tmp_path / "string.json"), tmp_path / "w")
 
 
 def test_corpus_too_small_to_split(tmp_path):

@@ -108,3 +108,22 @@ def test_bad_arguments_are_value_errors_naming_them(run, kwargs, message):
   corpus, workdir, _ = run
   with pytest.raises(ValueError, match=message):
     score(corpus, workdir, **kwargs)
+
+
+def test_text_without_tokens_to_predict_says_why(run, tmp_path):
+  corpus, workdir, _ = run
+  one = tmp_path / "one.txt"
+  one.write_text("x = 1\n" + " " * 40)  # one document: the split cuts it at the line, the validation part is blank
+  scored = score(corpus, workdir, data_path=str(one), split="validation")
+  assert scored.batches == [] and scored.empty_because == ("its validation split is empty; --split=all scores every "
+                                                           "document")
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"text": 5}\n{"text": "  "}\n')
+  with pytest.raises(ValueError, match=r"^--data_path '[^']*rows.jsonl' has no text: none of its 2 rows holds text in "
+                                       r"--text_field 'text'$"):
+    score(corpus, workdir, data_path=str(rows))
+  scored = score(corpus, workdir, data_path=str(corpus), split="all")
+  assert scored.empty_because is None and scored.skipped == 0 and scored.source == f"all of --data_path {str(corpus)!r}"
+  capped = eval_data.build_eval_data(make_config(str(corpus), max_documents=30), workdir=str(workdir),
+                                     vocab_size=VOCAB, batch_size=3, batches=None, split="all")
+  assert capped.documents == 30 and capped.source.endswith("(cut by the run's data.max_documents 30)")

@@ -487,11 +487,15 @@ def test_eval_refuses_a_workdir_without_checkpoints_or_with_a_truncated_config(t
                               "write to; give a directory outside it"),
     ("--export_hf={workdir}/hf", "--export_hf '{workdir}/hf' is inside the workdir"),
     ("--max_new_tokens=-1", "--max_new_tokens must be >= 0, got -1"),
-    ("--max_new_tokens=100000", "--max_new_tokens 100000: with the prompt's"),  # beyond max_position_embeddings
+    ("--max_new_tokens=100000", "the --prompt's "),  # its tokens plus --max_new_tokens exceed the positions
     ("--workdir={workdir}/config.json", "--workdir '{workdir}/config.json' is not a directory"),  # the last one counts
     ("--batches=-1", "--batches must be >= 0 (0: every row), got -1"),
     ("--data_path={workdir}/corpus", "--data_path '{workdir}/corpus' does not exist"),
     ("--split=train", "flag --split=train: value should be one of <validation|all>"),
+    ("--text_field=", "--text_field must name a field, got ''"),
+    ("--data_path={workdir}/checkpoints", "--data_path '{workdir}/checkpoints' is inside the workdir '{workdir}', "
+                                          "which holds the run's files, not text to score"),
+    ("held_out.jsonl", "unexpected argument 'held_out.jsonl': eval.py takes flags only"),
 ])
 def test_eval_bad_arguments_are_one_line_and_leave_the_workdir_as_it_was(finished_run, flag, message):
   before = snapshot(pathlib.Path(finished_run))
@@ -512,7 +516,8 @@ def test_eval_of_a_moved_corpus_without_its_token_cache_scores_the_logged_loss_a
   result = run([sys.executable, "eval.py", f"--workdir={workdir}", f"--data_path={moved}", "--split=validation",
                 "--max_new_tokens=2"])
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.startswith(f"scoring the validation split of --data_path '{moved}': ")
+  assert result.stdout.startswith(f"scoring the validation split of --data_path '{moved}' (cut by the run's "
+                                  "data.max_bytes 200000): ")
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert abs(report["eval_loss"] - train_lines(finished_run)[1][-1]["eval_loss"]) < 1e-5
   assert snapshot(workdir) == before  # the tokens were encoded in memory
@@ -529,8 +534,9 @@ def test_eval_of_a_run_without_validation_text_logs_no_loss(tmp_path, finished_r
   (workdir / "config.json").write_text(json.dumps(cfg))
   result = run([sys.executable, "eval.py", f"--workdir={workdir}", "--max_new_tokens=2"])
   assert result.returncode == 0, result.stderr[-2000:]
-  assert (f"step 40: no token to predict in the validation split of data.path {cfg['data']['path']!r} (the run's "
-          "data.validation_fraction is 0; --split=all scores every document)") in result.stdout
+  assert (f"step 40: no token to predict in the validation split of data.path {cfg['data']['path']!r} (cut by the "
+          "run's data.max_bytes 200000): the run's data.validation_fraction is 0; --split=all scores every "
+          "document\n") in result.stdout
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["eval_loss"] is None and report["eval_ppl"] is None and report["eval_tokens"] == 0
 
@@ -540,6 +546,8 @@ def test_eval_of_a_run_without_validation_text_logs_no_loss(tmp_path, finished_r
     ("--config.trian.steps=3", "unknown config key trian (--config.trian.steps=3); did you mean train?"),
     ("--config.train.steps.x=3", "config key train.steps is a value (int), not a section with key 'x' "
                                  "(--config.train.steps.x=3)"),
+    ("train.steps=3", "unexpected argument 'train.steps=3': train.py takes flags only (--config=FILE, "
+                      "--config.section.key=VALUE, --dry_run)"),
 ])
 def test_unknown_config_key_is_one_clean_line_with_a_suggestion(tmp_path, corpus, override, expected):
   result = run(train_cmd(str(tmp_path / "w"), corpus, override))
