@@ -515,20 +515,15 @@ def tokenize_documents(tokenizer, documents: Sequence[str], eos_id: int,
 
 
 def _save_split(directory: str, name: str, chunks: list[tuple[np.ndarray, np.ndarray]]) -> int:
-  """``name_tokens.npy`` and ``name_offsets.npy`` in ``directory`` from encoded chunks, filled in place (the
-  tokens are never joined in memory: a corpus's tokens are held once, not twice); the number of tokens."""
+  """``name_tokens.npy`` and ``name_offsets.npy`` in ``directory`` from encoded chunks, the tokens written chunk
+  after chunk behind the header ``np.save`` would write (never joined in memory: a corpus's tokens are held
+  once, not twice); the number of tokens."""
   size = sum(tokens.size for tokens, _ in chunks)
-  path = os.path.join(directory, f"{name}_tokens.npy")
-  if size:
-    tokens_N = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(size,))
-    at = 0
+  header = {**np.lib.format.header_data_from_array_1_0(np.zeros(0, np.int32)), "shape": (size,)}
+  with open(os.path.join(directory, f"{name}_tokens.npy"), "wb") as f:
+    np.lib.format.write_array_header_1_0(f, header)
     for tokens, _ in chunks:
-      tokens_N[at:at + tokens.size] = tokens
-      at += tokens.size
-    tokens_N.flush()
-    del tokens_N
-  else:
-    np.save(path, np.zeros(0, np.int32))
+      f.write(tokens.astype("<i4", copy=False).tobytes())
   np.save(os.path.join(directory, f"{name}_offsets.npy"), _offsets([lengths for _, lengths in chunks]))
   return size
 
