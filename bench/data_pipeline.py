@@ -1,5 +1,5 @@
 """What train.py's data pipeline costs per corpus size: the first start (train the tokenizer, encode, write the token
-cache) and a later one (read and hash the corpus again, load the cache), in seconds and peak host memory.
+cache) and a later one on the unchanged corpus (load the cache), in seconds and peak host memory.
 
   python -m bench.data_pipeline [--megabytes 100] [--corpus PATH] [--vocab 32000] [--seq_len 256] [--out PATH]
 

@@ -312,8 +312,9 @@ def data_pipeline_section() -> list[str]:
             for name, p in r["phases"].items()]
     lines += [f"**`train.py`'s data pipeline**, {r['corpus']} ({r['corpus_bytes'] / 1e9:.2f} GB on disk, "
               f"{x['train_documents'] + x['val_documents']:,} documents, {x['train_tokens'] + x['val_tokens']:,} "
-              f"tokens, tokenizer vocab {r['vocab_size']}): the first start trains the tokenizer, encodes and writes "
-              "the token cache; a later one reads and hashes the corpus again and loads the cache", ""]
+              f"tokens, tokenizer vocab {r['vocab_size']}): the first start (a fresh workdir) trains the tokenizer, "
+              "encodes the corpus and writes the token cache; a later start is the same command again, on the "
+              "unchanged corpus", ""]
     lines += table(["start", "time", "peak host memory", "of which the data"], rows)
     lines += footer(path, r)
   return lines
