@@ -31,8 +31,8 @@ Decisions (see also ``build_data``):
   in its ``meta.json`` (a truncated or corrupt file is refused, naming it and the directory to delete).
   Files are parsed by ``datasets`` into a temporary cache that is removed afterwards. Caches are written to a
   temporary directory and renamed; a file ``datasets`` cannot parse is named with its reason (not UTF-8 text,
-  the first line that is not a JSON object, not parquet). The tokens are written into their memory-mapped file
-  chunk by chunk, never joined in memory.
+  the first line that is not a JSON object, not parquet). The tokens are written to their file chunk by chunk,
+  never joined in memory.
 * **Later starts.** A token cache records the state of the corpus it was built from (``corpus_state.json``:
   every file under ``path`` with its size and modification time, the settings that pick and split the
   documents, the tokenizer, the vocabulary). A later start whose corpus state equals a recorded one loads that
