@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from galore_jax.train import data, eval_data
+from tests.train import test_data
 from tests.train.test_data import VOCAB, build, docs, make_config, read_again
 
 
@@ -15,16 +16,14 @@ def snapshot(root: pathlib.Path) -> dict:
   return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+folder = test_data.folder  # the corpus: one .txt file per document of docs()
+
+
 @pytest.fixture
-def run(tmp_path):
+def run(folder, tmp_path):
   """A run's corpus and workdir as train.py leaves them: its trained tokenizer and its token cache."""
-  corpus = tmp_path / "corpus"
-  corpus.mkdir()
-  for i, doc in enumerate(docs()):
-    (corpus / f"{i:03d}.txt").write_text(doc)
   workdir = tmp_path / "workdir"
-  built = build(corpus, workdir, eval_batches=None)
-  return corpus, workdir, built
+  return folder, workdir, build(folder, workdir, eval_batches=None)
 
 
 def score(corpus, workdir, batches=None, **kwargs):
