@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -55,11 +56,13 @@ class _QuietOrbax(logging.Filter):
 
 
 def _drop_closed_loop_noise() -> None:
-  """Keep tensorstore's "Event loop is closed" tracebacks off stderr, from now on in this process (once).
+  """Keep tensorstore's "Event loop is closed" tracebacks and orbax's never-awaited coroutines off stderr, from
+  now on in this process (once).
 
   When orbax gives up on a restore (a damaged file) or a background save, the tensorstore reads and writes
   still in flight finish later on tensorstore's threads and report to an asyncio loop that orbax has closed;
-  Python prints each as a traceback through ``sys.unraisablehook``. Only that error is dropped.
+  Python prints each as a traceback through ``sys.unraisablehook``. Only that error is dropped, and the
+  warning about a coroutine that was never awaited.
   """
   previous_hook = sys.unraisablehook
   if getattr(previous_hook, "drops_closed_loop_noise", False):
@@ -72,6 +75,9 @@ def _drop_closed_loop_noise() -> None:
 
   hook.drops_closed_loop_noise = True
   sys.unraisablehook = hook
+  # The same failure can leave one of orbax's write coroutines never started; Python reports it at exit as
+  # "sys:1: RuntimeWarning: coroutine '...write_fragment' was never awaited" (two lines, now and then).
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 def quiet_orbax_logging() -> None:
