@@ -65,11 +65,7 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
   if len(prompt_ids) + max_new_tokens > limit:
     fail(f"the --prompt's {len(prompt_ids)} tokens plus --max_new_tokens {max_new_tokens} exceed the model's "
          f"max_position_embeddings {limit}")
-  count = lambda n, noun: f"{n:,} {noun}" + "s" * (n != 1)
-  skipped = f"; {count(dataset.skipped, 'row')} of the corpus without text left out" if dataset.skipped else ""
-  print(f"scoring {dataset.source}: {count(dataset.documents, 'document')}, {count(dataset.tokens, 'token')}; "
-        f"{len(dataset.batches)} of its {count(-(-dataset.rows // batch_size), 'batch')} of {batch_size} rows"
-        f"{skipped}", flush=True)
+  print(scoring_line(dataset, batch_size), flush=True)
   graphdef, params = nnx.split(model)
 
   eval_step = jax.jit(lambda p, b: steps.loss_and_tokens(nnx.merge(graphdef, p), b, cfg.data.packing))
@@ -86,6 +82,15 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
           "eval_ppl": None if eval_loss is None else metrics.perplexity(eval_loss), "eval_tokens": tokens,
           "eval_source": dataset.source, "eval_documents": dataset.documents, "empty_because": dataset.empty_because,
           "sample": sample, "export_hf": export_hf}
+
+
+def scoring_line(dataset, batch_size: int) -> str:
+  """What is scored: ``scoring <source>: N documents, T tokens; B of its R batches of S rows[; rows left out]``."""
+  count = lambda n, noun, nouns=None: f"{n:,} " + (noun if n == 1 else nouns or noun + "s")
+  skipped = f"; {count(dataset.skipped, 'row')} of the corpus without text left out" if dataset.skipped else ""
+  batches = count(-(-dataset.rows // batch_size), "batch", "batches")
+  return (f"scoring {dataset.source}: {count(dataset.documents, 'document')}, {count(dataset.tokens, 'token')}; "
+          f"{len(dataset.batches)} of its {batches} of {batch_size} rows{skipped}")
 
 
 def check_arguments(workdir: str, max_new_tokens: int, export_hf: str | None, data_path: str | None = None,
