@@ -795,6 +795,10 @@ class Data:
   stats: dict[str, int]
 
 
+def _corpus_name(spec: DataSpec) -> str:
+  return "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
+
+
 def _recorded_start(spec: DataSpec, files, workdir: str, tokenizer, vocab_size: int):
   """``(tokenizer, token cache directory, document counts)`` when a token cache records this corpus state."""
   if tokenizer is None:  # trained by an earlier start, if the run has one
@@ -813,7 +817,7 @@ def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int):
   """``(tokenizer, token cache directory, document counts, arrays)``: the corpus read, split and encoded (the
   tokenizer trained first when the run has none), the tokens cached."""
   corpus = corpus_documents(spec)
-  where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
+  where = _corpus_name(spec)
   if not corpus.documents:
     raise ValueError(f"{where} has no text")
   train_docs, val_docs = split_documents(corpus.documents, spec.validation_fraction)
@@ -863,8 +867,7 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
   train_rows = Rows(*arrays["train"], spec.seq_len, spec.packing, pad_id)
   val_rows = Rows(*arrays["val"], spec.seq_len, spec.packing, pad_id)
   if len(train_rows) == 0:
-    where = "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
-    raise ValueError(f"{where} has no training tokens to predict after tokenizing")
+    raise ValueError(f"{_corpus_name(spec)} has no training tokens to predict after tokenizing")
   stats = {**documents, "train_tokens": int(arrays["train"][0].size), "val_tokens": int(arrays["val"][0].size),
            "train_rows": len(train_rows), "val_rows": len(val_rows), "vocab_size": len(tokenizer)}
   return Data(tokenizer=tokenizer, train=Batches(train_rows, batch_size, seed),

@@ -103,10 +103,11 @@ def _source(spec: data.DataSpec, split: str, from_flag: bool) -> str:
 
 
 def _empty_because(spec: data.DataSpec, split: str) -> str:
-  if split == "validation" and spec.validation_fraction == 0:
+  if split == "all":
+    return "its documents hold fewer than two tokens"
+  if spec.validation_fraction == 0:
     return "the run's data.validation_fraction is 0; --split=all scores every document"
-  return ("its validation split is empty; --split=all scores every document" if split == "validation"
-          else "its documents hold fewer than two tokens")
+  return "its validation split is empty; --split=all scores every document"
 
 
 def build_eval_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: int, batches: int | None,
