@@ -308,14 +308,16 @@ def data_pipeline_section() -> list[str]:
   lines = []
   for path, r in load("data_pipeline-*.json"):
     x = r["stats"]
+    private = all("data_private_gb" in p for p in r["phases"].values())
     rows = [[name.replace("_", " "), seconds(p["seconds"], ".1f"), gb(p["peak_rss_gb"]), gb(p["data_rss_gb"])]
-            for name, p in r["phases"].items()]
+            + ([gb(p["data_private_gb"])] if private else []) for name, p in r["phases"].items()]
     lines += [f"**`train.py`'s data pipeline**, {r['corpus']} ({r['corpus_bytes'] / 1e9:.2f} GB on disk, "
               f"{x['train_documents'] + x['val_documents']:,} documents, {x['train_tokens'] + x['val_tokens']:,} "
               f"tokens, tokenizer vocab {r['vocab_size']}): the first start (a fresh workdir) trains the tokenizer, "
               "encodes the corpus and writes the token cache; a later start is the same command again, on the "
               "unchanged corpus", ""]
-    lines += table(["start", "time", "peak host memory", "of which the data"], rows)
+    lines += table(["start", "time", "peak host memory", "of which the data"]
+                   + (["the data's private memory (no mapped files)"] if private else []), rows)
     lines += footer(path, r)
   return lines
 

@@ -5,7 +5,8 @@ split rule), so the loss equals the ``eval_loss`` the run logged. The documents 
 tokenizer, whose ids the checkpoints hold: ``data.tokenizer`` (the workdir's copy of it, see
 :mod:`galore_jax.train.base_model`) or the one the run trained into ``workdir/tokenizer``; never a new one.
 The tokens come from the run's token cache when it holds this split (without reading the corpus when it is
-unchanged since the run recorded it, see :mod:`galore_jax.train.data`), otherwise they are encoded in memory.
+unchanged since the run recorded it, see :mod:`galore_jax.train.data.corpus_state`), otherwise they are
+encoded in memory.
 
 ``data_path`` replaces the run's corpus (one that moved, or held-out text; the run's ``text_field`` and caps
 apply unless ``text_field`` is given) and ``split="all"`` scores every document instead of the split.
@@ -54,22 +55,20 @@ def _names(from_flag: bool) -> tuple[str, str]:
   return ("--data_path", "--text_field") if from_flag else ("data.path", "data.text_field")
 
 
-def _corpus(spec: data.DataSpec, from_flag: bool) -> data.Corpus:
-  """The corpus's documents; its errors name what eval.py's user can change (the loader names config keys)."""
+def _renamed(error: ValueError, spec: data.DataSpec, from_flag: bool) -> ValueError:
+  """The corpus reader's error naming what eval.py's user can change (the reader names config keys)."""
   path_name, field_name = _names(from_flag)
-  try:
-    corpus = data.corpus_documents(spec)
-  except ValueError as e:
-    message = str(e).replace("data.path", path_name, 1).replace("data.text_field", field_name, 1)
-    if not from_flag and spec.path is not None and not os.path.exists(spec.path):
-      message += "; if the corpus moved, eval.py --data_path names where it is now"
-    raise ValueError(message) from None
-  if not corpus.documents:
-    rows = ("" if not corpus.skipped else
-            f": {f'none of its {corpus.skipped} rows holds' if corpus.skipped > 1 else 'its one row holds no'} text "
-            f"in {field_name} {spec.text_field!r}")
-    raise ValueError(f"{path_name} {spec.path!r} has no text{rows}")
-  return corpus
+  message = str(error).replace("data.path", path_name, 1).replace("data.text_field", field_name, 1)
+  if not from_flag and spec.path is not None and not os.path.exists(spec.path):
+    message += "; if the corpus moved, eval.py --data_path names where it is now"
+  return ValueError(message)
+
+
+def _no_text(spec: data.DataSpec, skipped: int) -> ValueError:
+  rows = ("" if not skipped else
+          f": {f'none of its {skipped} rows holds' if skipped > 1 else 'its one row holds no'} text "
+          f"in data.text_field {spec.text_field!r}")
+  return ValueError(f"data.path {spec.path!r} has no text{rows}")
 
 
 def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.ndarray, np.ndarray, int]:
@@ -83,14 +82,22 @@ def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.
     if recorded is not None:
       directory, stats = recorded
       return (*data.load_token_cache(directory, ["val"])["val"], int(stats.get("skipped_documents", 0)))
-  corpus = _corpus(spec, from_flag)
-  documents = corpus.documents
-  if split == "validation":
-    train_docs, documents = data.split_documents(documents, spec.validation_fraction)
-    directory = data.token_cache_dir(cache_root, tokenizer, {"train": train_docs, "val": documents})
-    if os.path.isfile(os.path.join(directory, "meta.json")):
-      return (*data.load_token_cache(directory, ["val"])["val"], corpus.skipped)
-  return (*data.tokenize_documents(tokenizer, documents, data.special_ids(tokenizer)[1]), corpus.skipped)
+  try:
+    with data.open_corpus(spec) as corpus:
+      fraction = spec.validation_fraction if split == "validation" else 0.0
+      train_docs, val_docs, skipped = data.split_corpus(corpus, fraction)
+      if not train_docs and not val_docs:
+        raise _no_text(spec, skipped)
+      if split == "all":
+        return (*data.tokenize_documents(tokenizer, train_docs, data.special_ids(tokenizer)[1]), skipped)
+      directory = data.token_cache_dir(cache_root, tokenizer, {"train": train_docs, "val": val_docs})
+      if os.path.isfile(os.path.join(directory, "meta.json")):
+        return (*data.load_token_cache(directory, ["val"])["val"], skipped)
+      return (*data.tokenize_documents(tokenizer, val_docs, data.special_ids(tokenizer)[1]), skipped)
+  except data.CorruptCache:
+    raise
+  except ValueError as e:
+    raise _renamed(e, spec, from_flag) from None
 
 
 def _source(spec: data.DataSpec, split: str, from_flag: bool) -> str:

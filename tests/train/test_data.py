@@ -8,6 +8,7 @@ import pytest
 from ml_collections import config_dict
 
 from galore_jax.train import data
+from galore_jax.train import workdir as workdir_lib
 
 PROSE = [
     "The quick brown fox jumps over the lazy dog.\nIt was not amused.\n",
@@ -133,12 +134,17 @@ def stdlib_builds(tmp_path_factory):
   return data.build_data(c, workdir=str(work / "a"), **kwargs), data.build_data(c, workdir=str(work / "b"), **kwargs)
 
 
+def embedded_documents(**caps):
+  with data.open_corpus(data.data_spec(make_config(None, **caps))) as corpus:
+    return list(corpus.rows())
+
+
 def test_embedded_corpus_is_python_source():
-  documents, skipped = data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))
+  documents = embedded_documents(max_bytes=300_000)
   text = "".join(documents)
   assert "def " in text and "import " in text and "class " in text
   assert 0 < len(text.encode()) <= 300_000
-  assert skipped == 0 and documents == data.corpus_documents(data.data_spec(make_config(None, max_bytes=300_000)))[0]
+  assert None not in documents and documents == embedded_documents(max_bytes=300_000)
 
 
 def test_rows_without_text_are_left_out_and_counted(tmp_path):
@@ -182,6 +188,82 @@ def test_split_fallbacks():
   assert data.split_documents(docs(3), 0.0) == (docs(3), [])
 
 
+# ----------------------------------------------------------------------------- reading on demand
+
+
+class CountedRows:
+  """A corpus's rows that count how many were pulled, per pass."""
+
+  def __init__(self, rows):
+    self.rows, self.pulled = rows, []
+
+  def __call__(self):
+    self.pulled.append(0)
+    for row in self.rows:
+      self.pulled[-1] += 1
+      yield row
+
+
+@pytest.mark.parametrize("documents, fraction", [(docs(200), 0.1), (docs(3), 0.01), (docs(3), 0.99), (docs(5), 0.0),
+                                                 (["line one\nline two\nline three\n"], 0.3), ([], 0.2)])
+def test_the_split_read_on_demand_is_the_split_in_memory(documents, fraction):
+  rows = [None, *[x for doc in documents for x in (doc, "  ", 7)]]  # rows without text between the documents
+  corpus = data.Corpus(CountedRows(rows))
+  train, val, skipped = data.split_corpus(corpus, fraction)
+  assert (list(train), list(val)) == data.split_documents(documents, fraction)
+  assert (len(train), len(val), skipped) == (len(list(train)), len(list(val)), 1 + 2 * len(documents))
+  assert (list(train), list(val)) == data.split_documents(documents, fraction)  # each pass reads the same
+
+
+def test_the_caps_stop_the_reading():
+  counted = CountedRows(["a", None, "b", "  ", "c", "d"])
+  assert list(data.Corpus(counted, max_documents=2).rows()) == ["a", None, "b"] and counted.pulled == [3]
+  assert list(data.Corpus(counted, max_bytes=2).rows()) == ["a", None, "b"] and counted.pulled[-1] == 3
+  assert list(data.Corpus(counted, max_bytes=3)) == ["a", "b", "c"]
+  assert list(data.Corpus(lambda: ["aaaa", "é" * 4], max_bytes=7)) == ["aaaa", "é"]
+
+
+def test_encoding_pulls_one_chunk_of_documents_at_a_time(folder, tmp_path):
+  tokenizer = build(str(folder), tmp_path / "w").tokenizer
+  counted = CountedRows(docs(10))
+  chunks = data.encoded_chunks(tokenizer, counted(), eos_id=2, chunk=4)
+  tokens, lengths_D = next(chunks)
+  assert counted.pulled == [4] and lengths_D.size == 4
+  rest = list(chunks)
+  expected_N, expected_offsets = data.tokenize_documents(tokenizer, docs(10), 2, chunk=10)
+  np.testing.assert_array_equal(np.concatenate([tokens] + [t for t, _ in rest]), expected_N)
+  np.testing.assert_array_equal(np.cumsum(np.concatenate([lengths_D] + [n for _, n in rest])), expected_offsets[1:])
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [5, 0, 300, 1]])
+def test_a_split_saved_chunk_by_chunk_is_what_np_save_writes(tmp_path, sizes):
+  rng = np.random.default_rng(0)
+  chunks = [(rng.integers(0, 50_000, n).astype(np.int32), np.array([n], np.int64)) for n in sizes]
+  count = data.token_cache.save_split(str(tmp_path), "train", iter(chunks))
+  expected = np.concatenate([np.zeros(0, np.int32)] + [t for t, _ in chunks])
+  np.save(tmp_path / "reference.npy", expected)
+  assert count == expected.size
+  assert (tmp_path / "train_tokens.npy").read_bytes() == (tmp_path / "reference.npy").read_bytes()
+  np.testing.assert_array_equal(np.load(tmp_path / "train_offsets.npy"), np.cumsum([0, *sizes]))
+
+
+def test_a_first_start_caches_what_the_in_memory_pipeline_encodes(tmp_path):
+  """The tokens a first start streams into its cache are those of the documents read, split and encoded in memory
+  (rows without text and a cap included)."""
+  rows = [{"text": doc} if i % 7 else {"text": " "} for i, doc in enumerate(docs(60))]
+  (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+  built = build(str(tmp_path / "c.jsonl"), tmp_path / "w", max_documents=45, validation_fraction=0.2)
+  documents, _ = data.load_documents(str(tmp_path / "c.jsonl"))
+  train, val = data.split_documents(documents[:45], 0.2)
+  (cache,) = (tmp_path / "w" / "data_cache").iterdir()
+  for name, split in (("train", train), ("val", val)):
+    tokens_N, offsets_D1 = data.tokenize_documents(built.tokenizer, split, built.eos_id)
+    np.testing.assert_array_equal(np.load(cache / f"{name}_tokens.npy"), tokens_N)
+    np.testing.assert_array_equal(np.load(cache / f"{name}_offsets.npy"), offsets_D1)
+  assert built.stats["skipped_documents"] == sum(1 for i in range(52) if i % 7 == 0)  # rows read before the cap
+  assert (built.stats["train_documents"], built.stats["val_documents"]) == (len(train), len(val))
+
+
 # ----------------------------------------------------------------------------- tokenizer and caches
 
 
@@ -202,8 +284,8 @@ def test_tokenizer_trained_cached_and_reloadable(folder, tmp_path, monkeypatch):
   def no_tokenizing(*_):
     raise AssertionError("re-tokenized")
 
-  monkeypatch.setattr(data, "train_tokenizer", no_training)
-  monkeypatch.setattr(data, "tokenize_documents", no_tokenizing)
+  monkeypatch.setattr(data.tokenizer, "train_tokenizer", no_training)
+  monkeypatch.setattr(data.token_cache, "encoded_chunks", no_tokenizing)
   second = build(str(folder), tmp_path / "w")
   assert tok_json.stat().st_mtime_ns == mtime and os.listdir(tmp_path / "w" / "data_cache") == caches
   np.testing.assert_array_equal(first.train.rows.tokens_N, second.train.rows.tokens_N)
@@ -237,7 +319,7 @@ def test_a_later_start_reads_the_corpus_again_only_when_it_or_its_settings_chang
     overrides = {"tokenizer": str(tmp_path / "other" / "tokenizer")}
   elif change is not None:
     overrides = {"max_documents": 30} if change == "max_documents" else {"validation_fraction": 0.3}
-  monkeypatch.setattr(data, "corpus_documents", read_again)
+  monkeypatch.setattr(data, "open_corpus", read_again)
   if change is not None:
     with pytest.raises(ReadAgain):
       build(str(folder), tmp_path / "w", **overrides)
@@ -534,14 +616,14 @@ def test_caches_built_by_two_processes_at_once_keep_the_first_published(folder, 
   import shutil
 
   build(str(folder), tmp_path / "other")
-  write_dir_atomic = data.write_dir_atomic
+  write_dir_atomic = workdir_lib.write_dir_atomic
 
   def another_process_publishes_first(final, write, *marker):
     shutil.copytree(str(final).replace(str(tmp_path / "w"), str(tmp_path / "other")), final)
     open(os.path.join(final, "published_by_the_other_process"), "w").close()
     write_dir_atomic(final, write, *marker)
 
-  monkeypatch.setattr(data, "write_dir_atomic", another_process_publishes_first)
+  monkeypatch.setattr(workdir_lib, "write_dir_atomic", another_process_publishes_first)
   built = build(str(folder), tmp_path / "w")
   (cache,) = (tmp_path / "w" / "data_cache").iterdir()
   for kept in (tmp_path / "w" / "tokenizer", cache):

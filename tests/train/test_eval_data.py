@@ -45,7 +45,7 @@ def test_the_validation_split_is_what_training_scored_and_the_workdir_is_only_re
   if token_cache == "deleted":
     shutil.rmtree(workdir / "data_cache")
   else:  # the cache records the corpus's files, unchanged since: it is not read again
-    monkeypatch.setattr(data, "corpus_documents", read_again)
+    monkeypatch.setattr(data, "open_corpus", read_again)
   before = snapshot(workdir)
   scored = score(corpus, workdir)
   assert_same_batches(scored.batches, built.eval_batches)

@@ -1,0 +1,300 @@
+"""A corpus's documents, read on demand: :class:`Corpus` and :func:`open_corpus`.
+
+A corpus is never held in memory as a list of strings. Its files are parsed once by HF ``datasets`` into
+memory-mapped arrow tables (in a temporary directory while the corpus is open), and each pass over the
+corpus (split, train the tokenizer, fingerprint, encode) reads their rows again, a batch at a time, in the
+same order. So the host memory of a first start does not grow with the corpus; its disk does (the arrow
+copy, about the corpus's size, removed when the corpus is closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sysconfig
+import tempfile
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+from galore_jax.train.data.spec import DataSpec, one_line
+
+DEFAULT_MAX_BYTES = 8_000_000  # the embedded corpus's cap when data.max_bytes is None
+FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+KIND_ORDER = ("text", "json", "parquet")
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                              "encodings"})
+ROWS_PER_READ = 1024  # rows converted to Python strings at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The documents of a corpus, in order; each iteration is a new pass over its rows.
+
+  A row is a document when its text is a string that is not only whitespace; the other rows are left out
+  and counted as *skipped*. The caps keep a prefix: the first ``max_documents`` documents, then at most
+  ``max_bytes`` UTF-8 bytes (the document that crosses the cap is cut to fit, on a character boundary).
+
+  Attributes:
+    read_rows: a new iterator over the texts of every row (any type), in order, on each call.
+    max_documents: the cap on documents, or None.
+    max_bytes: the cap on UTF-8 bytes, or None.
+  """
+
+  read_rows: Callable[[], Iterable[Any]]
+  max_documents: int | None = None
+  max_bytes: int | None = None
+
+  def rows(self) -> Iterator[str | None]:
+    """Each row read before the caps stop the reading: its document, or None for a row without text."""
+    count, total = 0, 0
+    for text in self.read_rows():
+      if not (isinstance(text, str) and text.strip()):
+        yield None
+        continue
+      if self.max_bytes is not None:
+        data = text.encode("utf-8")
+        if total + len(data) > self.max_bytes:
+          head = data[:self.max_bytes - total].decode("utf-8", errors="ignore")
+          if head.strip():
+            yield head
+          return
+        total += len(data)
+      yield text
+      count += 1
+      if count == self.max_documents or total == self.max_bytes:
+        return
+
+  def __iter__(self) -> Iterator[str]:
+    return (document for document in self.rows() if document is not None)
+
+
+class Documents(NamedTuple):
+  """A corpus's documents in a list (small corpora, tests), and how many rows had no text."""
+
+  documents: list[str]
+  skipped: int = 0
+
+
+def cap_documents(documents: Sequence[str], max_documents: int | None, max_bytes: int | None) -> list[str]:
+  """The first ``max_documents`` documents, then a prefix of at most ``max_bytes`` UTF-8 bytes (as :class:`Corpus`)."""
+  return list(Corpus(lambda: documents, max_documents, max_bytes))
+
+
+def stdlib_documents(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
+  """The Python standard library's ``*.py`` sources, one document per file, sorted by relative path.
+
+  Test directories, site-packages, the ``encodings`` tables and machine-specific build files are
+  skipped; reading stops once ``max_bytes`` (UTF-8) are gathered (the caller cuts the last one).
+  """
+  root = sysconfig.get_paths()["stdlib"]
+  relpaths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    rel_dir = os.path.relpath(dirpath, root)
+    dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith((".", "config-"))]
+    for name in filenames:
+      if name.endswith(".py") and not name.startswith(("_sysconfigdata", "test_", ".")):
+        relpaths.append(os.path.normpath(os.path.join(rel_dir, name)))
+  documents, total = [], 0
+  for rel in sorted(relpaths, key=lambda p: p.replace(os.sep, "/")):
+    try:
+      with open(os.path.join(root, rel), encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError):
+      continue
+    if text.strip():
+      documents.append(text)
+      total += len(text.encode("utf-8"))
+      if max_bytes is not None and total >= max_bytes:
+        break
+  return documents
+
+
+@contextlib.contextmanager
+def open_corpus(spec: DataSpec, cache_dir: str | None = None) -> Iterator[Corpus]:
+  """The capped :class:`Corpus` that ``spec`` names (the embedded stdlib corpus when ``spec.path`` is None).
+
+  Valid inside the ``with`` block only; see :func:`open_files` for ``cache_dir`` and the errors.
+  """
+  if spec.path is None:
+    max_bytes = spec.max_bytes or DEFAULT_MAX_BYTES
+    documents = stdlib_documents(max_bytes)
+    yield Corpus(lambda: documents, spec.max_documents, max_bytes)
+    return
+  with open_files(spec.path, spec.text_field, cache_dir) as corpus:
+    yield dataclasses.replace(corpus, max_documents=spec.max_documents, max_bytes=spec.max_bytes)
+
+
+@contextlib.contextmanager
+def open_files(path: str, text_field: str = "text", cache_dir: str | None = None) -> Iterator[Corpus]:
+  """The :class:`Corpus` of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
+
+  Uses HF ``datasets`` offline; the arrow tables it parses the files into go to ``cache_dir`` (default: a
+  temporary directory, removed when the block ends). Raises ``ValueError`` naming ``path`` when it is
+  missing, holds no readable files, cannot be parsed, or lacks the ``text_field`` column.
+  """
+  if not os.path.exists(path):
+    raise ValueError(f"data.path {path!r} does not exist")
+  with contextlib.ExitStack() as stack:
+    if cache_dir is None:
+      cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="galore_jax_datasets-"))
+    tables = _tables(path, text_field, cache_dir)
+    yield Corpus(lambda: _table_rows(tables))
+
+
+def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> Documents:
+  """Every document of :func:`open_files`'s corpus, in a list: for small corpora."""
+  with open_files(path, text_field, cache_dir) as corpus:
+    rows = list(corpus.rows())
+  documents = [text for text in rows if text is not None]
+  return Documents(documents, skipped=len(rows) - len(documents))
+
+
+def _table_rows(tables: Sequence[tuple[Any, str]]) -> Iterator[Any]:
+  for dataset, column in tables:
+    for batch in dataset.iter(batch_size=ROWS_PER_READ):
+      yield from batch[column]
+
+
+def _tables(path: str, text_field: str, cache_dir: str) -> list[tuple[Any, str]]:
+  """``(dataset holding only the text column, column name)`` per table of ``path``, in reading order."""
+  with _quiet_offline_datasets() as datasets:
+    if _is_saved_dataset(path):
+      try:
+        saved = datasets.load_from_disk(path)
+      except Exception as e:  # noqa: BLE001 - any failure is bad input here
+        raise ValueError(f"data.path {path!r} is not a readable saved dataset ({one_line(e)})") from None
+      if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved and len(saved) != 1:
+          raise ValueError(f"data.path {path!r} is a DatasetDict without a 'train' split (splits: {list(saved)})")
+        saved = saved["train"] if "train" in saved else next(iter(saved.values()))
+      return [_text_column(saved, text_field, repr(path))]
+    files = _files_by_kind(path)
+    if not any(files.values()):
+      raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files")
+    tables = []
+    for kind in KIND_ORDER:
+      if not files[kind]:
+        continue
+      options = {"sample_by": "document"} if kind == "text" else {}
+      try:
+        loaded = datasets.load_dataset(kind, data_files=files[kind], split="train", cache_dir=cache_dir, **options)
+      except Exception as e:  # noqa: BLE001 - any failure is bad input here
+        culprit = _unreadable_file(kind, files[kind])
+        if culprit:
+          raise ValueError(f"data.path {path!r}: {culprit}") from None
+        raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({one_line(e)})") from None
+      tables.append(_text_column(loaded, text_field if kind != "text" else "text", f"the {kind} files of {path!r}"))
+    return tables
+
+
+def _text_column(dataset: Any, text_field: str, where: str) -> tuple[Any, str]:
+  if text_field not in dataset.column_names:
+    raise ValueError(f"data.text_field {text_field!r} is not a column of {where} (columns: {dataset.column_names})")
+  return dataset.select_columns([text_field]), text_field
+
+
+def _is_saved_dataset(path: str) -> bool:
+  return os.path.isdir(path) and any(
+      os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
+
+
+def _files_by_kind(path: str) -> dict[str, list[str]]:
+  """Readable corpus files under ``path`` grouped by kind, each list sorted by relative path."""
+  found: dict[str, list[str]] = {kind: [] for kind in KIND_ORDER}
+  if os.path.isfile(path):
+    kind = FILE_KINDS.get(os.path.splitext(path)[1].lower(), "text")  # an explicit file of any name: text
+    found[kind].append(path)
+    return found
+  for dirpath, dirnames, filenames in os.walk(path):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for name in filenames:
+      kind = FILE_KINDS.get(os.path.splitext(name)[1].lower())
+      if kind and not name.startswith("."):
+        found[kind].append(os.path.join(dirpath, name))
+  for files in found.values():
+    files.sort(key=lambda f: os.path.relpath(f, path).replace(os.sep, "/"))
+  return found
+
+
+@contextlib.contextmanager
+def _quiet_offline_datasets():
+  """HF ``datasets`` with the hub off (local files only), without progress bars and without its log lines
+  (a file it cannot parse is logged as an ERROR before it raises; the caller reports it in one line)."""
+  os.environ["HF_DATASETS_OFFLINE"] = "1"
+  os.environ["HF_HUB_OFFLINE"] = "1"
+  import datasets
+  from datasets.utils import logging as datasets_logging
+
+  for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # read at import time: set them if already imported
+    if hasattr(datasets.config, name):
+      setattr(datasets.config, name, True)
+  was_disabled = datasets.are_progress_bars_disabled()
+  verbosity = datasets_logging.get_verbosity()
+  datasets.disable_progress_bars()
+  datasets_logging.set_verbosity(datasets_logging.CRITICAL + 1)
+  try:
+    yield datasets
+  finally:
+    datasets_logging.set_verbosity(verbosity)
+    if not was_disabled:
+      datasets.enable_progress_bars()
+
+
+def _unreadable_file(kind: str, files: Sequence[str]) -> str | None:
+  """Why the first unreadable file of ``files`` cannot be read, in words naming it; None if none is found.
+
+  ``datasets`` reports a bad file as a generic DatasetGenerationError without its name: this re-reads the
+  files (only after a failure) to say which one is not UTF-8 text, which JSON line does not parse, or
+  which file is not parquet.
+  """
+  for path in files:
+    problem = _parquet_problem(path) if kind == "parquet" else _text_problem(path, json_lines=kind == "json")
+    if problem:
+      return f"file {path!r} {problem}"
+  return None
+
+
+def _text_problem(path: str, json_lines: bool) -> str | None:
+  """``is not UTF-8 text (...)``, ``line N is not a JSON object (...)`` or ``cannot be read (...)`` (a broken
+  link); None when the file reads."""
+  bad_line = None
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    return f"cannot be read ({e.strerror})"
+  with f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return f"is not UTF-8 text (line {number} has byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+      if json_lines and bad_line is None and line.strip():
+        try:
+          row = json.loads(line)
+          if not isinstance(row, dict):
+            bad_line = f"line {number} is a JSON {type(row).__name__}, not an object"
+        except json.JSONDecodeError as e:
+          bad_line = f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+  if bad_line and not _is_one_json_document(path):  # datasets also reads a .json file holding one list/object
+    return bad_line
+  return None
+
+
+def _is_one_json_document(path: str) -> bool:
+  """Whether the file is one JSON object or list, which ``datasets`` reads as rows (a lone string it cannot)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return isinstance(json.load(f), (dict, list))
+  except ValueError:
+    return False
+
+
+def _parquet_problem(path: str) -> str | None:
+  import pyarrow.parquet
+
+  try:
+    pyarrow.parquet.ParquetFile(path)
+    return None
+  except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not parquet
+    return f"is not a readable parquet file ({one_line(e)})"

@@ -1,0 +1,69 @@
+"""The ``data`` section of a run's config, checked once: :class:`DataSpec`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """The validated ``data`` section of a config."""
+
+  path: str | None
+  tokenizer: str | None
+  seq_len: int
+  packing: bool
+  validation_fraction: float
+  max_documents: int | None
+  max_bytes: int | None
+  text_field: str
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  """``config.key`` for a ConfigDict, a dict or any object; ``default`` when absent or None."""
+  if isinstance(config, dict):
+    value = config.get(key, default)
+  else:
+    try:
+      value = config[key] if key in config else default  # ConfigDict (also FrozenConfigDict)
+    except TypeError:
+      value = getattr(config, key, default)
+  return default if value is None else value
+
+
+def data_spec(data_config: Any) -> DataSpec:
+  """Read and check ``data_config``; a bad value raises ``ValueError`` naming it."""
+  seq_len = _get(data_config, "seq_len", 0)
+  if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= 0:
+    raise ValueError(f"data.seq_len must be a positive integer, got {seq_len!r}")
+  fraction = _get(data_config, "validation_fraction", 0.05)
+  if not 0.0 <= float(fraction) < 1.0:
+    raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
+  caps = {}
+  for name in ("max_documents", "max_bytes"):
+    value = _get(data_config, name, None)
+    if value is not None and (isinstance(value, bool) or int(value) <= 0):
+      raise ValueError(f"data.{name} must be a positive integer or None, got {value!r}")
+    caps[name] = None if value is None else int(value)
+  text_field = _get(data_config, "text_field", "text")
+  if not isinstance(text_field, str) or not text_field:
+    raise ValueError(f"data.text_field must be a non-empty string, got {text_field!r}")
+  path, tokenizer = _get(data_config, "path", None), _get(data_config, "tokenizer", None)
+  return DataSpec(path=None if path in (None, "") else str(path),
+                  tokenizer=None if tokenizer in (None, "") else str(tokenizer), seq_len=int(seq_len),
+                  packing=bool(_get(data_config, "packing", True)), validation_fraction=float(fraction),
+                  text_field=text_field, **caps)
+
+
+def corpus_name(spec: DataSpec) -> str:
+  """How messages name the corpus: ``data.path '...'`` or ``the embedded corpus``."""
+  return "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
+
+
+def one_line(error: BaseException) -> str:
+  """``Type: first line of the message``, for the one-line errors a bad input gets."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
