@@ -84,9 +84,21 @@ def provenance(module: str, argv: Sequence[str], *, probe: bool = False) -> dict
   backend, device, count = _device_in_child() if probe else (jax.default_backend(), jax.devices()[0].device_kind,
                                                               jax.device_count())
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": command(module, argv), "backend": backend, "device": device, "device_count": count,
+          "command": command(module, argv), "commit": commit(), "backend": backend, "device": device, "device_count": count,
           "cpu_count": os.cpu_count(), "versions": versions(),
           "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ}}
+
+
+@functools.cache
+def commit() -> str | None:
+  """The measured code's git commit (``+`` when the work tree has changes), or None outside a git checkout."""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+  try:
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
 
 
 @functools.cache
