@@ -84,8 +84,8 @@ def provenance(module: str, argv: Sequence[str], *, probe: bool = False) -> dict
   backend, device, count = _device_in_child() if probe else (jax.default_backend(), jax.devices()[0].device_kind,
                                                               jax.device_count())
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": command(module, argv), "commit": commit(), "backend": backend, "device": device, "device_count": count,
-          "cpu_count": os.cpu_count(), "versions": versions(),
+          "command": command(module, argv), "commit": commit(), "backend": backend, "device": device,
+          "device_count": count, "cpu_count": os.cpu_count(), "versions": versions(),
           "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ}}
 
 

@@ -90,7 +90,8 @@ def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.
         raise _no_text(spec, skipped)
       if split == "all":
         return (*data.tokenize_documents(tokenizer, train_docs, data.special_ids(tokenizer)[1]), skipped)
-      directory = data.token_cache_dir(cache_root, tokenizer, {"train": train_docs, "val": val_docs})
+      fingerprints = {"train": data.fingerprint(train_docs), "val": data.fingerprint(val_docs)}
+      directory = data.token_cache_dir(cache_root, data.cache_key(tokenizer, fingerprints))
       if os.path.isfile(os.path.join(directory, "meta.json")):
         return (*data.load_token_cache(directory, ["val"])["val"], skipped)
       return (*data.tokenize_documents(tokenizer, val_docs, data.special_ids(tokenizer)[1]), skipped)

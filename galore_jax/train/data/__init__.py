@@ -6,7 +6,8 @@ Everything here runs on the host in numpy. One module per step, each with its de
 * :mod:`.corpus`: the documents, read on demand and never all in memory. A ``.txt`` file is one document
   (code and prose keep their context); a ``.jsonl``/``.json``/``.parquet`` row or a ``save_to_disk`` row is
   one document (its ``text_field``). Rows whose field is missing, not a string or only whitespace are left
-  out and counted (``stats["skipped_documents"]``, which ``train.py`` prints at start-up). A folder is read
+  out and counted (``stats["skipped_documents"]``, which ``train.py`` prints at start-up; the rows read
+  before a cap stops the reading). A folder is read
   recursively (hidden entries skipped), grouped by kind (text, json, parquet) and sorted by relative path
   within a kind. ``path=None`` is the embedded corpus: the Python standard library's own ``*.py`` sources,
   sorted by relative path, without test directories, site-packages, ``encodings`` tables and the
@@ -42,14 +43,15 @@ from galore_jax.train.data.corpus_state import (CORPUS_STATE, corpus_files, corp
                                                 recorded_cache)
 from galore_jax.train.data.spec import DataSpec, corpus_name, data_spec
 from galore_jax.train.data.split import Split, Splits, document_hash, fingerprint, split_corpus, split_documents
-from galore_jax.train.data.token_cache import (CorruptCache, cached_tokens, encoded_chunks, load_token_cache,
-                                               token_cache_dir, tokenize_documents)
+from galore_jax.train.data.token_cache import (CorruptCache, cache_key, cached_tokens, encoded_chunks,
+                                               load_token_cache, token_cache_dir, tokenize_documents)
 from galore_jax.train.data.tokenizer import (CORPUS_RECORD, SPECIAL_TOKENS, cached_tokenizer, checked_tokenizer,
                                              load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer)
 
 __all__ = [
     "Batches", "CORPUS_RECORD", "CORPUS_STATE", "Corpus", "CorruptCache", "DEFAULT_MAX_BYTES", "Data", "DataSpec",
-    "Documents", "Rows", "SPECIAL_TOKENS", "Split", "Splits", "build_data", "cached_tokenizer", "cached_tokens",
+    "Documents", "Rows", "SPECIAL_TOKENS", "Split", "Splits", "build_data", "cache_key", "cached_tokenizer",
+    "cached_tokens",
     "cap_documents", "checked_tokenizer", "corpus_files", "corpus_name", "corpus_state", "data_spec",
     "document_hash", "encoded_chunks", "eval_batch_list", "fingerprint", "load_documents", "load_token_cache",
     "load_tokenizer", "open_corpus", "open_files", "record_corpus_state", "recorded_cache", "segment_positions",
@@ -95,12 +97,14 @@ def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int):
     if not train_docs or (spec.validation_fraction > 0 and not val_docs):
       raise ValueError(f"{corpus_name(spec)} leaves an empty split: {len(train_docs)} training and {len(val_docs)} "
                        f"validation documents (validation_fraction {spec.validation_fraction})")
-    if tokenizer is None:
-      tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size)),
-                                    os.path.join(workdir, "tokenizer"), vocab_size)
     splits = {"train": train_docs, "val": val_docs}
-    directory = token_cache_dir(os.path.join(workdir, "data_cache"), tokenizer, splits)
-    arrays = cached_tokens(directory, tokenizer, special_ids(tokenizer)[1], splits)
+    fingerprints = {name: fingerprint(docs) for name, docs in splits.items()}
+    if tokenizer is None:
+      tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size), fingerprints["train"]),
+                                    os.path.join(workdir, "tokenizer"), vocab_size)
+    key = cache_key(tokenizer, fingerprints)
+    directory = token_cache_dir(os.path.join(workdir, "data_cache"), key)
+    arrays = cached_tokens(directory, key, tokenizer, special_ids(tokenizer)[1], splits)
   documents = {"train_documents": len(train_docs), "val_documents": len(val_docs), "skipped_documents": skipped}
   return tokenizer, directory, documents, arrays
 

@@ -15,13 +15,12 @@ import io
 import itertools
 import json
 import os
-from typing import Any, Collection, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from galore_jax.train import workdir as workdir_lib
 from galore_jax.train.data.spec import one_line
-from galore_jax.train.data.split import fingerprint
 from galore_jax.train.data.tokenizer import tokenizer_fingerprint
 
 CACHE_VERSION = 1
@@ -90,27 +89,29 @@ def save_split(directory: str, name: str, chunks: Iterable[tuple[np.ndarray, np.
   return size
 
 
-def _cache_key(tokenizer, splits: dict[str, Collection[str]]) -> dict[str, Any]:
-  return {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
-          "splits": {name: fingerprint(docs) for name, docs in sorted(splits.items())}}
+def cache_key(tokenizer, fingerprints: dict[str, str]) -> dict[str, Any]:
+  """What a token cache holds: the splits (by their :func:`~galore_jax.train.data.split.fingerprint`) encoded by
+  ``tokenizer``."""
+  return {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "splits": dict(sorted(
+      fingerprints.items()))}
 
 
-def token_cache_dir(cache_root: str, tokenizer, splits: dict[str, Collection[str]]) -> str:
-  """Where ``cached_tokens`` keeps ``splits`` tokenized by ``tokenizer``: ``cache_root/<key>/``, the key hashing
-  the splits' contents and the tokenizer; it holds the tokens once its ``meta.json`` exists."""
-  key = json.dumps(_cache_key(tokenizer, splits))
-  return os.path.join(cache_root, hashlib.sha256(key.encode()).hexdigest()[:20])
+def token_cache_dir(cache_root: str, key: dict[str, Any]) -> str:
+  """Where ``cached_tokens`` keeps the cache of ``key`` (:func:`cache_key`): ``cache_root/<hash of key>/``; it
+  holds the tokens once its ``meta.json`` exists."""
+  return os.path.join(cache_root, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20])
 
 
-def cached_tokens(directory: str, tokenizer, eos_id: int, splits: dict[str, Collection[str]]
+def cached_tokens(directory: str, key: dict[str, Any], tokenizer, eos_id: int, splits: dict[str, Iterable[str]]
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """``tokenize_documents`` of each split, cached in ``directory`` (:func:`token_cache_dir`) and loaded from it."""
+  """``tokenize_documents`` of each split, cached in ``directory`` (:func:`token_cache_dir` of ``key``) and loaded
+  from it."""
   if not os.path.isfile(os.path.join(directory, "meta.json")):
 
     def write(tmp):
       counts = {name: save_split(tmp, name, encoded_chunks(tokenizer, docs, eos_id)) for name, docs in splits.items()}
       with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"key": _cache_key(tokenizer, splits), "tokens": counts}, f)
+        json.dump({"key": key, "tokens": counts}, f)
 
     workdir_lib.write_dir_atomic(directory, write, "meta.json")
   return load_token_cache(directory, splits)

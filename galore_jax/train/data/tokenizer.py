@@ -52,10 +52,15 @@ def load_tokenizer(path: str, what: str = "data.tokenizer"):
     raise ValueError(f"{what} {path!r} could not be loaded ({one_line(e)})") from None
 
 
-def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size: int):
-  """The tokenizer in ``workdir/tokenizer``, trained on ``train_documents`` first if absent."""
+def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size: int,
+                     train_fingerprint: str | None = None):
+  """The tokenizer in ``workdir/tokenizer``, trained on ``train_documents`` first if absent.
+
+  ``train_fingerprint`` is :func:`~galore_jax.train.data.split.fingerprint` of ``train_documents`` when the
+  caller has it (computing it reads them once more).
+  """
   directory = os.path.join(workdir, "tokenizer")
-  record = {"corpus_sha256": fingerprint(train_documents), "vocab_size": int(vocab_size)}
+  record = {"corpus_sha256": train_fingerprint or fingerprint(train_documents), "vocab_size": int(vocab_size)}
   record_path = os.path.join(directory, CORPUS_RECORD)
   if os.path.isdir(directory) and os.path.isfile(record_path):
     with open(record_path) as f:
