@@ -482,7 +482,7 @@ def test_epochs_cover_every_row_and_reshuffle():
   it = data.Batches(rows, batch_size=8, seed=0)
   epochs = [np.concatenate([next(it)["inputs"][:, 0] for _ in range(5)]) for _ in range(3)]
   for order in epochs:
-    assert sorted(order.tolist()) == sorted(rows.tokens_N[rows.starts_R].tolist())
+    assert sorted(order.tolist()) == sorted(rows.tokens_N[rows.starts_and_lengths(np.arange(len(rows)))[0]].tolist())
   assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
   other_seed = data.Batches(rows, batch_size=8, seed=1)
   assert not np.array_equal(next(other_seed)["inputs"], data.Batches(rows, batch_size=8, seed=0).__next__()["inputs"])

@@ -43,34 +43,43 @@ class Rows:
   def __init__(self, tokens_N: np.ndarray, offsets_D1: np.ndarray, seq_len: int, packing: bool, pad_id: int):
     self.tokens_N, self.seq_len, self.packing, self.pad_id = tokens_N, seq_len, packing, pad_id
     n_tokens = int(tokens_N.size)
-    if packing:
-      n_rows = -(-(n_tokens - 1) // seq_len) if n_tokens > 1 else 0  # every token but the first is a target
-      self.starts_R = np.arange(n_rows, dtype=np.int64) * seq_len
-      self.lengths_R = np.minimum(n_tokens - self.starts_R, seq_len + 1)
-      self.offsets_D1 = np.asarray(offsets_D1, np.int64)
+    if packing:  # a row's start and length follow from its index: nothing per row is kept
+      self.n_rows = -(-(n_tokens - 1) // seq_len) if n_tokens > 1 else 0  # every token but the first is a target
+      self.offsets_D1 = offsets_D1
     else:
       keep = np.diff(offsets_D1) > 1  # a document of only eos has no target
-      self.starts_R = offsets_D1[:-1][keep].astype(np.int64)
-      self.lengths_R = np.minimum(np.diff(offsets_D1)[keep], seq_len + 1)
+      self._starts_R = offsets_D1[:-1][keep].astype(np.int64)
+      self._lengths_R = np.minimum(np.diff(offsets_D1)[keep], seq_len + 1)
+      self.n_rows = int(self._starts_R.size)
 
   def __len__(self) -> int:
-    return int(self.starts_R.size)
+    return self.n_rows
+
+  def starts_and_lengths(self, indices_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first token and the number of tokens (at most ``seq_len + 1``) of rows ``indices_B``."""
+    indices_B = np.asarray(indices_B, np.int64)
+    if self.packing:
+      starts_B = indices_B * self.seq_len
+      return starts_B, np.minimum(self.tokens_N.size - starts_B, self.seq_len + 1)
+    return self._starts_R[indices_B], self._lengths_R[indices_B]
 
   @property
   def n_targets(self) -> int:
     """Unmasked targets over all rows."""
-    return int(np.sum(self.lengths_R - 1))
+    if self.packing:
+      return max(int(self.tokens_N.size) - 1, 0)
+    return int(np.sum(self._lengths_R - 1))
 
   def __call__(self, indices_B: np.ndarray, n_real: int | None = None) -> dict[str, np.ndarray]:
     """The batch of rows ``indices_B``; rows from ``n_real`` on are fully masked filler."""
     L = self.seq_len + 1
-    indices_B = np.asarray(indices_B, np.int64)
     offset_L = np.arange(L, dtype=np.int64)
-    lengths_B = self.lengths_R[indices_B].copy()
+    starts_B, lengths_B = self.starts_and_lengths(indices_B)
+    lengths_B = lengths_B.copy()
     if n_real is not None:
       lengths_B[n_real:] = 0
     valid_BL = offset_L[None, :] < lengths_B[:, None]
-    idx_BL = np.minimum(self.starts_R[indices_B][:, None] + offset_L[None, :], max(self.tokens_N.size - 1, 0))
+    idx_BL = np.minimum(starts_B[:, None] + offset_L[None, :], max(self.tokens_N.size - 1, 0))
     tokens_BL = np.where(valid_BL, self.tokens_N[idx_BL], self.pad_id).astype(np.int32)
     if self.packing:
       doc_BL = np.searchsorted(self.offsets_D1, idx_BL, side="right") - 1  # the document of each token

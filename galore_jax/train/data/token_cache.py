@@ -148,7 +148,7 @@ def load_token_cache(directory: str, names: Iterable[str]) -> dict[str, tuple[np
   for name in names:
     tokens_path, offsets_path = (os.path.join(directory, f"{name}_{kind}.npy") for kind in ("tokens", "offsets"))
     tokens_N = read(tokens_path, lambda p: np.load(p, mmap_mode="r"))
-    offsets_D1 = read(offsets_path, np.load)
+    offsets_D1 = read(offsets_path, lambda p: np.load(p, mmap_mode="r"))
     expected = counts.get("tokens", {}).get(name) if isinstance(counts, dict) else None
     if tokens_N.ndim != 1 or tokens_N.size != expected:
       raise corrupt(tokens_path, f"{tokens_N.size} tokens, {meta_path!r} records {expected}")
