@@ -34,7 +34,8 @@ def provenance(path: str, record: dict) -> str:
   device = record.get("device")
   if isinstance(device, dict):
     device = device.get("device_kind")
-  return (f"*{device} ({record.get('backend')}), {record.get('date')}, {versions}; `{record.get('command')}` → "
+  commit = f", code {record['commit']}" if record.get("commit") else ""
+  return (f"*{device} ({record.get('backend')}), {record.get('date')}{commit}, {versions}; `{record.get('command')}` → "
           f"`{path}`*")
 
 
