@@ -98,6 +98,40 @@ def test_save_to_disk(tmp_path):
   assert data.load_documents(str(tmp_path / "dd")).documents == ["t"]
 
 
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_compressed_text_and_json_files_read_as_their_contents(tmp_path, compression):
+  import bz2
+  import gzip
+  import lzma
+
+  def write_compressed(path, text):
+    with {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression](f"{path}.{compression}", "wt") as f:
+      f.write(text)
+
+  rows = [json.dumps({"text": d, "url": f"u{i}"}) for i, d in enumerate(docs(6))]
+  plain, packed = tmp_path / "plain", tmp_path / "packed"
+  for root, write in ((plain, lambda path, text: path.write_text(text)), (packed, write_compressed)):
+    root.mkdir()
+    write(root / "c4-train.00000-of-01024.json", "\n".join(rows[:4]) + "\n")  # C4's shards as downloaded
+    write(root / "more.jsonl", "\n".join(rows[4:]) + "\n")
+    write(root / "notes.txt", "a text document\n")
+  assert sorted(os.listdir(packed)) == sorted(f"{name}.{compression}" for name in os.listdir(plain))
+  assert data.load_documents(str(packed)) == data.load_documents(str(plain)) == (["a text document\n"] + docs(6), 0)
+  assert data.load_documents(str(packed / f"more.jsonl.{compression}")).documents == docs(6)[4:]
+
+
+def test_a_damaged_compressed_file_is_named(tmp_path):
+  import gzip
+
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 50)[:-20])  # cut short
+  with pytest.raises(ValueError, match=r"file '[^']*a\.jsonl\.gz' cannot be read \(Compressed file ended"):
+    build(str(tmp_path / "c"), tmp_path / "w")
+  (tmp_path / "c" / "a.jsonl.gz").write_bytes(b'{"text": "not gzip"}\n')
+  with pytest.raises(ValueError, match=r"file '[^']*a\.jsonl\.gz' cannot be read \(Not a gzipped file"):
+    build(str(tmp_path / "c"), tmp_path / "w")
+
+
 def test_build_from_each_kind(tmp_path):
   import datasets
 

@@ -9,9 +9,12 @@ copy, about the corpus's size, removed when the corpus is closed).
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import dataclasses
+import gzip
 import json
+import lzma
 import os
 import sysconfig
 import tempfile
@@ -21,6 +24,7 @@ from galore_jax.train.data.spec import DataSpec, one_line
 
 DEFAULT_MAX_BYTES = 8_000_000  # the embedded corpus's cap when data.max_bytes is None
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # of text and json files (C4's *.json.gz)
 KIND_ORDER = ("text", "json", "parquet")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                               "encodings"})
@@ -129,6 +133,9 @@ def open_corpus(spec: DataSpec, cache_dir: str | None = None) -> Iterator[Corpus
 def open_files(path: str, text_field: str = "text", cache_dir: str | None = None) -> Iterator[Corpus]:
   """The :class:`Corpus` of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
 
+  Text and JSON files may be compressed (``.gz``, ``.bz2``, ``.xz``: C4's ``c4-train.*.json.gz`` shards as
+  downloaded); ``datasets`` decompresses them into ``cache_dir``.
+
   Uses HF ``datasets`` offline; the arrow tables it parses the files into go to ``cache_dir`` (default: a
   temporary directory, removed when the block ends). Raises ``ValueError`` naming ``path`` when it is
   missing, holds no readable files, cannot be parsed, or lacks the ``text_field`` column.
@@ -171,7 +178,8 @@ def _tables(path: str, text_field: str, cache_dir: str) -> list[tuple[Any, str]]
       return [_text_column(saved, text_field, repr(path))]
     files = _files_by_kind(path)
     if not any(files.values()):
-      raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files")
+      raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files (the first three may be "
+                       f"compressed: {', '.join(COMPRESSIONS)})")
     tables = []
     for kind in KIND_ORDER:
       if not files[kind]:
@@ -199,17 +207,25 @@ def _is_saved_dataset(path: str) -> bool:
       os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
 
 
+def file_kind(name: str) -> str | None:
+  """``text``, ``json`` or ``parquet`` by the file's extension (under a compression's: ``c4-…json.gz`` is json)."""
+  stem, extension = os.path.splitext(name.lower())
+  if extension in COMPRESSIONS:
+    kind = FILE_KINDS.get(os.path.splitext(stem)[1])
+    return kind if kind != "parquet" else None
+  return FILE_KINDS.get(extension)
+
+
 def _files_by_kind(path: str) -> dict[str, list[str]]:
   """Readable corpus files under ``path`` grouped by kind, each list sorted by relative path."""
   found: dict[str, list[str]] = {kind: [] for kind in KIND_ORDER}
   if os.path.isfile(path):
-    kind = FILE_KINDS.get(os.path.splitext(path)[1].lower(), "text")  # an explicit file of any name: text
-    found[kind].append(path)
+    found[file_kind(os.path.basename(path)) or "text"].append(path)  # an explicit file of any name: text
     return found
   for dirpath, dirnames, filenames in os.walk(path):
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     for name in filenames:
-      kind = FILE_KINDS.get(os.path.splitext(name)[1].lower())
+      kind = file_kind(name)
       if kind and not name.startswith("."):
         found[kind].append(os.path.join(dirpath, name))
   for files in found.values():
@@ -255,38 +271,45 @@ def _unreadable_file(kind: str, files: Sequence[str]) -> str | None:
   return None
 
 
+def _open_binary(path: str):
+  """The file's bytes, decompressed when its extension names a compression."""
+  return COMPRESSIONS.get(os.path.splitext(path.lower())[1], open)(path, "rb")
+
+
 def _text_problem(path: str, json_lines: bool) -> str | None:
-  """``is not UTF-8 text (...)``, ``line N is not a JSON object (...)`` or ``cannot be read (...)`` (a broken
-  link); None when the file reads."""
+  """``is not UTF-8 text (...)``, ``line N is not a JSON object (...)``, ``cannot be read (...)`` (a broken link,
+  a damaged compressed file); None when the file reads."""
   bad_line = None
   try:
-    f = open(path, "rb")
-  except OSError as e:
-    return f"cannot be read ({e.strerror})"
-  with f:
-    for number, raw in enumerate(f, start=1):
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        return f"is not UTF-8 text (line {number} has byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-      if json_lines and bad_line is None and line.strip():
+    with _open_binary(path) as f:
+      for number, raw in enumerate(f, start=1):
         try:
-          row = json.loads(line)
-          if not isinstance(row, dict):
-            bad_line = f"line {number} is a JSON {type(row).__name__}, not an object"
-        except json.JSONDecodeError as e:
-          bad_line = f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          return f"is not UTF-8 text (line {number} has byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        if json_lines and bad_line is None and line.strip():
+          bad_line = _json_line_problem(line, number)
+  except (OSError, EOFError, lzma.LZMAError) as e:
+    return f"cannot be read ({getattr(e, 'strerror', None) or e})"
   if bad_line and not _is_one_json_document(path):  # datasets also reads a .json file holding one list/object
     return bad_line
   return None
 
 
+def _json_line_problem(line: str, number: int) -> str | None:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+  return None if isinstance(row, dict) else f"line {number} is a JSON {type(row).__name__}, not an object"
+
+
 def _is_one_json_document(path: str) -> bool:
   """Whether the file is one JSON object or list, which ``datasets`` reads as rows (a lone string it cannot)."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with _open_binary(path) as f:
       return isinstance(json.load(f), (dict, list))
-  except ValueError:
+  except (ValueError, OSError, EOFError, lzma.LZMAError):
     return False
 
 
