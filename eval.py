@@ -85,9 +85,15 @@ def evaluate(workdir: str, step: int | None, prompt: str, max_new_tokens: int, e
 
 
 def scoring_line(dataset, batch_size: int) -> str:
-  """What is scored: ``scoring <source>: N documents, T tokens; B of its R batches of S rows[; rows left out]``."""
+  """What is scored: ``scoring <source>: N documents, T tokens; B of its R batches of S rows[; rows left out]``,
+  or, when the reading stopped once the batches asked for were full, ``its first N documents (T tokens) fill
+  the B batches of S rows asked for``."""
   count = lambda n, noun, nouns=None: f"{n:,} " + (noun if n == 1 else nouns or noun + "s")
   skipped = f"; {count(dataset.skipped, 'row')} of the corpus without text left out" if dataset.skipped else ""
+  if not dataset.complete:
+    return (f"scoring {dataset.source}: its first {count(dataset.documents, 'document')} "
+            f"({count(dataset.tokens, 'token')}) fill the {count(len(dataset.batches), 'batch', 'batches')} of "
+            f"{batch_size} rows asked for{skipped}")
   batches = count(-(-dataset.rows // batch_size), "batch", "batches")
   return (f"scoring {dataset.source}: {count(dataset.documents, 'document')}, {count(dataset.tokens, 'token')}; "
           f"{len(dataset.batches)} of its {batches} of {batch_size} rows{skipped}")

@@ -36,6 +36,7 @@ class EvalData(NamedTuple):
   tokens: int
   rows: int
   skipped: int  # rows of the corpus without text, left out
+  complete: bool  # documents, tokens and rows are the whole source's; False: the first ones, enough for the batches
   empty_because: str | None  # why no token is predicted, when none is
 
 
@@ -71,30 +72,69 @@ def _no_text(spec: data.DataSpec, skipped: int) -> ValueError:
   return ValueError(f"data.path {spec.path!r} has no text{rows}")
 
 
-def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag) -> tuple[np.ndarray, np.ndarray, int]:
-  """``(tokens_N, offsets_D1, skipped rows)`` of the text to score. The validation split comes from the run's
-  token cache when it holds it (read, never written): without reading the corpus when a start recorded the
-  corpus's state, else after reading and splitting it. Anything else is encoded in memory."""
+class Scored(NamedTuple):
+  """The tokens to score and how much of the source they are."""
+
+  tokens_N: np.ndarray
+  offsets_D1: np.ndarray
+  skipped: int  # rows of the corpus read without text
+  complete: bool  # every document of the source; False when the reading stopped once the batches were full
+
+
+def _encoded(tokenizer, documents, spec: data.DataSpec, rows_wanted: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
+  """``(tokens_N, offsets_D1, complete)``: ``documents`` encoded in order until they fill ``rows_wanted`` rows
+  exactly as the whole text would (None: all of them). A packed row ``r`` ends at token ``(r + 1) * seq_len``;
+  an unpacked row is a document with a target."""
+  chunks, tokens, rows = [], 0, 0
+  for tokens_C, lengths_D in data.encoded_chunks(tokenizer, documents, data.special_ids(tokenizer)[1]):
+    chunks.append((tokens_C, lengths_D))
+    tokens, rows = tokens + tokens_C.size, rows + int(np.count_nonzero(lengths_D > 1))
+    if rows_wanted is not None and (tokens > rows_wanted * spec.seq_len if spec.packing else rows >= rows_wanted):
+      break
+  else:
+    rows_wanted = None
+  tokens_N = np.concatenate([np.zeros(0, np.int32)] + [t for t, _ in chunks])
+  offsets_D1 = np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64)] + [n for _, n in chunks]))])
+  return tokens_N, offsets_D1.astype(np.int64), rows_wanted is None
+
+
+def _with_skipped_counted(corpus: data.Corpus, skipped: list[int]):
+  """The corpus's documents, counting its rows without text in ``skipped[0]`` as they are read."""
+  for document in corpus.rows():
+    if document is None:
+      skipped[0] += 1
+    else:
+      yield document
+
+
+def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag, rows_wanted) -> Scored:
+  """The tokens of the text to score. The validation split comes from the run's token cache when it holds it
+  (read, never written): without reading the corpus when a start recorded the corpus's state, else after
+  reading and splitting it. Anything else is encoded in memory, only as far as ``rows_wanted`` rows need."""
   cache_root = os.path.join(workdir, "data_cache")
   if split == "validation":
     state = data.corpus_state(spec, data.corpus_files(spec.path), tokenizer, vocab_size)
     recorded = data.recorded_cache(cache_root, state)
     if recorded is not None:
       directory, stats = recorded
-      return (*data.load_token_cache(directory, ["val"])["val"], int(stats.get("skipped_documents", 0)))
+      return Scored(*data.load_token_cache(directory, ["val"])["val"], int(stats.get("skipped_documents", 0)), True)
   try:
     with data.open_corpus(spec) as corpus:
-      fraction = spec.validation_fraction if split == "validation" else 0.0
-      train_docs, val_docs, skipped = data.split_corpus(corpus, fraction)
+      if split == "all":
+        skipped = [0]
+        tokens_N, offsets_D1, complete = _encoded(tokenizer, _with_skipped_counted(corpus, skipped), spec, rows_wanted)
+        if offsets_D1.size == 1:
+          raise _no_text(spec, skipped[0])
+        return Scored(tokens_N, offsets_D1, skipped[0], complete)
+      train_docs, val_docs, skipped = data.split_corpus(corpus, spec.validation_fraction)
       if not train_docs and not val_docs:
         raise _no_text(spec, skipped)
-      if split == "all":
-        return (*data.tokenize_documents(tokenizer, train_docs, data.special_ids(tokenizer)[1]), skipped)
       fingerprints = {"train": data.fingerprint(train_docs), "val": data.fingerprint(val_docs)}
       directory = data.token_cache_dir(cache_root, data.cache_key(tokenizer, fingerprints))
       if os.path.isfile(os.path.join(directory, "meta.json")):
-        return (*data.load_token_cache(directory, ["val"])["val"], skipped)
-      return (*data.tokenize_documents(tokenizer, val_docs, data.special_ids(tokenizer)[1]), skipped)
+        return Scored(*data.load_token_cache(directory, ["val"])["val"], skipped, True)
+      tokens_N, offsets_D1, complete = _encoded(tokenizer, val_docs, spec, rows_wanted)
+      return Scored(tokens_N, offsets_D1, skipped, complete)
   except data.CorruptCache:
     raise
   except ValueError as e:
@@ -143,9 +183,10 @@ def build_eval_data(data_config: Any, *, workdir: str, vocab_size: int, batch_si
   spec = dataclasses.replace(spec, path=data_path or spec.path, text_field=text_field or spec.text_field)
   tokenizer = run_tokenizer(spec, workdir, vocab_size)
   pad_id, eos_id, _ = data.special_ids(tokenizer)
-  tokens_N, offsets_D1, skipped = _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag=bool(data_path))
-  rows = data.Rows(tokens_N, offsets_D1, spec.seq_len, spec.packing, pad_id)
+  scored = _tokens(spec, workdir, tokenizer, vocab_size, split, bool(data_path),
+                   rows_wanted=None if batches is None else batches * batch_size)
+  rows = data.Rows(scored.tokens_N, scored.offsets_D1, spec.seq_len, spec.packing, pad_id)
   return EvalData(tokenizer, eos_id, data.eval_batch_list(rows, batch_size, batches),
-                  source=_source(spec, split, bool(data_path)), documents=len(offsets_D1) - 1,
-                  tokens=int(tokens_N.size), rows=len(rows), skipped=skipped,
+                  source=_source(spec, split, bool(data_path)), documents=len(scored.offsets_D1) - 1,
+                  tokens=int(scored.tokens_N.size), rows=len(rows), skipped=scored.skipped, complete=scored.complete,
                   empty_because=None if len(rows) else _empty_because(spec, split))

@@ -87,6 +87,41 @@ def test_all_documents_are_each_encoded_plus_eos_and_batches_limits_the_rows(run
   assert_same_batches(first_two, scored.batches[:2])
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_reading_stops_once_the_batches_asked_for_are_full(run, tmp_path, packing):
+  """Encoding stops after the chunk of documents that fills the batches (documents are encoded 256 at a time):
+  those batches are the whole text's first ones, and the report says only the first documents were read."""
+  corpus, workdir, _ = run
+  rows = [{"text": doc} for doc in docs(700)]
+  rows[10:10] = rows[650:650] = [{"text": " "}]  # one row without text among those read, one after
+  held_out = tmp_path / "held_out.jsonl"
+  held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  config = make_config(str(corpus), packing=packing)
+
+  def score_held_out(batches):
+    return eval_data.build_eval_data(config, workdir=str(workdir), vocab_size=VOCAB, batch_size=3, batches=batches,
+                                     data_path=str(held_out))
+
+  whole, first = score_held_out(None), score_held_out(2)
+  assert (whole.complete, whole.documents, whole.skipped) == (True, 700, 2)
+  assert (first.complete, first.documents, first.skipped) == (False, 256, 1)
+  assert len(first.batches) == 2 and len(whole.batches) > 2
+  assert_same_batches(first.batches, whole.batches[:2])
+
+
+def test_the_scoring_line_says_what_is_scored():
+  import eval as eval_py
+
+  scored = eval_data.EvalData(None, 2, batches=[{}] * 2, source="all of --data_path 'x.jsonl'", documents=256,
+                              tokens=20_480, rows=1280, skipped=1, complete=True, empty_because=None)
+  assert eval_py.scoring_line(scored, 16) == (
+      "scoring all of --data_path 'x.jsonl': 256 documents, 20,480 tokens; 2 of its 80 batches of 16 rows; 1 row of "
+      "the corpus without text left out")
+  assert eval_py.scoring_line(scored._replace(complete=False, skipped=0), 16) == (
+      "scoring all of --data_path 'x.jsonl': its first 256 documents (20,480 tokens) fill the 2 batches of 16 rows "
+      "asked for")
+
+
 def test_a_run_with_its_own_tokenizer_reads_it_and_a_trained_one_must_be_there(run, tmp_path):
   corpus, workdir, built = run
   shutil.move(workdir / "tokenizer", tmp_path / "base_tokenizer")
