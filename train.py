@@ -279,7 +279,8 @@ def start_up(cfg, primary: bool) -> Run:
     dataset = data.build_data(cfg.data, workdir=cfg.workdir, vocab_size=model_cfg.vocab_size,
                               batch_size=cfg.train.batch_size,
                               eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
-                              eval_batches=cfg.eval.batches, seed=cfg.seed)
+                              eval_batches=cfg.eval.batches, seed=cfg.seed,
+                              progress=(lambda line: print(line, flush=True)) if primary else None)
   except ValueError as e:
     fail(str(e))
   ckpts = checkpoint.Checkpoints(os.path.join(cfg.workdir, "checkpoints"), every=cfg.checkpoint.every,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def make_config(path=None, **overrides):
 def build(path, workdir, **overrides):
   kwargs = dict(vocab_size=overrides.pop("vocab_size", VOCAB), batch_size=overrides.pop("batch_size", 4),
                 eval_batch_size=overrides.pop("eval_batch_size", 3), eval_batches=overrides.pop("eval_batches", 2),
-                seed=overrides.pop("seed", 0))
+                seed=overrides.pop("seed", 0), progress=overrides.pop("progress", None))
   return data.build_data(make_config(path, **overrides), workdir=str(workdir), **kwargs)
 
 
@@ -299,6 +300,31 @@ def test_a_first_start_caches_what_the_in_memory_pipeline_encodes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- tokenizer and caches
+
+
+def test_a_first_start_says_what_it_does_and_a_later_start_says_it_loaded_the_cache(tmp_path, monkeypatch):
+  (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs(600)))
+  monkeypatch.setattr(data.token_cache, "PROGRESS_EVERY_S", 0.0)  # a line per chunk of 256 documents
+  lines = []
+  first = build(str(tmp_path / "c.jsonl"), tmp_path / "w", progress=lines.append, validation_fraction=0.05)
+  train, val = first.stats["train_documents"], first.stats["val_documents"]
+  patterns = [r"data: reading data.path '.*c.jsonl' \(a first start: it is split, encoded and cached; later starts "
+              r"load the cache\)$",
+              rf"data: split in \d+ s: {train} training and {val} validation documents$",
+              rf"data: training a byte-level BPE of {VOCAB} tokens on the training split$",
+              r"data: tokenizer trained in \d+ s$",
+              rf"data: encoding the training split: 256 of {train} documents, [\d,]+ tokens, \d+ s$",
+              rf"data: encoding the training split: 512 of {train} documents, [\d,]+ tokens, \d+ s$",
+              rf"data: encoded the training split: {train} documents, {first.stats['train_tokens']:,} tokens in \d+ s$",
+              rf"data: encoded the validation split: {val} documents, {first.stats['val_tokens']:,} tokens in \d+ s$"]
+  assert len(lines) == len(patterns) and 512 < train < 600, lines
+  for line, pattern in zip(lines, patterns):
+    assert re.match(pattern, line), (line, pattern)
+  lines.clear()
+  build(str(tmp_path / "c.jsonl"), tmp_path / "w", progress=lines.append, validation_fraction=0.05)
+  (cache,) = (tmp_path / "w" / "data_cache").iterdir()
+  assert lines == [f"data: data.path {str(tmp_path / 'c.jsonl')!r} is unchanged since its tokens were cached: "
+                   f"loaded {cache}"]
 
 
 def test_tokenizer_trained_cached_and_reloadable(folder, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -87,9 +88,12 @@ def _recorded_start(spec: DataSpec, files, workdir: str, tokenizer, vocab_size: 
   return None if found is None else (tokenizer, *found)
 
 
-def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int):
+def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int, say: Callable[[str], None]):
   """``(tokenizer, token cache directory, document counts, arrays)``: the corpus read, split and encoded (the
   tokenizer trained first when the run has none), the tokens cached."""
+  start = time.monotonic()
+  say(f"data: reading {corpus_name(spec)} (a first start: it is split, encoded and cached; later starts load the "
+      "cache)")
   with open_corpus(spec) as corpus:
     train_docs, val_docs, skipped = split_corpus(corpus, spec.validation_fraction)
     if not train_docs and not val_docs:
@@ -97,20 +101,23 @@ def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int):
     if not train_docs or (spec.validation_fraction > 0 and not val_docs):
       raise ValueError(f"{corpus_name(spec)} leaves an empty split: {len(train_docs)} training and {len(val_docs)} "
                        f"validation documents (validation_fraction {spec.validation_fraction})")
+    say(f"data: split in {time.monotonic() - start:.0f} s: {len(train_docs):,} training and {len(val_docs):,} "
+        "validation documents")
     splits = {"train": train_docs, "val": val_docs}
     fingerprints = {name: fingerprint(docs) for name, docs in splits.items()}
     if tokenizer is None:
-      tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size), fingerprints["train"]),
+      tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size), fingerprints["train"], say),
                                     os.path.join(workdir, "tokenizer"), vocab_size)
     key = cache_key(tokenizer, fingerprints)
     directory = token_cache_dir(os.path.join(workdir, "data_cache"), key)
-    arrays = cached_tokens(directory, key, tokenizer, special_ids(tokenizer)[1], splits)
+    arrays = cached_tokens(directory, key, tokenizer, special_ids(tokenizer)[1], splits, say)
   documents = {"train_documents": len(train_docs), "val_documents": len(val_docs), "skipped_documents": skipped}
   return tokenizer, directory, documents, arrays
 
 
 def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: int, seed: int = 0,
-               eval_batch_size: int | None = None, eval_batches: int | None = 8) -> Data:
+               eval_batch_size: int | None = None, eval_batches: int | None = 8,
+               progress: Callable[[str], None] | None = None) -> Data:
   """Corpus → split → tokenizer → cached tokens → ``Data``; bad input raises a one-line ``ValueError``.
 
   Args:
@@ -122,7 +129,10 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
     seed: shuffling seed.
     eval_batch_size: rows per validation batch (default ``batch_size``).
     eval_batches: number of validation batches (None: all validation rows).
+    progress: gets a line per step of a first start (which can take minutes per GB of text) and every
+      30 s of encoding; one line when a later start loads the token cache.
   """
+  say = progress or (lambda line: None)
   spec = data_spec(data_config)
   if vocab_size is None or int(vocab_size) <= 0:
     raise ValueError(f"vocab_size must be positive, got {vocab_size!r}")
@@ -135,8 +145,9 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
   if recorded is not None:  # the corpus has not changed since a start that recorded it: not read again
     tokenizer, directory, documents = recorded
     arrays = load_token_cache(directory, ["train", "val"])
+    say(f"data: {corpus_name(spec)} is unchanged since its tokens were cached: loaded {directory}")
   else:
-    tokenizer, directory, documents, arrays = _read_and_encode(spec, workdir, tokenizer, vocab_size)
+    tokenizer, directory, documents, arrays = _read_and_encode(spec, workdir, tokenizer, vocab_size, say)
     record_corpus_state(directory, corpus_state(spec, files, tokenizer, vocab_size), documents)
   pad_id, eos_id, bos_id = special_ids(tokenizer)
   train_rows = Rows(*arrays["train"], spec.seq_len, spec.packing, pad_id)

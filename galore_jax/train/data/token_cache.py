@@ -15,7 +15,8 @@ import io
 import itertools
 import json
 import os
-from typing import Any, Iterable, Iterator, Sequence
+import time
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from galore_jax.train.data.tokenizer import tokenizer_fingerprint
 
 CACHE_VERSION = 1
 DOCUMENTS_PER_ENCODE = 256
+PROGRESS_EVERY_S = 30.0  # between the lines a long encoding prints
+SPLIT_NAMES = {"train": "the training split", "val": "the validation split"}
 
 
 def encoded_chunks(tokenizer, documents: Iterable[str], eos_id: int,
@@ -102,14 +105,30 @@ def token_cache_dir(cache_root: str, key: dict[str, Any]) -> str:
   return os.path.join(cache_root, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20])
 
 
-def cached_tokens(directory: str, key: dict[str, Any], tokenizer, eos_id: int, splits: dict[str, Iterable[str]]
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def reported(chunks: Iterable[tuple[np.ndarray, np.ndarray]], what: str, documents: int,
+             say: Callable[[str], None]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``chunks`` as they come, with a line to ``say`` every :data:`PROGRESS_EVERY_S` seconds and one at the end."""
+  start = last = time.monotonic()
+  done = tokens = 0
+  for tokens_C, lengths_D in chunks:
+    yield tokens_C, lengths_D
+    done, tokens, now = done + lengths_D.size, tokens + tokens_C.size, time.monotonic()
+    if now - last >= PROGRESS_EVERY_S and done < documents:
+      say(f"data: encoding {what}: {done:,} of {documents:,} documents, {tokens:,} tokens, {now - start:.0f} s")
+      last = now
+  say(f"data: encoded {what}: {done:,} documents, {tokens:,} tokens in {time.monotonic() - start:.0f} s")
+
+
+def cached_tokens(directory: str, key: dict[str, Any], tokenizer, eos_id: int, splits: dict[str, Collection[str]],
+                  say: Callable[[str], None] = lambda line: None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """``tokenize_documents`` of each split, cached in ``directory`` (:func:`token_cache_dir` of ``key``) and loaded
-  from it."""
+  from it; ``say`` gets a progress line every :data:`PROGRESS_EVERY_S` seconds of encoding."""
   if not os.path.isfile(os.path.join(directory, "meta.json")):
 
     def write(tmp):
-      counts = {name: save_split(tmp, name, encoded_chunks(tokenizer, docs, eos_id)) for name, docs in splits.items()}
+      counts = {name: save_split(tmp, name, reported(encoded_chunks(tokenizer, docs, eos_id),
+                                                     SPLIT_NAMES.get(name, name), len(docs), say))
+                for name, docs in splits.items()}
       with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({"key": key, "tokens": counts}, f)
 

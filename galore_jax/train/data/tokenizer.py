@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Collection
+import time
+from typing import Callable, Collection
 
 from galore_jax.train import workdir as workdir_lib
 from galore_jax.train.data.spec import one_line
@@ -53,11 +54,11 @@ def load_tokenizer(path: str, what: str = "data.tokenizer"):
 
 
 def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size: int,
-                     train_fingerprint: str | None = None):
+                     train_fingerprint: str | None = None, say: Callable[[str], None] = lambda line: None):
   """The tokenizer in ``workdir/tokenizer``, trained on ``train_documents`` first if absent.
 
   ``train_fingerprint`` is :func:`~galore_jax.train.data.split.fingerprint` of ``train_documents`` when the
-  caller has it (computing it reads them once more).
+  caller has it (computing it reads them once more); ``say`` gets a line before and after a training.
   """
   directory = os.path.join(workdir, "tokenizer")
   record = {"corpus_sha256": train_fingerprint or fingerprint(train_documents), "vocab_size": int(vocab_size)}
@@ -74,7 +75,10 @@ def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size:
     if vocab_size < 256 + len(SPECIAL_TOKENS):
       raise ValueError(f"vocab_size {vocab_size} is below the byte-level tokenizer's minimum "
                        f"{256 + len(SPECIAL_TOKENS)}")
+    say(f"data: training a byte-level BPE of {vocab_size:,} tokens on the training split")
+    start = time.monotonic()
     tokenizer = train_tokenizer(train_documents, vocab_size)
+    say(f"data: tokenizer trained in {time.monotonic() - start:.0f} s")
 
     def write(tmp):
       tokenizer.save_pretrained(tmp)
