@@ -308,8 +308,8 @@ def test_a_first_start_says_what_it_does_and_a_later_start_says_it_loaded_the_ca
   lines = []
   first = build(str(tmp_path / "c.jsonl"), tmp_path / "w", progress=lines.append, validation_fraction=0.05)
   train, val = first.stats["train_documents"], first.stats["val_documents"]
-  patterns = [r"data: reading data.path '.*c.jsonl' \(a first start: it is split, encoded and cached; later starts "
-              r"load the cache\)$",
+  patterns = [r"data: reading data.path '.*c.jsonl' to split, encode and cache it \(a later start on the unchanged "
+              r"corpus loads the cache\)$",
               rf"data: split in \d+ s: {train} training and {val} validation documents$",
               rf"data: training a byte-level BPE of {VOCAB} tokens on the training split$",
               r"data: tokenizer trained in \d+ s$",

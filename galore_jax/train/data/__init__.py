@@ -92,8 +92,8 @@ def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int, s
   """``(tokenizer, token cache directory, document counts, arrays)``: the corpus read, split and encoded (the
   tokenizer trained first when the run has none), the tokens cached."""
   start = time.monotonic()
-  say(f"data: reading {corpus_name(spec)} (a first start: it is split, encoded and cached; later starts load the "
-      "cache)")
+  say(f"data: reading {corpus_name(spec)} to split, encode and cache it (a later start on the unchanged corpus "
+      "loads the cache)")
   with open_corpus(spec) as corpus:
     train_docs, val_docs, skipped = split_corpus(corpus, spec.validation_fraction)
     if not train_docs and not val_docs:
