@@ -3,8 +3,8 @@
 A corpus is never held in memory as a list of strings. Its files are parsed once by HF ``datasets`` into
 memory-mapped arrow tables (in a temporary directory while the corpus is open), and each pass over the
 corpus (split, train the tokenizer, fingerprint, encode) reads their rows again, a batch at a time, in the
-same order. So the host memory of a first start does not grow with the corpus; its disk does (the arrow
-copy, about the corpus's size, removed when the corpus is closed).
+same order. So a first start's host memory holds a batch of rows, not the corpus; its disk holds the
+arrow copy (about the corpus's size, removed when the corpus is closed).
 """
 
 from __future__ import annotations
