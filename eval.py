@@ -91,8 +91,9 @@ def scoring_line(dataset, batch_size: int) -> str:
   count = lambda n, noun, nouns=None: f"{n:,} " + (noun if n == 1 else nouns or noun + "s")
   skipped = f"; {count(dataset.skipped, 'row')} of the corpus without text left out" if dataset.skipped else ""
   if not dataset.complete:
-    return (f"scoring {dataset.source}: its first {count(dataset.documents, 'document')} "
-            f"({count(dataset.tokens, 'token')}) fill the {count(len(dataset.batches), 'batch', 'batches')} of "
+    first = "its first document" if dataset.documents == 1 else f"its first {dataset.documents:,} documents"
+    return (f"scoring {dataset.source}: {first} ({count(dataset.tokens, 'token')}) fill"
+            f"{'s' if dataset.documents == 1 else ''} the {count(len(dataset.batches), 'batch', 'batches')} of "
             f"{batch_size} rows asked for{skipped}")
   batches = count(-(-dataset.rows // batch_size), "batch", "batches")
   return (f"scoring {dataset.source}: {count(dataset.documents, 'document')}, {count(dataset.tokens, 'token')}; "

@@ -85,17 +85,17 @@ def _encoded(tokenizer, documents, spec: data.DataSpec, rows_wanted: int | None)
   """``(tokens_N, offsets_D1, complete)``: ``documents`` encoded in order until they fill ``rows_wanted`` rows
   exactly as the whole text would (None: all of them). A packed row ``r`` ends at token ``(r + 1) * seq_len``;
   an unpacked row is a document with a target."""
-  chunks, tokens, rows = [], 0, 0
+  chunks, tokens, rows, complete = [], 0, 0, True
+  documents = iter(documents)
   for tokens_C, lengths_D in data.encoded_chunks(tokenizer, documents, data.special_ids(tokenizer)[1]):
     chunks.append((tokens_C, lengths_D))
     tokens, rows = tokens + tokens_C.size, rows + int(np.count_nonzero(lengths_D > 1))
     if rows_wanted is not None and (tokens > rows_wanted * spec.seq_len if spec.packing else rows >= rows_wanted):
+      complete = next(documents, None) is None  # one more document read (not encoded) tells
       break
-  else:
-    rows_wanted = None
   tokens_N = np.concatenate([np.zeros(0, np.int32)] + [t for t, _ in chunks])
   offsets_D1 = np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64)] + [n for _, n in chunks]))])
-  return tokens_N, offsets_D1.astype(np.int64), rows_wanted is None
+  return tokens_N, offsets_D1.astype(np.int64), complete
 
 
 def _with_skipped_counted(corpus: data.Corpus, skipped: list[int]):

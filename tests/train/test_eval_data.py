@@ -105,6 +105,9 @@ def test_the_reading_stops_once_the_batches_asked_for_are_full(run, tmp_path, pa
   whole, first = score_held_out(None), score_held_out(2)
   assert (whole.complete, whole.documents, whole.skipped) == (True, 700, 2)
   assert (first.complete, first.documents, first.skipped) == (False, 256, 1)
+  rows[257:] = []  # only the 256 documents that filled the batches: the whole text is read, and the report says so
+  held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  assert score_held_out(2).complete
   assert len(first.batches) == 2 and len(whole.batches) > 2
   assert_same_batches(first.batches, whole.batches[:2])
 
@@ -120,6 +123,9 @@ def test_the_scoring_line_says_what_is_scored():
   assert eval_py.scoring_line(scored._replace(complete=False, skipped=0), 16) == (
       "scoring all of --data_path 'x.jsonl': its first 256 documents (20,480 tokens) fill the 2 batches of 16 rows "
       "asked for")
+  assert eval_py.scoring_line(scored._replace(complete=False, documents=1, batches=[{}]), 16) == (
+      "scoring all of --data_path 'x.jsonl': its first document (20,480 tokens) fills the 1 batch of 16 rows asked for"
+      "; 1 row of the corpus without text left out")
 
 
 def test_a_run_with_its_own_tokenizer_reads_it_and_a_trained_one_must_be_there(run, tmp_path):
