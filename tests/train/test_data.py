@@ -133,6 +133,42 @@ def test_a_damaged_compressed_file_is_named(tmp_path):
     build(str(tmp_path / "c"), tmp_path / "w")
 
 
+def test_parquet_files_are_read_in_place_in_order(tmp_path):
+  """Parquet shards (FineWeb's) are read a batch of rows at a time without a copy: the documents are pyarrow's
+  own reading of the text column, file after file in path order, across row groups."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  (tmp_path / "c" / "sub").mkdir(parents=True)
+  texts = {name: [f"{name} document {i}\n" * (1 + i % 4) for i in range(2500)] for name in ("b", "a", "sub/c")}
+  for name, column in texts.items():
+    pq.write_table(pa.table({"id": range(len(column)), "text": column}), tmp_path / "c" / f"{name}.parquet",
+                   row_group_size=700)
+  corpus = data.load_documents(str(tmp_path / "c"), cache_dir=str(tmp_path / "hf"))
+  expected = [t for name in ("a.parquet", "b.parquet", "sub/c.parquet")
+              for t in pq.read_table(tmp_path / "c" / name).column("text").to_pylist()]
+  assert corpus == (expected, 0) and len(expected) == 7500
+  assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.arrow"))  # no copy
+
+
+def test_a_parquet_file_without_the_column_or_with_a_damaged_page_is_named(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  pq.write_table(pa.table({"body": ["x"] * 10}), tmp_path / "other.parquet")
+  with pytest.raises(ValueError, match=r"^data.text_field 'text' is not a column of the parquet file '[^']*other"
+                                       r"\.parquet' \(columns: \['body'\]\)$"):
+    data.load_documents(str(tmp_path / "other.parquet"))
+  pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(3000)]}), tmp_path / "a.parquet",
+                 row_group_size=500)
+  damaged = bytearray((tmp_path / "a.parquet").read_bytes())
+  damaged[len(damaged) // 2:len(damaged) // 2 + 200] = bytes(200)  # a page in the middle; the footer is intact
+  (tmp_path / "a.parquet").write_bytes(bytes(damaged))
+  with pytest.raises(ValueError, match=r"^data.path '[^']*a\.parquet': file '[^']*a\.parquet' cannot be read "
+                                       r"\(OSError: "):
+    build(str(tmp_path / "a.parquet"), tmp_path / "w")
+
+
 def test_build_from_each_kind(tmp_path):
   import datasets
 

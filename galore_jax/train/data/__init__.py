@@ -5,7 +5,8 @@ Everything here runs on the host in numpy. One module per step, each with its de
 * :mod:`.spec`: the ``data`` config section, checked once (:class:`DataSpec`).
 * :mod:`.corpus`: the documents, read on demand and never all in memory. A ``.txt`` file is one document
   (code and prose keep their context); a ``.jsonl``/``.json``/``.parquet`` row or a ``save_to_disk`` row is
-  one document (its ``text_field``); text and JSON files may be ``.gz``/``.bz2``/``.xz`` compressed. Rows
+  one document (its ``text_field``); text and JSON files may be ``.gz``/``.bz2``/``.xz`` compressed,
+  parquet files are read in place. Rows
   whose field is missing, not a string or only whitespace are left out and counted
   (``stats["skipped_documents"]``, which ``train.py`` prints at start-up: the rows read before a cap stops
   the reading). A folder is read recursively (hidden entries skipped), grouped by kind (text, json,

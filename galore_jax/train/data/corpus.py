@@ -1,10 +1,10 @@
 """A corpus's documents, read on demand: :class:`Corpus` and :func:`open_corpus`.
 
-A corpus is never held in memory as a list of strings. Its files are parsed once by HF ``datasets`` into
-memory-mapped arrow tables (in a temporary directory while the corpus is open), and each pass over the
-corpus (split, train the tokenizer, fingerprint, encode) reads their rows again, a batch at a time, in the
-same order. So a first start's host memory holds a batch of rows, not the corpus; its disk holds the
-arrow copy (about the corpus's size, removed when the corpus is closed).
+A corpus is never held in memory as a list of strings. Its text and JSON files are parsed once by HF
+``datasets`` into memory-mapped arrow tables (in a temporary directory while the corpus is open; about the
+uncompressed text's size), its parquet files are read in place, and each pass over the corpus (split, train
+the tokenizer, fingerprint, encode) reads their rows again, a batch at a time, in the same order. So a first
+start's host memory holds a batch of rows, not the corpus.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import bz2
 import contextlib
 import dataclasses
 import gzip
+import itertools
 import json
 import lzma
 import os
@@ -134,7 +135,7 @@ def open_files(path: str, text_field: str = "text", cache_dir: str | None = None
   """The :class:`Corpus` of a text file, a folder of .txt/.jsonl/.json/.parquet files, or a ``save_to_disk`` dir.
 
   Text and JSON files may be compressed (``.gz``, ``.bz2``, ``.xz``: C4's ``c4-train.*.json.gz`` shards as
-  downloaded); ``datasets`` decompresses them into ``cache_dir``.
+  downloaded). Parquet files (FineWeb's shards) are read in place.
 
   Uses HF ``datasets`` offline; the arrow tables it parses the files into go to ``cache_dir`` (default: a
   temporary directory, removed when the block ends). Raises ``ValueError`` naming ``path`` when it is
@@ -145,8 +146,8 @@ def open_files(path: str, text_field: str = "text", cache_dir: str | None = None
   with contextlib.ExitStack() as stack:
     if cache_dir is None:
       cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="galore_jax_datasets-"))
-    tables = _tables(path, text_field, cache_dir)
-    yield Corpus(lambda: _table_rows(tables))
+    sources = _row_sources(path, text_field, cache_dir)
+    yield Corpus(lambda: itertools.chain.from_iterable(source() for source in sources))
 
 
 def load_documents(path: str, text_field: str = "text", cache_dir: str | None = None) -> Documents:
@@ -157,16 +158,22 @@ def load_documents(path: str, text_field: str = "text", cache_dir: str | None = 
   return Documents(documents, skipped=len(rows) - len(documents))
 
 
-def _table_rows(tables: Sequence[tuple[Any, str]]) -> Iterator[Any]:
-  for dataset, column in tables:
+RowSource = Callable[[], Iterator[Any]]  # a new iterator over the texts of a table's rows, in order, per call
+
+
+def _dataset_rows(dataset: Any, column: str) -> RowSource:
+  def read():
     for batch in dataset.iter(batch_size=ROWS_PER_READ):
       yield from batch[column]
 
+  return read
 
-def _tables(path: str, text_field: str, cache_dir: str) -> list[tuple[Any, str]]:
-  """``(dataset holding only the text column, column name)`` per table of ``path``, in reading order."""
-  with _quiet_offline_datasets() as datasets:
-    if _is_saved_dataset(path):
+
+def _row_sources(path: str, text_field: str, cache_dir: str) -> list[RowSource]:
+  """The tables of ``path`` in reading order: a saved dataset, or its text files, json files (both parsed by
+  ``datasets`` into ``cache_dir``) and parquet files (read as they are, a batch of rows at a time)."""
+  if _is_saved_dataset(path):
+    with _quiet_offline_datasets() as datasets:
       try:
         saved = datasets.load_from_disk(path)
       except Exception as e:  # noqa: BLE001 - any failure is bad input here
@@ -175,25 +182,56 @@ def _tables(path: str, text_field: str, cache_dir: str) -> list[tuple[Any, str]]
         if "train" not in saved and len(saved) != 1:
           raise ValueError(f"data.path {path!r} is a DatasetDict without a 'train' split (splits: {list(saved)})")
         saved = saved["train"] if "train" in saved else next(iter(saved.values()))
-      return [_text_column(saved, text_field, repr(path))]
-    files = _files_by_kind(path)
-    if not any(files.values()):
-      raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files (the first three may be "
-                       f"compressed: {', '.join(COMPRESSIONS)})")
-    tables = []
-    for kind in KIND_ORDER:
-      if not files[kind]:
-        continue
-      options = {"sample_by": "document"} if kind == "text" else {}
-      try:
-        loaded = datasets.load_dataset(kind, data_files=files[kind], split="train", cache_dir=cache_dir, **options)
-      except Exception as e:  # noqa: BLE001 - any failure is bad input here
-        culprit = _unreadable_file(kind, files[kind])
-        if culprit:
-          raise ValueError(f"data.path {path!r}: {culprit}") from None
-        raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({one_line(e)})") from None
-      tables.append(_text_column(loaded, text_field if kind != "text" else "text", f"the {kind} files of {path!r}"))
-    return tables
+      return [_dataset_rows(*_text_column(saved, text_field, repr(path)))]
+  files = _files_by_kind(path)
+  if not any(files.values()):
+    raise ValueError(f"data.path {path!r} holds no .txt, .jsonl, .json or .parquet files (the first three may be "
+                     f"compressed: {', '.join(COMPRESSIONS)})")
+  sources = []
+  for kind in ("text", "json"):
+    if files[kind]:
+      loaded = _parsed(path, kind, files[kind], cache_dir)
+      sources.append(_dataset_rows(*_text_column(loaded, text_field if kind == "json" else "text",
+                                                 f"the {kind} files of {path!r}")))
+  return sources + [_parquet_rows(path, file, text_field) for file in files["parquet"]]
+
+
+def _parsed(path: str, kind: str, files: list[str], cache_dir: str) -> Any:
+  """The text or json ``files`` as one ``datasets`` table; a file it cannot parse is named."""
+  options = {"sample_by": "document"} if kind == "text" else {}
+  with _quiet_offline_datasets() as datasets:
+    try:
+      return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **options)
+    except Exception as e:  # noqa: BLE001 - any failure is bad input here
+      culprit = _unreadable_file(kind, files)
+      if culprit:
+        raise ValueError(f"data.path {path!r}: {culprit}") from None
+      raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({one_line(e)})") from None
+
+
+def _parquet_rows(path: str, file: str, text_field: str) -> RowSource:
+  """A parquet file's ``text_field``, read in place (no copy), a batch of rows at a time; its footer is read
+  now, so that a file that is not parquet or lacks the column is named before any pass."""
+  import pyarrow
+  import pyarrow.parquet
+
+  problem = _parquet_problem(file)
+  if problem:
+    raise ValueError(f"data.path {path!r}: file {file!r} {problem}")
+  columns = pyarrow.parquet.read_schema(file).names
+  if text_field not in columns:
+    raise ValueError(f"data.text_field {text_field!r} is not a column of the parquet file {file!r} "
+                     f"(columns: {columns})")
+
+  def read():
+    try:
+      with pyarrow.parquet.ParquetFile(file) as table:
+        for batch in table.iter_batches(batch_size=ROWS_PER_READ, columns=[text_field]):
+          yield from batch.column(0).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+      raise ValueError(f"data.path {path!r}: file {file!r} cannot be read ({one_line(e)})") from None
+
+  return read
 
 
 def _text_column(dataset: Any, text_field: str, where: str) -> tuple[Any, str]:
@@ -261,11 +299,11 @@ def _unreadable_file(kind: str, files: Sequence[str]) -> str | None:
   """Why the first unreadable file of ``files`` cannot be read, in words naming it; None if none is found.
 
   ``datasets`` reports a bad file as a generic DatasetGenerationError without its name: this re-reads the
-  files (only after a failure) to say which one is not UTF-8 text, which JSON line does not parse, or
-  which file is not parquet.
+  text or json files (only after a failure) to say which one is not UTF-8 text or which JSON line does not
+  parse.
   """
   for path in files:
-    problem = _parquet_problem(path) if kind == "parquet" else _text_problem(path, json_lines=kind == "json")
+    problem = _text_problem(path, json_lines=kind == "json")
     if problem:
       return f"file {path!r} {problem}"
   return None
