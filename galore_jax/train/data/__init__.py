@@ -3,18 +3,17 @@
 Everything here runs on the host in numpy. One module per step, each with its decisions in its docstring:
 
 * :mod:`.spec`: the ``data`` config section, checked once (:class:`DataSpec`).
-* :mod:`.corpus`: the documents, read on demand and never all in memory. A ``.txt`` file is one document
-  (code and prose keep their context); a ``.jsonl``/``.json``/``.parquet`` row or a ``save_to_disk`` row is
-  one document (its ``text_field``); text and JSON files may be ``.gz``/``.bz2``/``.xz`` compressed,
-  parquet files are read in place. Rows
-  whose field is missing, not a string or only whitespace are left out and counted
-  (``stats["skipped_documents"]``, which ``train.py`` prints at start-up: the rows read before a cap stops
-  the reading). A folder is read recursively (hidden entries skipped), grouped by kind (text, json,
-  parquet) and sorted by relative path within a kind. ``path=None`` is the embedded corpus: the Python
-  standard library's own ``*.py`` sources, sorted by relative path, without test directories,
-  site-packages, ``encodings`` tables and the machine-specific build files, identical on every machine
-  with the same Python version. The caps ``max_documents`` then ``max_bytes`` (UTF-8) keep a prefix of
-  the documents; the document that crosses ``max_bytes`` is cut to fit.
+* :mod:`.corpus`: the documents, read on demand and never all in memory. A ``.txt`` file is one document (code
+  and prose keep their context); a ``.jsonl``/``.json``/``.parquet`` row or a ``save_to_disk`` row is one
+  document (its ``text_field``); text and JSON files may be ``.gz``/``.bz2``/``.xz`` compressed, parquet files
+  are read in place. Rows whose field is missing, not a string or only whitespace are left out and counted
+  (``stats["skipped_documents"]``, which ``train.py`` prints at start-up: the rows read before a cap stops the
+  reading). A folder is read recursively (hidden entries skipped), grouped by kind (text, json, parquet) and
+  sorted by relative path within a kind. ``path=None`` is the embedded corpus: the Python standard library's
+  own ``*.py`` sources, sorted by relative path, without test directories, site-packages, ``encodings`` tables
+  and the machine-specific build files, identical on every machine with the same Python version. The caps
+  ``max_documents`` then ``max_bytes`` (UTF-8) keep a prefix of the documents; the document that crosses
+  ``max_bytes`` is cut to fit.
 * :mod:`.split`: train / validation by each document's content hash, no random state.
 * :mod:`.tokenizer`: ``data.tokenizer``, or a byte-level BPE trained on the training split and cached in
   ``workdir/tokenizer``. Each document is encoded without special tokens and gets ``eos`` appended.
