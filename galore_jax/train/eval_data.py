@@ -82,29 +82,46 @@ class Scored(NamedTuple):
 
 
 def _encoded(tokenizer, documents, spec: data.DataSpec, rows_wanted: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
-  """``(tokens_N, offsets_D1, complete)``: ``documents`` encoded in order until they fill ``rows_wanted`` rows
-  exactly as the whole text would (None: all of them). A packed row ``r`` ends at token ``(r + 1) * seq_len``;
-  an unpacked row is a document with a target."""
-  chunks, tokens, rows, complete = [], 0, 0, True
+  """``(tokens_N, offsets_D1, complete)``: the first of ``documents`` that fill ``rows_wanted`` rows exactly as
+  the whole text would (None: all of them), encoded a chunk at a time. A packed row ``r`` ends at token
+  ``(r + 1) * seq_len``; an unpacked row is a document with a target."""
+  chunks, tokens, rows, exhausted = [], 0, 0, True
   documents = iter(documents)
   for tokens_C, lengths_D in data.encoded_chunks(tokenizer, documents, data.special_ids(tokenizer)[1]):
     chunks.append((tokens_C, lengths_D))
     tokens, rows = tokens + tokens_C.size, rows + int(np.count_nonzero(lengths_D > 1))
     if rows_wanted is not None and (tokens > rows_wanted * spec.seq_len if spec.packing else rows >= rows_wanted):
-      complete = next(documents, None) is None  # one more document read (not encoded) tells
+      exhausted = next(documents, None) is None  # one more document read (not encoded) tells
       break
   tokens_N = np.concatenate([np.zeros(0, np.int32)] + [t for t, _ in chunks])
-  offsets_D1 = np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64)] + [n for _, n in chunks]))])
-  return tokens_N, offsets_D1.astype(np.int64), complete
+  lengths_D = np.concatenate([np.zeros(0, np.int64)] + [n for _, n in chunks])
+  offsets_D1 = np.concatenate([[0], np.cumsum(lengths_D)]).astype(np.int64)
+  read = lengths_D.size
+  needed = read if rows_wanted is None else min(read, _documents_needed(offsets_D1, spec, rows_wanted))
+  return tokens_N[:offsets_D1[needed]], offsets_D1[:needed + 1], exhausted and needed == read
 
 
-def _with_skipped_counted(corpus: data.Corpus, skipped: list[int]):
-  """The corpus's documents, counting its rows without text in ``skipped[0]`` as they are read."""
-  for document in corpus.rows():
-    if document is None:
-      skipped[0] += 1
-    else:
-      yield document
+def _documents_needed(offsets_D1: np.ndarray, spec: data.DataSpec, rows_wanted: int) -> int:
+  """How many of the first documents the first ``rows_wanted`` rows are made of (all when they fall short)."""
+  if spec.packing:  # the last row needed ends at token rows_wanted * seq_len
+    return int(np.searchsorted(offsets_D1[1:], rows_wanted * spec.seq_len + 1)) + 1
+  with_target_D = np.flatnonzero(np.diff(offsets_D1) > 1)
+  return int(with_target_D[rows_wanted - 1]) + 1 if with_target_D.size >= rows_wanted else offsets_D1.size - 1
+
+
+class _Reading:
+  """A corpus's documents as they are read, with the count of rows without text read before each."""
+
+  def __init__(self, corpus: data.Corpus):
+    self.rows, self.skipped, self.skipped_before = corpus.rows(), 0, []
+
+  def __iter__(self):
+    for document in self.rows:
+      if document is None:
+        self.skipped += 1
+      else:
+        self.skipped_before.append(self.skipped)
+        yield document
 
 
 def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag, rows_wanted) -> Scored:
@@ -121,11 +138,12 @@ def _tokens(spec, workdir, tokenizer, vocab_size, split, from_flag, rows_wanted)
   try:
     with data.open_corpus(spec) as corpus:
       if split == "all":
-        skipped = [0]
-        tokens_N, offsets_D1, complete = _encoded(tokenizer, _with_skipped_counted(corpus, skipped), spec, rows_wanted)
+        reading = _Reading(corpus)
+        tokens_N, offsets_D1, complete = _encoded(tokenizer, reading, spec, rows_wanted)
         if offsets_D1.size == 1:
-          raise _no_text(spec, skipped[0])
-        return Scored(tokens_N, offsets_D1, skipped[0], complete)
+          raise _no_text(spec, reading.skipped)
+        skipped = reading.skipped if complete else reading.skipped_before[offsets_D1.size - 2]  # before the last
+        return Scored(tokens_N, offsets_D1, skipped, complete)
       train_docs, val_docs, skipped = data.split_corpus(corpus, spec.validation_fraction)
       if not train_docs and not val_docs:
         raise _no_text(spec, skipped)

@@ -131,6 +131,26 @@ def test_a_damaged_compressed_file_is_named(tmp_path):
   (tmp_path / "c" / "a.jsonl.gz").write_bytes(b'{"text": "not gzip"}\n')
   with pytest.raises(ValueError, match=r"file '[^']*a\.jsonl\.gz' cannot be read \(Not a gzipped file"):
     build(str(tmp_path / "c"), tmp_path / "w")
+  (tmp_path / "c" / "a.jsonl.gz").write_bytes(deflate_error_gzip())
+  with pytest.raises(ValueError, match=r"file '[^']*a\.jsonl\.gz' cannot be read \(Error -3 while decompressing"):
+    build(str(tmp_path / "c"), tmp_path / "w")
+
+
+def deflate_error_gzip() -> bytes:
+  """A gzip file with one byte changed so that zlib, not gzip's own checks, finds the damage (zlib.error)."""
+  import gzip
+  import zlib
+
+  blob = gzip.compress(b"".join(b'{"text": "document %d"}\n' % i for i in range(200)), mtime=0)
+  for position in range(20, len(blob)):
+    damaged = blob[:position] + bytes([blob[position] ^ 0xFF]) + blob[position + 1:]
+    try:
+      gzip.decompress(damaged)
+    except zlib.error:
+      return damaged
+    except (OSError, EOFError):
+      continue
+  raise AssertionError("no one-byte change of this gzip file makes zlib fail")
 
 
 def test_parquet_files_are_read_in_place_in_order(tmp_path):
@@ -167,6 +187,27 @@ def test_a_parquet_file_without_the_column_or_with_a_damaged_page_is_named(tmp_p
   with pytest.raises(ValueError, match=r"^data.path '[^']*a\.parquet': file '[^']*a\.parquet' cannot be read "
                                        r"\(OSError: "):
     build(str(tmp_path / "a.parquet"), tmp_path / "w")
+
+
+def test_a_file_rewritten_during_a_first_start_stops_it(tmp_path):
+  """The passes over a corpus must read the same documents: a parquet file (read in place) changed between them,
+  or a corpus whose document count changed, is refused, not mixed across the split."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  path = tmp_path / "a.parquet"
+  pq.write_table(pa.table({"text": docs(20)}), path)
+  with data.open_corpus(data.data_spec(make_config(str(path)))) as corpus:
+    train, val, _ = data.split_corpus(corpus, 0.2)
+    assert list(val) and list(train)
+    pq.write_table(pa.table({"text": docs(21)}), path)
+    with pytest.raises(ValueError, match=r"file '[^']*a\.parquet' changed while it was read; start again$"):
+      list(train)
+  counted = CountedRows(docs(20))
+  train, val, _ = data.split_corpus(data.Corpus(counted), 0.2)
+  counted.rows = docs(19)
+  with pytest.raises(ValueError, match=r"^the corpus changed while it was read: its documents are no longer the 20 "):
+    list(val)
 
 
 def test_build_from_each_kind(tmp_path):
@@ -474,6 +515,15 @@ def toy_rows(lengths, seq_len, packing, pad_id=0):
   pieces = [np.arange(n, dtype=np.int32) + 100 * (d + 1) for d, n in enumerate(lengths)]
   offsets = np.concatenate([[0], np.cumsum(lengths)])
   return data.Rows(np.concatenate(pieces), offsets, seq_len, packing, pad_id)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_rows_outside_the_split_are_refused(packing):
+  rows = toy_rows([3, 5, 2, 8], seq_len=4, packing=packing)
+  rows(np.arange(len(rows)))
+  for bad in ([len(rows)], [-1], [0, len(rows) + 3]):
+    with pytest.raises(IndexError, match=rf"asked of {len(rows)}$"):
+      rows(np.array(bad))
 
 
 def test_packing():

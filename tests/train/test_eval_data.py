@@ -89,11 +89,10 @@ def test_all_documents_are_each_encoded_plus_eos_and_batches_limits_the_rows(run
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_the_reading_stops_once_the_batches_asked_for_are_full(run, tmp_path, packing):
-  """Encoding stops after the chunk of documents that fills the batches (documents are encoded 256 at a time):
-  those batches are the whole text's first ones, and the report says only the first documents were read."""
-  corpus, workdir, _ = run
-  rows = [{"text": doc} for doc in docs(700)]
-  rows[10:10] = rows[650:650] = [{"text": " "}]  # one row without text among those read, one after
+  """Encoding stops after the chunk of documents (256) that fills the batches, and the text scored is the
+  documents those batches are made of: the whole text's first batches, reported as its first documents."""
+  corpus, workdir, built = run
+  rows = [{"text": " "}] + [{"text": doc} for doc in docs(700)] + [{"text": None}]  # rows without text: first, last
   held_out = tmp_path / "held_out.jsonl"
   held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
   config = make_config(str(corpus), packing=packing)
@@ -103,13 +102,17 @@ def test_the_reading_stops_once_the_batches_asked_for_are_full(run, tmp_path, pa
                                      data_path=str(held_out))
 
   whole, first = score_held_out(None), score_held_out(2)
+  lengths = np.array([len(built.tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1 for doc in docs(700)])
+  needed = int(np.searchsorted(np.cumsum(lengths), 2 * 3 * config.seq_len + 1)) + 1 if packing else 2 * 3
   assert (whole.complete, whole.documents, whole.skipped) == (True, 700, 2)
-  assert (first.complete, first.documents, first.skipped) == (False, 256, 1)
-  rows[257:] = []  # only the 256 documents that filled the batches: the whole text is read, and the report says so
-  held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  assert score_held_out(2).complete
+  assert (first.complete, first.documents, first.tokens, first.skipped) == (False, needed, lengths[:needed].sum(), 1)
   assert len(first.batches) == 2 and len(whole.batches) > 2
   assert_same_batches(first.batches, whole.batches[:2])
+  rows[needed + 1:] = []  # only the documents the batches need: the whole text is read, and the report says so
+  held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  again = score_held_out(2)
+  assert (again.complete, again.documents) == (True, needed)
+  assert_same_batches(again.batches, first.batches)
 
 
 def test_the_scoring_line_says_what_is_scored():

@@ -24,9 +24,9 @@ Everything here runs on the host in numpy. One module per step, each with its de
   resumable; the validation batches in order.
 
 A first start passes over the corpus six times (split, fingerprints of both splits, tokenizer training,
-encoding of both splits), each pass reading it again from memory-mapped arrow tables: its private host
-memory grows slowly with the corpus (0.64 GB for 1 GB of text, 0.93 GB for 3 GB; see ``docs/training.md``,
-"How much text it handles").
+encoding of both splits), each pass reading it again (memory-mapped arrow tables, parquet files in place):
+its private host memory grows slowly with the corpus (0.64 GB for 1 GB of text, 0.93 GB for 3 GB; see
+``docs/training.md``, "How much text it handles").
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ class Rows:
   def starts_and_lengths(self, indices_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The first token and the number of tokens (at most ``seq_len + 1``) of rows ``indices_B``."""
     indices_B = np.asarray(indices_B, np.int64)
+    if indices_B.size and not 0 <= indices_B.min() <= indices_B.max() < self.n_rows:
+      raise IndexError(f"rows {indices_B.min()}..{indices_B.max()} asked of {self.n_rows}")
     if self.packing:
       starts_B = indices_B * self.seq_len
       return starts_B, np.minimum(self.tokens_N.size - starts_B, self.seq_len + 1)

@@ -19,6 +19,7 @@ import lzma
 import os
 import sysconfig
 import tempfile
+import zlib
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from galore_jax.train.data.spec import DataSpec, one_line
@@ -26,6 +27,7 @@ from galore_jax.train.data.spec import DataSpec, one_line
 DEFAULT_MAX_BYTES = 8_000_000  # the embedded corpus's cap when data.max_bytes is None
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # of text and json files (C4's *.json.gz)
+DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)  # a broken link or a damaged compressed file
 KIND_ORDER = ("text", "json", "parquet")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                               "encodings"})
@@ -82,7 +84,8 @@ class Documents(NamedTuple):
 
 
 def cap_documents(documents: Sequence[str], max_documents: int | None, max_bytes: int | None) -> list[str]:
-  """The first ``max_documents`` documents, then a prefix of at most ``max_bytes`` UTF-8 bytes (as :class:`Corpus`)."""
+  """The first ``max_documents`` documents, then a prefix of at most ``max_bytes`` UTF-8 bytes; as in a
+  :class:`Corpus`, entries without text are left out."""
   return list(Corpus(lambda: documents, max_documents, max_bytes))
 
 
@@ -223,15 +226,27 @@ def _parquet_rows(path: str, file: str, text_field: str) -> RowSource:
     raise ValueError(f"data.text_field {text_field!r} is not a column of the parquet file {file!r} "
                      f"(columns: {columns})")
 
+  opened = _file_state(file)
+
   def read():
+    if _file_state(file) != opened:  # the passes over a corpus must read the same rows
+      raise ValueError(f"data.path {path!r}: file {file!r} changed while it was read; start again")
     try:
       with pyarrow.parquet.ParquetFile(file) as table:
         for batch in table.iter_batches(batch_size=ROWS_PER_READ, columns=[text_field]):
           yield from batch.column(0).to_pylist()
-    except (pyarrow.ArrowException, OSError) as e:
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:
       raise ValueError(f"data.path {path!r}: file {file!r} cannot be read ({one_line(e)})") from None
 
   return read
+
+
+def _file_state(file: str) -> tuple[int, int] | None:
+  try:
+    stat = os.stat(file)
+  except OSError:
+    return None
+  return stat.st_size, stat.st_mtime_ns
 
 
 def _text_column(dataset: Any, text_field: str, where: str) -> tuple[Any, str]:
@@ -327,7 +342,7 @@ def _text_problem(path: str, json_lines: bool) -> str | None:
           return f"is not UTF-8 text (line {number} has byte 0x{raw[e.start]:02x} at column {e.start + 1})"
         if json_lines and bad_line is None and line.strip():
           bad_line = _json_line_problem(line, number)
-  except (OSError, EOFError, lzma.LZMAError) as e:
+  except DECOMPRESSION_ERRORS as e:
     return f"cannot be read ({getattr(e, 'strerror', None) or e})"
   if bad_line and not _is_one_json_document(path):  # datasets also reads a .json file holding one list/object
     return bad_line
@@ -347,7 +362,7 @@ def _is_one_json_document(path: str) -> bool:
   try:
     with _open_binary(path) as f:
       return isinstance(json.load(f), (dict, list))
-  except (ValueError, OSError, EOFError, lzma.LZMAError):
+  except (ValueError, *DECOMPRESSION_ERRORS):
     return False
 
 

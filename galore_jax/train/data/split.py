@@ -62,7 +62,16 @@ class Split:
   validation: bool
 
   def __iter__(self) -> Iterator[str]:
-    return (doc for doc, in_validation in zip(self.corpus, self.in_validation_D) if in_validation == self.validation)
+    size, count = self.in_validation_D.size, 0
+    for document in self.corpus:
+      if count < size and self.in_validation_D[count] == self.validation:
+        yield document
+      count += 1
+      if count > size:
+        break
+    if count != size:  # each pass must read the documents the split was made from (a file rewritten meanwhile)
+      raise ValueError(f"the corpus changed while it was read: its documents are no longer the {size} it was split "
+                       "into; start again")
 
   def __len__(self) -> int:
     return int(np.count_nonzero(self.in_validation_D == self.validation))
