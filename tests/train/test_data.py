@@ -89,6 +89,20 @@ def test_text_field(tmp_path):
     data.load_documents(str(tmp_path / "c.jsonl"), cache_dir=str(tmp_path / "hf"))
 
 
+def test_json_files_with_different_columns_are_read_each_alone(tmp_path):
+  """JSON files from different sources (C4's text/timestamp/url, one's own text-only rows) do not make one table
+  for ``datasets``: each is then read alone, in the same order; a file without the text field is named."""
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.jsonl").write_text('{"text": "a1", "url": "u"}\n{"text": "a2", "url": "v"}\n')
+  (tmp_path / "c" / "b.jsonl").write_text('{"text": "b1", "id": 7}\n')
+  (tmp_path / "c" / "c.jsonl").write_text('{"text": "c1", "url": 3}\n')
+  assert data.load_documents(str(tmp_path / "c")) == (["a1", "a2", "b1", "c1"], 0)
+  (tmp_path / "c" / "d.jsonl").write_text('{"body": "d1"}\n')
+  with pytest.raises(ValueError, match=r"^data.text_field 'text' is not a column of the json file '[^']*d\.jsonl' "
+                                       r"\(columns: \['body'\]\)$"):
+    data.load_documents(str(tmp_path / "c"))
+
+
 def test_save_to_disk(tmp_path):
   import datasets
 

@@ -192,24 +192,35 @@ def _row_sources(path: str, text_field: str, cache_dir: str) -> list[RowSource]:
                      f"compressed: {', '.join(COMPRESSIONS)})")
   sources = []
   for kind in ("text", "json"):
-    if files[kind]:
-      loaded = _parsed(path, kind, files[kind], cache_dir)
-      sources.append(_dataset_rows(*_text_column(loaded, text_field if kind == "json" else "text",
-                                                 f"the {kind} files of {path!r}")))
+    for table, where in _parsed(path, kind, files[kind], cache_dir) if files[kind] else []:
+      sources.append(_dataset_rows(*_text_column(table, text_field if kind == "json" else "text", where)))
   return sources + [_parquet_rows(path, file, text_field) for file in files["parquet"]]
 
 
-def _parsed(path: str, kind: str, files: list[str], cache_dir: str) -> Any:
-  """The text or json ``files`` as one ``datasets`` table; a file it cannot parse is named."""
-  options = {"sample_by": "document"} if kind == "text" else {}
+def _parsed(path: str, kind: str, files: list[str], cache_dir: str) -> list[tuple[Any, str]]:
+  """``(datasets table, how to name it)`` of the text or json ``files``: one table for all of them, or one per
+  file when they do not make one (JSON files from different sources have different columns); a file that
+  cannot be parsed is named."""
+  def load(some_files):
+    options = {"sample_by": "document"} if kind == "text" else {}
+    return datasets.load_dataset(kind, data_files=some_files, split="train", cache_dir=cache_dir, **options)
+
   with _quiet_offline_datasets() as datasets:
     try:
-      return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **options)
+      return [(load(files), f"the {kind} files of {path!r}")]
     except Exception as e:  # noqa: BLE001 - any failure is bad input here
       culprit = _unreadable_file(kind, files)
       if culprit:
         raise ValueError(f"data.path {path!r}: {culprit}") from None
-      raise ValueError(f"data.path {path!r}: cannot read its {kind} files ({one_line(e)})") from None
+      if len(files) == 1:
+        raise ValueError(f"data.path {path!r}: file {files[0]!r} cannot be read ({one_line(e)})") from None
+    tables = []
+    for file in files:  # each file alone: their columns may differ
+      try:
+        tables.append((load([file]), f"the {kind} file {file!r}"))
+      except Exception as e:  # noqa: BLE001 - any failure is bad input here
+        raise ValueError(f"data.path {path!r}: file {file!r} cannot be read ({one_line(e)})") from None
+    return tables
 
 
 def _parquet_rows(path: str, file: str, text_field: str) -> RowSource:
