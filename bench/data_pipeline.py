@@ -29,7 +29,7 @@ from bench import common
 # which the kernel drops under pressure and reads again; the private memory (RssAnon, sampled every 50 ms)
 # is what a host must really have.
 CHILD = """
-import json, resource, sys, threading, time
+import inspect, json, resource, sys, threading, time
 import datasets, tokenizers, transformers
 from galore_jax.train import data
 
@@ -41,24 +41,35 @@ def private_bytes():
     return None
 
 imported_private = private_bytes()
-peak_private = [imported_private]
+peak_private = [imported_private, imported_private]  # the whole start's, the current step's
 
 def watch():
   while True:
-    peak_private[0] = max(peak_private[0], private_bytes())
+    now = private_bytes()
+    peak_private[:] = [max(peak_private[0], now), max(peak_private[1], now)]
     time.sleep(0.05)
 
 if imported_private is not None:
   threading.Thread(target=watch, daemon=True).start()
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-built = data.build_data(json.loads(sys.argv[1]), workdir=sys.argv[2], vocab_size=int(sys.argv[3]), batch_size=8)
+steps = []
+
+def progress(line):  # each line the pipeline prints ends a step: when, and the step's peak private memory
+  steps.append({"line": line, "seconds": time.perf_counter() - start,
+                "peak_private_gb": None if imported_private is None else peak_private[1] / 1e9})
+  if imported_private is not None:
+    peak_private[1] = private_bytes()
+
+options = {"progress": progress} if "progress" in inspect.signature(data.build_data).parameters else {}
+built = data.build_data(json.loads(sys.argv[1]), workdir=sys.argv[2], vocab_size=int(sys.argv[3]), batch_size=8,
+                        **options)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 private = {} if imported_private is None else {"import_private_gb": imported_private / 1e9,
                                                "peak_private_gb": max(peak_private[0], private_bytes()) / 1e9}
 print(json.dumps({"seconds": seconds, "import_rss_gb": imported * 1024 / 1e9, "peak_rss_gb": peak * 1024 / 1e9,
-                  **private, "stats": built.stats}))
+                  **private, **({"steps": steps} if options else {}), "stats": built.stats}))
 """
 
 

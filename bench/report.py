@@ -319,6 +319,14 @@ def data_pipeline_section() -> list[str]:
               "unchanged corpus", ""]
     lines += table(["start", "time", "peak host memory", "of which the data"]
                    + (["the data's private memory (no mapped files)"] if private else []), rows)
+    steps = [step for step in r["phases"]["first_start"].get("steps", [])
+             if not step["line"].startswith("data: encoding ")]  # without the lines printed every 30 s
+    if steps:
+      lines += ["The first start step by step: when the pipeline printed each line, and the peak private memory "
+                "since the line before", ""]
+      lines += table(["line", "at", "peak private memory"],
+                     [[f"`{step['line']}`", seconds(step["seconds"], ".1f"), gb(step["peak_private_gb"])]
+                      for step in steps])
     lines += footer(path, r)
   return lines
 
