@@ -93,10 +93,8 @@ def _encoded(tokenizer, documents, spec: data.DataSpec, rows_wanted: int | None)
     if rows_wanted is not None and (tokens > rows_wanted * spec.seq_len if spec.packing else rows >= rows_wanted):
       exhausted = next(documents, None) is None  # one more document read (not encoded) tells
       break
-  tokens_N = np.concatenate([np.zeros(0, np.int32)] + [t for t, _ in chunks])
-  lengths_D = np.concatenate([np.zeros(0, np.int64)] + [n for _, n in chunks])
-  offsets_D1 = np.concatenate([[0], np.cumsum(lengths_D)]).astype(np.int64)
-  read = lengths_D.size
+  tokens_N, offsets_D1 = data.joined(chunks)
+  read = offsets_D1.size - 1
   needed = read if rows_wanted is None else min(read, _documents_needed(offsets_D1, spec, rows_wanted))
   return tokens_N[:offsets_D1[needed]], offsets_D1[:needed + 1], exhausted and needed == read
 

@@ -45,7 +45,7 @@ from galore_jax.train.data.corpus_state import (CORPUS_STATE, corpus_files, corp
                                                 recorded_cache)
 from galore_jax.train.data.spec import DataSpec, corpus_name, data_spec
 from galore_jax.train.data.split import Split, Splits, document_hash, fingerprint, split_corpus, split_documents
-from galore_jax.train.data.token_cache import (CorruptCache, cache_key, cached_tokens, encoded_chunks,
+from galore_jax.train.data.token_cache import (CorruptCache, cache_key, cached_tokens, encoded_chunks, joined,
                                                load_token_cache, token_cache_dir, tokenize_documents)
 from galore_jax.train.data.tokenizer import (CORPUS_RECORD, SPECIAL_TOKENS, cached_tokenizer, checked_tokenizer,
                                              load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer)
@@ -53,12 +53,11 @@ from galore_jax.train.data.tokenizer import (CORPUS_RECORD, SPECIAL_TOKENS, cach
 __all__ = [
     "Batches", "CORPUS_RECORD", "CORPUS_STATE", "Corpus", "CorruptCache", "DEFAULT_MAX_BYTES", "Data", "DataSpec",
     "Documents", "Rows", "SPECIAL_TOKENS", "Split", "Splits", "build_data", "cache_key", "cached_tokenizer",
-    "cached_tokens",
-    "cap_documents", "checked_tokenizer", "corpus_files", "corpus_name", "corpus_state", "data_spec",
-    "document_hash", "encoded_chunks", "eval_batch_list", "fingerprint", "load_documents", "load_token_cache",
-    "load_tokenizer", "open_corpus", "open_files", "record_corpus_state", "recorded_cache", "segment_positions",
-    "special_ids", "split_corpus", "split_documents", "stdlib_documents", "token_cache_dir", "tokenize_documents",
-    "tokenizer_fingerprint", "train_tokenizer",
+    "cached_tokens", "cap_documents", "checked_tokenizer", "corpus_files", "corpus_name", "corpus_state",
+    "data_spec", "document_hash", "encoded_chunks", "eval_batch_list", "fingerprint", "joined", "load_documents",
+    "load_token_cache", "load_tokenizer", "open_corpus", "open_files", "record_corpus_state", "recorded_cache",
+    "segment_positions", "special_ids", "split_corpus", "split_documents", "stdlib_documents", "token_cache_dir",
+    "tokenize_documents", "tokenizer_fingerprint", "train_tokenizer",
 ]
 
 

@@ -51,15 +51,18 @@ def _offsets(lengths: Sequence[np.ndarray]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64), *lengths]))]).astype(np.int64)
 
 
-def tokenize_documents(tokenizer, documents: Iterable[str], eos_id: int,
-                       chunk: int = DOCUMENTS_PER_ENCODE) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens_N int32, offsets_D1 int64)`` in memory: documents encoded without special tokens, each + eos.
-
-  Document ``d`` is ``tokens_N[offsets_D1[d]:offsets_D1[d + 1]]``.
-  """
-  chunks = list(encoded_chunks(tokenizer, documents, eos_id, chunk))
+def joined(chunks: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens_N int32, offsets_D1 int64)`` of encoded chunks: document ``d`` is
+  ``tokens_N[offsets_D1[d]:offsets_D1[d + 1]]``."""
   tokens_N = np.concatenate([np.zeros(0, np.int32)] + [tokens for tokens, _ in chunks])
   return tokens_N, _offsets([lengths for _, lengths in chunks])
+
+
+def tokenize_documents(tokenizer, documents: Iterable[str], eos_id: int,
+                       chunk: int = DOCUMENTS_PER_ENCODE) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens_N int32, offsets_D1 int64)`` in memory (:func:`joined`): documents encoded without special tokens,
+  each + eos."""
+  return joined(list(encoded_chunks(tokenizer, documents, eos_id, chunk)))
 
 
 def _npy_header(size: int) -> bytes:
