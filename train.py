@@ -326,14 +326,33 @@ def start_up(cfg, primary: bool) -> Run:
 def describe_data(stats: dict, cfg) -> str:
   """How much text the run has, and how many passes over it its steps make (a small corpus is seen many times)."""
   count = lambda n, noun: f"{n:,} {noun}" + ("" if n == 1 else "s")
+  size = lambda key: f" ({stats[key] / 1e6:,.1f} MB)" if key in stats else ""  # caches recorded before sizes lack it
   epochs = cfg.train.steps * cfg.train.batch_size / stats["train_rows"]
-  line = (f"data: {count(stats['train_documents'], 'document')} for training, {stats['train_tokens']:,} tokens "
-          f"({epochs:.3g} epochs in {count(cfg.train.steps, 'step')} of {cfg.train.batch_size} sequences); "
-          f"{count(stats['val_documents'], 'document')} for validation, {stats['val_tokens']:,} tokens")
+  line = (f"data: {count(stats['train_documents'], 'document')}{size('train_bytes')} for training, "
+          f"{stats['train_tokens']:,} tokens ({epochs:.3g} epochs in {count(cfg.train.steps, 'step')} of "
+          f"{cfg.train.batch_size} sequences); {count(stats['val_documents'], 'document')}{size('val_bytes')} for "
+          f"validation, {stats['val_tokens']:,} tokens")
   if stats["skipped_documents"]:
     line += (f"; {count(stats['skipped_documents'], 'document')} without text skipped (no string in "
              f"data.text_field {cfg.data.text_field!r}, or only whitespace)")
+  cap = reached_cap(stats, cfg.data)
+  if cap:
+    line += f"; {cap} was reached, the rest of data.path is not read (0 reads it all)"
   return line
+
+
+def reached_cap(stats: dict, data_config) -> str | None:
+  """``data.max_documents N`` or ``data.max_bytes N`` when that cap kept the run from reading all of data.path."""
+  if not data_config.get("path"):
+    return None  # the embedded corpus: always a prefix of the standard library
+  documents = stats["train_documents"] + stats["val_documents"]
+  text_bytes = stats.get("train_bytes", 0) + stats.get("val_bytes", 0)
+  max_documents, max_bytes = data_config.get("max_documents"), data_config.get("max_bytes")
+  if max_documents and documents >= max_documents:
+    return f"data.max_documents {max_documents:,}"
+  if max_bytes and text_bytes > max_bytes - 4:  # the document that crosses the cap is cut to a character boundary
+    return f"data.max_bytes {max_bytes:,}"
+  return None
 
 
 def restore_or_init(cfg, ckpts, dataset, tx, abstract, layout):

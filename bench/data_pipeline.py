@@ -1,7 +1,8 @@
 """What train.py's data pipeline costs per corpus size: the first start (train the tokenizer, encode, write the token
 cache) and a later one on the unchanged corpus (load the cache), in seconds and peak host memory.
 
-  python -m bench.data_pipeline [--megabytes 100] [--corpus PATH] [--vocab 32000] [--seq_len 256] [--out PATH]
+  python -m bench.data_pipeline [--megabytes 100] [--corpus PATH] [--vocab 32000] [--seq_len 256]
+                                [--tokenizer_train_mb 1000] [--out PATH]
 
 The corpus is `--corpus` (any `data.path`), or a synthetic JSON-lines one of `--megabytes` MB: documents of 20-200
 consecutive non-blank lines of this Python's standard library, drawn with a fixed seed (real code and prose, no
@@ -9,7 +10,8 @@ duplicates). Each start runs `data.build_data` in a fresh process with a fresh w
 resident memory is read from the process itself, with the peak after importing the libraries (`import_rss_gb`)
 beside it; `data_rss_gb`, their difference, is what the data took; `data_private_gb` is the same for the private
 memory (Linux's RssAnon, without the pages of memory-mapped files). Writes
-bench/results/data_pipeline-<backend>-<size>.json.
+bench/results/data_pipeline-<backend>-<size>[-tokenizer<MB>].json (the suffix when --tokenizer_train_mb is not
+the pipeline's default); its stats give the validation text's bytes per token, how well the tokenizer compresses.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import sysconfig
 import tempfile
 
 from bench import common
+from galore_jax.train.data.spec import DEFAULT_TOKENIZER_TRAIN_BYTES
+
+DEFAULT_TOKENIZER_TRAIN_MB = DEFAULT_TOKENIZER_TRAIN_BYTES // 1_000_000
 
 # Run in a child process: its peak memory is the pipeline's alone. The libraries build_data imports come first.
 # Resident memory (ru_maxrss) counts the pages of memory-mapped files read (the arrow tables, the token cache),
@@ -79,6 +84,8 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--corpus", default=None, help="measure this data.path instead of a synthetic corpus")
   ap.add_argument("--vocab", type=common.int_within(259), default=32000, help="the trained tokenizer's vocab_size")
   ap.add_argument("--seq_len", type=common.int_within(1), default=256)
+  ap.add_argument("--tokenizer_train_mb", type=common.int_within(0), default=DEFAULT_TOKENIZER_TRAIN_MB,
+                  help="data.tokenizer_train_bytes in MB: the sample the tokenizer learns from; 0 = the whole split")
   ap.add_argument("--out", default=None, help="default bench/results/data_pipeline-<backend>-<size>.json")
   return ap
 
@@ -109,10 +116,11 @@ def write_corpus(path: str, megabytes: int, seed: int = 0) -> int:
   return documents
 
 
-def start(corpus: str, workdir: str, vocab: int, seq_len: int) -> dict:
+def start(corpus: str, workdir: str, vocab: int, seq_len: int, tokenizer_train_bytes: int) -> dict:
   """One start of the pipeline in a fresh process: seconds, peak memory, the data's stats."""
   config = {"path": corpus, "tokenizer": None, "seq_len": seq_len, "packing": True, "validation_fraction": 0.01,
-            "max_documents": None, "max_bytes": None, "text_field": "text"}
+            "max_documents": None, "max_bytes": None, "text_field": "text",
+            "tokenizer_train_bytes": tokenizer_train_bytes}
   done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config), workdir, str(vocab)], cwd=common.ROOT,
                         capture_output=True, text=True)
   if done.returncode:
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = os.path.join(scratch, "workdir")
     phases = {}
     for phase in ("first_start", "later_start"):
-      phases[phase] = start(corpus, workdir, args.vocab, args.seq_len)
+      phases[phase] = start(corpus, workdir, args.vocab, args.seq_len, args.tokenizer_train_mb * 1_000_000)
       print(f"{phase}: {phases[phase]['seconds']:.1f} s, peak {phases[phase]['peak_rss_gb']:.2f} GB", flush=True)
     size = corpus_bytes(corpus)
   stats = phases["first_start"].pop("stats")
@@ -151,8 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
       phase["data_private_gb"] = phase["peak_private_gb"] - phase["import_private_gb"]
   record = {**common.provenance("bench.data_pipeline", argv),
             "corpus": args.corpus or f"synthetic: {args.megabytes} MB of standard-library lines, JSON lines",
-            "corpus_bytes": size, "vocab_size": args.vocab, "seq_len": args.seq_len, "stats": stats, "phases": phases}
+            "corpus_bytes": size, "vocab_size": args.vocab, "seq_len": args.seq_len,
+            "tokenizer_train_bytes": args.tokenizer_train_mb * 1_000_000 or None, "stats": stats, "phases": phases}
   label = f"{args.megabytes}mb" if args.corpus is None else os.path.basename(os.path.normpath(args.corpus))
+  if args.tokenizer_train_mb != DEFAULT_TOKENIZER_TRAIN_MB:
+    label += f"-tokenizer{args.tokenizer_train_mb}mb" if args.tokenizer_train_mb else "-tokenizer-all"
   out = args.out or os.path.join(common.RESULTS, f"data_pipeline-{record['backend']}-{label}.json")
   print(f"wrote {common.write_json(out, record)}")
   return record

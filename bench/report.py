@@ -312,11 +312,16 @@ def data_pipeline_section() -> list[str]:
     private = all("data_private_gb" in p for p in r["phases"].values())
     rows = [[name.replace("_", " "), seconds(p["seconds"], ".1f"), gb(p["peak_rss_gb"]), gb(p["data_rss_gb"])]
             + ([gb(p["data_private_gb"])] if private else []) for name, p in r["phases"].items()]
+    sample = r.get("tokenizer_train_bytes")  # absent: a result from before the tokenizer learnt from a sample
+    learns = ("the whole training split" if sample is None else
+              f"at most {sample / 1e9:.2f} GB of the training split (`data.tokenizer_train_bytes`)")
+    compression = (f"; it encodes the validation text at {x['val_bytes'] / x['val_tokens']:.3f} bytes per token"
+                   if x.get("val_bytes") and x.get("val_tokens") else "")
     lines += [f"**`train.py`'s data pipeline**, {r['corpus']} ({r['corpus_bytes'] / 1e9:.2f} GB on disk, "
               f"{x['train_documents'] + x['val_documents']:,} documents, {x['train_tokens'] + x['val_tokens']:,} "
-              f"tokens, tokenizer vocab {r['vocab_size']}): the first start (a fresh workdir) trains the tokenizer, "
-              "encodes the corpus and writes the token cache; a later start is the same command again, on the "
-              "unchanged corpus", ""]
+              f"tokens, tokenizer vocab {r['vocab_size']}): the first start (a fresh workdir) trains the tokenizer "
+              f"on {learns}{compression}, encodes the corpus and writes the token cache; a later start is the same "
+              "command again, on the unchanged corpus", ""]
     lines += table(["start", "time", "peak host memory", "of which the data"]
                    + (["the data's private memory (no mapped files)"] if private else []), rows)
     steps = [step for step in r["phases"]["first_start"].get("steps", [])

@@ -36,7 +36,10 @@ def base() -> config_dict.ConfigDict:
   c.data.seq_len = 256
   c.data.packing = True
   c.data.validation_fraction = 0.05
-  c.data.max_bytes = 8_000_000
+  # Caps on what is read of data.path, a prefix of its documents; 0 = none (the embedded corpus stops at 8 MB).
+  c.data.max_documents = 0
+  c.data.max_bytes = 0
+  c.data.tokenizer_train_bytes = 1_000_000_000  # a trained tokenizer learns from a sample this big; 0 = all
   c.data.text_field = "text"
 
   c.train = config_dict.ConfigDict()

@@ -1,8 +1,11 @@
 """The data pipeline: corpus kinds, the embedded corpus, split, tokenizer and token caches, rows, batches, errors."""
 
+import hashlib
+import itertools
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -521,6 +524,80 @@ def test_vocab_below_byte_alphabet(folder, tmp_path):
     build(str(folder), tmp_path / "w", vocab_size=100)
 
 
+def lowest_hash_sample(documents, budget):
+  """The documents (in order) of lowest sha256 whose UTF-8 sizes add up to at most ``budget`` (at least one),
+  written here independently of the package."""
+  rank = lambda d: int.from_bytes(hashlib.sha256(d.encode("utf-8")).digest()[:8], "big")
+  by_hash = sorted(documents, key=rank)
+  sizes = [len(d.encode("utf-8")) for d in by_hash]
+  kept = set(by_hash[:max(1, sum(total <= budget for total in itertools.accumulate(sizes)))])
+  return [d for d in documents if d in kept]
+
+
+@pytest.mark.parametrize("budget", [1, 700, 3000, None])
+def test_a_split_samples_its_documents_of_lowest_hash_within_a_byte_budget(budget):
+  documents = docs(120) + ["é" * 400]  # a character of two bytes counts two
+  train, val, _ = data.split_corpus(data.Corpus(lambda: documents), 0.1)
+  sample = train.sample(budget)
+  expected = list(train) if budget is None else lowest_hash_sample(list(train), budget)
+  assert list(sample) == expected and len(sample) == len(expected)
+  assert sample.bytes == sum(len(d.encode("utf-8")) for d in expected)
+  assert train.bytes + val.bytes == sum(len(d.encode("utf-8")) for d in documents)
+  if budget is not None:
+    assert len(expected) == 1 or sample.bytes <= budget
+    assert 1 <= len(expected) < len(train)
+  half = train.sample(train.bytes // 2)  # drawn from the whole corpus, not its first documents
+  assert {documents.index(d) < 60 for d in half} == {True, False}
+  assert train.sample(train.bytes) is train
+
+
+def test_the_tokenizer_learns_from_its_sample_and_its_record_names_the_whole_split(folder, tmp_path):
+  lines = []
+  built = build(str(folder), tmp_path / "w", tokenizer_train_bytes=250, progress=lines.append)
+  with data.open_corpus(data.data_spec(make_config(str(folder)))) as corpus:
+    full = list(data.split_corpus(corpus, 0.2).train)
+  sample = lowest_hash_sample(full, 250)
+  assert 1 < len(sample) < len(full)
+  assert built.tokenizer.get_vocab() == data.train_tokenizer(sample, VOCAB).get_vocab()
+  assert built.tokenizer.get_vocab() != data.train_tokenizer(full, VOCAB).get_vocab()
+  record = json.loads((tmp_path / "w" / "tokenizer" / data.CORPUS_RECORD).read_text())
+  assert record == {"corpus_sha256": data.fingerprint(full), "vocab_size": VOCAB, "trained_on_documents": len(sample),
+                    "trained_on_bytes": sum(len(d.encode("utf-8")) for d in sample)}
+  assert (f"data: training a byte-level BPE of {VOCAB} tokens on a sample of the training split: {len(sample)} of "
+          f"its {len(full)} documents") in "\n".join(lines)
+  assert built.stats["train_bytes"] == sum(len(d.encode("utf-8")) for d in full)
+
+
+def test_a_workdir_keeps_its_tokenizer_whatever_the_sample_and_reads_records_written_before_samples(
+    folder, tmp_path, monkeypatch):
+  first = build(str(folder), tmp_path / "w")
+  record_path = tmp_path / "w" / "tokenizer" / data.CORPUS_RECORD
+  record = json.loads(record_path.read_text())
+  assert record["trained_on_documents"] == first.stats["train_documents"]  # all of them fit the default sample
+  record_path.write_text(json.dumps({key: record[key] for key in ("corpus_sha256", "vocab_size")}))
+
+  def no_training(*_):
+    raise AssertionError("retrained")
+
+  monkeypatch.setattr(data.tokenizer, "train_tokenizer", no_training)
+  shutil.rmtree(tmp_path / "w" / "data_cache")  # so that the corpus is read again and the record compared
+  second = build(str(folder), tmp_path / "w", tokenizer_train_bytes=100)
+  np.testing.assert_array_equal(first.train.rows.tokens_N, second.train.rows.tokens_N)
+  with pytest.raises(ValueError, match=r"was trained on other training documents"):
+    build(str(folder), tmp_path / "w", max_documents=10)
+
+
+def test_a_cap_of_zero_or_none_is_no_cap_and_the_tokenizer_sample_defaults_to_a_gigabyte():
+  from configs.base import base
+
+  spec = data.data_spec(base().data)
+  assert (spec.max_documents, spec.max_bytes, spec.tokenizer_train_bytes) == (None, None, 10**9)
+  spec = data.data_spec(make_config(max_documents=0, max_bytes=5, tokenizer_train_bytes=None))
+  assert (spec.max_documents, spec.max_bytes, spec.tokenizer_train_bytes) == (None, 5, None)
+  assert data.data_spec(make_config(tokenizer_train_bytes=0)).tokenizer_train_bytes is None
+  assert data.data_spec({"seq_len": 8}).tokenizer_train_bytes == 10**9
+
+
 # ----------------------------------------------------------------------------- rows
 
 
@@ -690,7 +767,9 @@ def test_bad_input_names_the_value(tmp_path, folder):
       (dict(path=str(folder), validation_fraction=1.0), "validation_fraction"),
       (dict(path=str(folder), tokenizer=str(tmp_path / "no_tok")), "no_tok"),
       (dict(path=str(folder), tokenizer=str(tmp_path / "nottok")), "nottok"),
-      (dict(path=str(folder), max_bytes=0), "max_bytes"),
+      (dict(path=str(folder), max_bytes=-1), "max_bytes"),
+      (dict(path=str(folder), max_documents=2.5), "max_documents"),
+      (dict(path=str(folder), tokenizer_train_bytes="1GB"), "tokenizer_train_bytes"),
   ]
   for overrides, needle in cases:
     path = overrides.pop("path")

@@ -242,11 +242,23 @@ def test_the_start_up_data_line_counts_epochs_and_documents_without_text():
   cfg = base()
   cfg.train.steps, cfg.train.batch_size = 10, 4
   stats = {"train_documents": 1, "train_tokens": 1200, "train_rows": 20, "val_documents": 2, "val_tokens": 30,
-           "skipped_documents": 3}
+           "skipped_documents": 3}  # as a token cache recorded before the sizes were
   assert train.describe_data(stats, cfg) == (
       "data: 1 document for training, 1,200 tokens (2 epochs in 10 steps of 4 sequences); 2 documents for "
       "validation, 30 tokens; 3 documents without text skipped (no string in data.text_field 'text', or only "
       "whitespace)")
+  stats = {**stats, "skipped_documents": 0, "train_bytes": 5_250_000, "val_bytes": 2_749_998}
+  assert train.describe_data(stats, cfg) == (
+      "data: 1 document (5.2 MB) for training, 1,200 tokens (2 epochs in 10 steps of 4 sequences); 2 documents "
+      "(2.7 MB) for validation, 30 tokens")
+  cfg.data.path, cfg.data.max_bytes = "c4/", 8_000_000
+  assert train.describe_data(stats, cfg).endswith(
+      "30 tokens; data.max_bytes 8,000,000 was reached, the rest of data.path is not read (0 reads it all)")
+  cfg.data.max_bytes, cfg.data.max_documents = 8_000_010, 3
+  assert train.describe_data(stats, cfg).endswith("; data.max_documents 3 was reached, the rest of data.path is not "
+                                                  "read (0 reads it all)")
+  cfg.data.max_documents = 4
+  assert train.describe_data(stats, cfg).endswith("30 tokens")
 
 
 def test_a_run_already_at_train_steps_says_it_trained_nothing(tmp_path, corpus, finished_run):

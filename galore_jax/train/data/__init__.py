@@ -13,10 +13,11 @@ Everything here runs on the host in numpy. One module per step, each with its de
   own ``*.py`` sources, sorted by relative path, without test directories, site-packages, ``encodings`` tables
   and the machine-specific build files, identical on every machine with the same Python version. The caps
   ``max_documents`` then ``max_bytes`` (UTF-8) keep a prefix of the documents; the document that crosses
-  ``max_bytes`` is cut to fit.
+  ``max_bytes`` is cut to fit. A cap of 0 or None is none (but the embedded corpus stops at 8 MB).
 * :mod:`.split`: train / validation by each document's content hash, no random state.
-* :mod:`.tokenizer`: ``data.tokenizer``, or a byte-level BPE trained on the training split and cached in
-  ``workdir/tokenizer``. Each document is encoded without special tokens and gets ``eos`` appended.
+* :mod:`.tokenizer`: ``data.tokenizer``, or a byte-level BPE trained on at most ``tokenizer_train_bytes`` of
+  the training split (a sample by content hash) and cached in ``workdir/tokenizer``. Each document is encoded
+  without special tokens and gets ``eos`` appended.
 * :mod:`.token_cache`: the encoded splits in ``workdir/data_cache/<key>/``, written chunk by chunk and
   reloaded memory-mapped; :mod:`.corpus_state` lets a later start on an unchanged corpus load them without
   reading the corpus.
@@ -106,12 +107,14 @@ def _read_and_encode(spec: DataSpec, workdir: str, tokenizer, vocab_size: int, s
     splits = {"train": train_docs, "val": val_docs}
     fingerprints = {name: fingerprint(docs) for name, docs in splits.items()}
     if tokenizer is None:
-      tokenizer = checked_tokenizer(cached_tokenizer(workdir, train_docs, int(vocab_size), fingerprints["train"], say),
-                                    os.path.join(workdir, "tokenizer"), vocab_size)
+      trained = cached_tokenizer(workdir, train_docs, int(vocab_size), fingerprints["train"], say,
+                                 spec.tokenizer_train_bytes)
+      tokenizer = checked_tokenizer(trained, os.path.join(workdir, "tokenizer"), vocab_size)
     key = cache_key(tokenizer, fingerprints)
     directory = token_cache_dir(os.path.join(workdir, "data_cache"), key)
     arrays = cached_tokens(directory, key, tokenizer, special_ids(tokenizer)[1], splits, say)
-  documents = {"train_documents": len(train_docs), "val_documents": len(val_docs), "skipped_documents": skipped}
+  documents = {"train_documents": len(train_docs), "val_documents": len(val_docs), "skipped_documents": skipped,
+               "train_bytes": train_docs.bytes, "val_bytes": val_docs.bytes}
   return tokenizer, directory, documents, arrays
 
 
@@ -122,7 +125,8 @@ def build_data(data_config: Any, *, workdir: str, vocab_size: int, batch_size: i
 
   Args:
     data_config: the ``data`` config section (``path``, ``tokenizer``, ``seq_len``, ``packing``,
-      ``validation_fraction``, ``max_documents``, ``max_bytes``, ``text_field``).
+      ``validation_fraction``, ``max_documents``, ``max_bytes``, ``text_field``, ``tokenizer_train_bytes``;
+      a cap of 0 or None is no cap).
     workdir: run directory; holds ``tokenizer/`` (when trained here) and ``data_cache/``.
     vocab_size: the model's vocabulary; the tokenizer may not exceed it.
     batch_size: rows per training batch.

@@ -7,6 +7,10 @@ from typing import Any
 
 import numpy as np
 
+# A trained tokenizer learns from a sample of at most this much of the training split: its time and memory stop
+# growing with the corpus, and a 32k BPE learnt from a gigabyte compresses the rest as well (docs/training.md).
+DEFAULT_TOKENIZER_TRAIN_BYTES = 1_000_000_000
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
@@ -20,18 +24,34 @@ class DataSpec:
   max_documents: int | None
   max_bytes: int | None
   text_field: str
+  tokenizer_train_bytes: int | None = DEFAULT_TOKENIZER_TRAIN_BYTES
+
+
+def _lookup(config: Any, key: str, default: Any) -> Any:
+  """``config.key`` for a ConfigDict, a dict or any object; ``default`` when absent."""
+  if isinstance(config, dict):
+    return config.get(key, default)
+  try:
+    return config[key] if key in config else default  # ConfigDict (also FrozenConfigDict)
+  except TypeError:
+    return getattr(config, key, default)
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
-  """``config.key`` for a ConfigDict, a dict or any object; ``default`` when absent or None."""
-  if isinstance(config, dict):
-    value = config.get(key, default)
-  else:
-    try:
-      value = config[key] if key in config else default  # ConfigDict (also FrozenConfigDict)
-    except TypeError:
-      value = getattr(config, key, default)
+  """``config.key``; ``default`` when absent or None."""
+  value = _lookup(config, key, default)
   return default if value is None else value
+
+
+def _cap(data_config: Any, name: str, default: int | None) -> int | None:
+  """A cap: a positive integer, or None for none (0 too: the command line cannot spell None for an integer)."""
+  value = _lookup(data_config, name, default)
+  if value is None:
+    return None
+  integral = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+  if isinstance(value, bool) or not integral or value < 0:
+    raise ValueError(f"data.{name} must be a positive integer, or 0 or None for no cap, got {value!r}")
+  return int(value) or None
 
 
 def data_spec(data_config: Any) -> DataSpec:
@@ -42,12 +62,8 @@ def data_spec(data_config: Any) -> DataSpec:
   fraction = _get(data_config, "validation_fraction", 0.05)
   if not 0.0 <= float(fraction) < 1.0:
     raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
-  caps = {}
-  for name in ("max_documents", "max_bytes"):
-    value = _get(data_config, name, None)
-    if value is not None and (isinstance(value, bool) or int(value) <= 0):
-      raise ValueError(f"data.{name} must be a positive integer or None, got {value!r}")
-    caps[name] = None if value is None else int(value)
+  caps = {name: _cap(data_config, name, None) for name in ("max_documents", "max_bytes")}
+  caps["tokenizer_train_bytes"] = _cap(data_config, "tokenizer_train_bytes", DEFAULT_TOKENIZER_TRAIN_BYTES)
   text_field = _get(data_config, "text_field", "text")
   if not isinstance(text_field, str) or not text_field:
     raise ValueError(f"data.text_field must be a non-empty string, got {text_field!r}")

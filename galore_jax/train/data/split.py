@@ -4,6 +4,9 @@ A document is in validation iff ``sha256(text) / 2**64 < validation_fraction``: 
 duplicates land on the same side. If that leaves validation empty, the document with the smallest hash moves
 there (the largest moves to train if train is empty); a corpus of one document is cut at the line nearest
 ``1 - validation_fraction`` of its length.
+
+The same hash samples a split (:meth:`Split.sample`: the tokenizer learns from at most
+``data.tokenizer_train_bytes`` of the training split): the documents of lowest hash up to a byte budget.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from galore_jax.train.data.corpus import Corpus
 
 def document_hash(document: str) -> float:
   """A document's place in [0, 1): the first 8 bytes of ``sha256(text)`` over 2**64."""
-  return int.from_bytes(hashlib.sha256(document.encode("utf-8")).digest()[:8], "big") / 2.0**64
+  return _bytes_hash(document.encode("utf-8"))
+
+
+def _bytes_hash(data: bytes) -> float:
+  return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2.0**64
 
 
 def validation_mask(hashes_D: np.ndarray, validation_fraction: float) -> np.ndarray:
@@ -55,16 +62,29 @@ def split_documents(documents: Sequence[str], validation_fraction: float) -> tup
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One side of a corpus's split, read on demand: the documents whose ``in_validation_D`` is ``validation``."""
+  """Some documents of a corpus, read on demand in corpus order: those where ``chosen_D`` is True.
+
+  ``hashes_D`` (:func:`document_hash`) and ``sizes_D`` (UTF-8 bytes) describe every document of the corpus, so
+  that a split knows its size and can be sampled without reading the corpus.
+  """
 
   corpus: Corpus
-  in_validation_D: np.ndarray
-  validation: bool
+  chosen_D: np.ndarray
+  hashes_D: np.ndarray
+  sizes_D: np.ndarray
+
+  @classmethod
+  def of(cls, documents: Sequence[str]) -> Split:
+    """All of ``documents`` (in memory) as a split."""
+    documents = list(documents)
+    return cls(Corpus(lambda: documents), np.ones(len(documents), bool),
+               np.array([document_hash(d) for d in documents], np.float64),
+               np.array([len(d.encode("utf-8")) for d in documents], np.int64))
 
   def __iter__(self) -> Iterator[str]:
-    size, count = self.in_validation_D.size, 0
+    size, count = self.chosen_D.size, 0
     for document in self.corpus:
-      if count < size and self.in_validation_D[count] == self.validation:
+      if count < size and self.chosen_D[count]:
         yield document
       count += 1
       if count > size:
@@ -74,31 +94,56 @@ class Split:
                        "into; start again")
 
   def __len__(self) -> int:
-    return int(np.count_nonzero(self.in_validation_D == self.validation))
+    return int(np.count_nonzero(self.chosen_D))
+
+  @property
+  def bytes(self) -> int:
+    """The UTF-8 size of its documents."""
+    return int(self.sizes_D[self.chosen_D].sum())
+
+  def sample(self, max_bytes: int | None) -> Split:
+    """Its documents of lowest :func:`document_hash` whose sizes add up to at most ``max_bytes`` (at least one),
+    in corpus order; itself when they all fit or ``max_bytes`` is None.
+
+    The hash is uniform and independent of the order, so this is a uniform sample of the documents (of every
+    file of a corpus, not its first ones) with no random state: the same documents give the same sample.
+    """
+    if max_bytes is None or self.bytes <= max_bytes:
+      return self
+    index = np.flatnonzero(self.chosen_D)
+    by_hash = index[np.argsort(self.hashes_D[index], kind="stable")]
+    kept = max(1, int(np.searchsorted(np.cumsum(self.sizes_D[by_hash]), max_bytes, side="right")))
+    chosen_D = np.zeros_like(self.chosen_D)
+    chosen_D[by_hash[:kept]] = True
+    return dataclasses.replace(self, chosen_D=chosen_D)
 
 
 class Splits(NamedTuple):
-  """A corpus split (each side a :class:`Split`, or a list for a corpus of one document) and its rows
-  without text."""
+  """A corpus split into two :class:`Split` and its rows without text."""
 
-  train: Split | list[str]
-  val: Split | list[str]
+  train: Split
+  val: Split
   skipped: int
 
 
 def split_corpus(corpus: Corpus, validation_fraction: float) -> Splits:
-  """The corpus's split, from one pass that hashes each document (8 bytes per document are kept)."""
-  hashes, skipped = array.array("d"), 0
+  """The corpus's split, from one pass that hashes each document (16 bytes per document are kept)."""
+  hashes, sizes, skipped = array.array("d"), array.array("q"), 0
   for document in corpus.rows():
     if document is None:
       skipped += 1
-    else:
-      hashes.append(document_hash(document) if validation_fraction > 0 else 1.0)
+      continue
+    data = document.encode("utf-8")
+    hashes.append(_bytes_hash(data))
+    sizes.append(len(data))
   if len(hashes) == 1 and validation_fraction > 0:
-    return Splits(*cut_document(next(iter(corpus)), validation_fraction), skipped)
+    train, val = cut_document(next(iter(corpus)), validation_fraction)
+    return Splits(Split.of(train), Split.of(val), skipped)
   hashes_D = np.frombuffer(hashes, np.float64) if hashes else np.zeros(0)
+  sizes_D = np.frombuffer(sizes, np.int64) if sizes else np.zeros(0, np.int64)
   in_validation_D = validation_mask(hashes_D, validation_fraction) if hashes_D.size else hashes_D < 0
-  return Splits(Split(corpus, in_validation_D, False), Split(corpus, in_validation_D, True), skipped)
+  return Splits(Split(corpus, ~in_validation_D, hashes_D, sizes_D), Split(corpus, in_validation_D, hashes_D, sizes_D),
+                skipped)
 
 
 def fingerprint(documents: Iterable[str]) -> str:

@@ -1,8 +1,11 @@
 """The tokenizer: a byte-level BPE trained on the training split and cached in the workdir, or a given one.
 
-A trained tokenizer has ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and is saved with ``save_pretrained`` in
-``workdir/tokenizer`` (reloadable with ``AutoTokenizer``) beside a record of the documents it was trained on;
-a later run re-uses it and refuses a cache trained on a different corpus.
+A trained tokenizer learns from at most ``data.tokenizer_train_bytes`` of the training split (a sample by
+content hash, :meth:`~galore_jax.train.data.split.Split.sample`: the BPE trainer's time and memory grow with
+its text, and a gigabyte is plenty for a 32k vocabulary), has ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and is
+saved with ``save_pretrained`` in ``workdir/tokenizer`` (reloadable with ``AutoTokenizer``) beside a record
+of the training split it was drawn from; a later run re-uses it and refuses a cache trained on a different
+corpus.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Callable, Collection
 
 from galore_jax.train import workdir as workdir_lib
 from galore_jax.train.data.spec import one_line
-from galore_jax.train.data.split import fingerprint
+from galore_jax.train.data.split import Split, fingerprint
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 in a trained tokenizer
@@ -53,12 +56,14 @@ def load_tokenizer(path: str, what: str = "data.tokenizer"):
     raise ValueError(f"{what} {path!r} could not be loaded ({one_line(e)})") from None
 
 
-def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size: int,
-                     train_fingerprint: str | None = None, say: Callable[[str], None] = lambda line: None):
-  """The tokenizer in ``workdir/tokenizer``, trained on ``train_documents`` first if absent.
+def cached_tokenizer(workdir: str, train_documents: Split, vocab_size: int, train_fingerprint: str | None = None,
+                     say: Callable[[str], None] = lambda line: None, sample_bytes: int | None = None):
+  """The tokenizer in ``workdir/tokenizer``, trained first if absent on ``train_documents.sample(sample_bytes)``.
 
-  ``train_fingerprint`` is :func:`~galore_jax.train.data.split.fingerprint` of ``train_documents`` when the
-  caller has it (computing it reads them once more); ``say`` gets a line before and after a training.
+  The record beside it names the whole training split (``corpus_sha256``, its :func:`fingerprint`) and the
+  vocabulary: a later start on other training documents or another ``vocab_size`` is refused, whatever
+  sample it would have drawn. ``train_fingerprint`` is that fingerprint when the caller has it (computing it
+  reads the documents once more); ``say`` gets a line before and after a training.
   """
   directory = os.path.join(workdir, "tokenizer")
   record = {"corpus_sha256": train_fingerprint or fingerprint(train_documents), "vocab_size": int(vocab_size)}
@@ -66,6 +71,7 @@ def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size:
   if os.path.isdir(directory) and os.path.isfile(record_path):
     with open(record_path) as f:
       saved = json.load(f)
+    saved = {key: saved.get(key) for key in record} if isinstance(saved, dict) else {}
     if saved != record:
       changed = (f"with vocab_size {saved.get('vocab_size')}, not {vocab_size}" if saved.get("vocab_size") != vocab_size
                  else "on other training documents (data.path's text or caps changed); to resume, restore them")
@@ -75,9 +81,14 @@ def cached_tokenizer(workdir: str, train_documents: Collection[str], vocab_size:
     if vocab_size < 256 + len(SPECIAL_TOKENS):
       raise ValueError(f"vocab_size {vocab_size} is below the byte-level tokenizer's minimum "
                        f"{256 + len(SPECIAL_TOKENS)}")
-    say(f"data: training a byte-level BPE of {vocab_size:,} tokens on the training split")
+    sample = train_documents.sample(sample_bytes)
+    of = ("the training split" if sample is train_documents else
+          f"a sample of the training split: {len(sample):,} of its {len(train_documents):,} documents, "
+          f"{sample.bytes / 1e6:,.1f} of {train_documents.bytes / 1e6:,.1f} MB (data.tokenizer_train_bytes)")
+    say(f"data: training a byte-level BPE of {vocab_size:,} tokens on {of}")
     start = time.monotonic()
-    tokenizer = train_tokenizer(train_documents, vocab_size)
+    tokenizer = train_tokenizer(sample, vocab_size)
+    record = {**record, "trained_on_documents": len(sample), "trained_on_bytes": sample.bytes}
     say(f"data: tokenizer trained in {time.monotonic() - start:.0f} s")
 
     def write(tmp):
