@@ -315,12 +315,12 @@ def data_pipeline_section() -> list[str]:
     sample = r.get("tokenizer_train_bytes")  # absent: a result from before the tokenizer learnt from a sample
     learns = ("the whole training split" if sample is None else
               f"at most {sample / 1e9:.2f} GB of the training split (`data.tokenizer_train_bytes`)")
-    compression = (f"; it encodes the validation text at {x['val_bytes'] / x['val_tokens']:.3f} bytes per token"
+    compression = (f" (the validation text at {x['val_bytes'] / x['val_tokens']:.3f} bytes per token)"
                    if x.get("val_bytes") and x.get("val_tokens") else "")
     lines += [f"**`train.py`'s data pipeline**, {r['corpus']} ({r['corpus_bytes'] / 1e9:.2f} GB on disk, "
               f"{x['train_documents'] + x['val_documents']:,} documents, {x['train_tokens'] + x['val_tokens']:,} "
               f"tokens, tokenizer vocab {r['vocab_size']}): the first start (a fresh workdir) trains the tokenizer "
-              f"on {learns}{compression}, encodes the corpus and writes the token cache; a later start is the same "
+              f"on {learns}, encodes the corpus{compression} and writes the token cache; a later start is the same "
               "command again, on the unchanged corpus", ""]
     lines += table(["start", "time", "peak host memory", "of which the data"]
                    + (["the data's private memory (no mapped files)"] if private else []), rows)
