@@ -594,9 +594,9 @@ def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, c
   assert saved["data"]["tokenizer"] == str(checkpoint) and not (workdir / "tokenizer").exists()
   (meta,) = (workdir / "data_cache").glob("*/meta.json")
   tokens = json.loads(meta.read_text())["tokens"]
-  said = re.search(r"^data: (\d+) documents? for training, ([\d,]+) tokens \(([\d.e-]+) epochs in 2 steps of 4 "
-                   r"sequences\); (\d+) documents? for validation, ([\d,]+) tokens(?:; (\d+) documents? without "
-                   r"text skipped .*)?$", result.stdout, re.M)
+  said = re.search(r"^data: (\d+) documents? \([\d.]+ MB\) for training, ([\d,]+) tokens \(([\d.e-]+) epochs in 2 "
+                   r"steps of 4 sequences\); (\d+) documents? \([\d.]+ MB\) for validation, ([\d,]+) tokens(?:; (\d+) "
+                   r"documents? without text skipped .*)?$", result.stdout, re.M)
   assert said and int(said[2].replace(",", "")) == tokens["train"] and int(said[5].replace(",", "")) == tokens["val"]
   blank = sum(not d.strip() for d in documents)  # the corpus's empty __init__.py
   assert int(said[1]) + int(said[4]) == len(documents) - blank and int(said[6] or 0) == blank > 0
