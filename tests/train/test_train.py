@@ -259,6 +259,9 @@ def test_the_start_up_data_line_counts_epochs_and_documents_without_text():
                                                   "read (0 reads it all)")
   cfg.data.max_documents = 4
   assert train.describe_data(stats, cfg).endswith("30 tokens")
+  stats.update(train_bytes=3_210_000_000, val_bytes=2_349)
+  assert train.describe_data(stats, cfg).startswith("data: 1 document (3.21 GB) for training, 1,200 tokens (2 epochs "
+                                                    "in 10 steps of 4 sequences); 2 documents (2 kB) for validation")
 
 
 def test_a_run_already_at_train_steps_says_it_trained_nothing(tmp_path, corpus, finished_run):
@@ -594,9 +597,9 @@ def test_readme_finetune_command_runs_with_the_checkpoints_tokenizer(tmp_path, c
   assert saved["data"]["tokenizer"] == str(checkpoint) and not (workdir / "tokenizer").exists()
   (meta,) = (workdir / "data_cache").glob("*/meta.json")
   tokens = json.loads(meta.read_text())["tokens"]
-  said = re.search(r"^data: (\d+) documents? \([\d.]+ MB\) for training, ([\d,]+) tokens \(([\d.e-]+) epochs in 2 "
-                   r"steps of 4 sequences\); (\d+) documents? \([\d.]+ MB\) for validation, ([\d,]+) tokens(?:; (\d+) "
-                   r"documents? without text skipped .*)?$", result.stdout, re.M)
+  said = re.search(r"^data: (\d+) documents? \([\d.,]+ [kMG]B\) for training, ([\d,]+) tokens \(([\d.e-]+) epochs "
+                   r"in 2 steps of 4 sequences\); (\d+) documents? \([\d.,]+ [kMG]B\) for validation, ([\d,]+) "
+                   r"tokens(?:; (\d+) documents? without text skipped .*)?$", result.stdout, re.M)
   assert said and int(said[2].replace(",", "")) == tokens["train"] and int(said[5].replace(",", "")) == tokens["val"]
   blank = sum(not d.strip() for d in documents)  # the corpus's empty __init__.py
   assert int(said[1]) + int(said[4]) == len(documents) - blank and int(said[6] or 0) == blank > 0

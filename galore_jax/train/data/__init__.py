@@ -44,7 +44,7 @@ from galore_jax.train.data.corpus import (DEFAULT_MAX_BYTES, Corpus, Documents, 
                                           open_corpus, open_files, stdlib_documents)
 from galore_jax.train.data.corpus_state import (CORPUS_STATE, corpus_files, corpus_state, record_corpus_state,
                                                 recorded_cache)
-from galore_jax.train.data.spec import DataSpec, corpus_name, data_spec
+from galore_jax.train.data.spec import DataSpec, corpus_name, data_spec, text_size
 from galore_jax.train.data.split import Split, Splits, document_hash, fingerprint, split_corpus, split_documents
 from galore_jax.train.data.token_cache import (CorruptCache, cache_key, cached_tokens, encoded_chunks, joined,
                                                load_token_cache, token_cache_dir, tokenize_documents)
@@ -57,8 +57,8 @@ __all__ = [
     "cached_tokens", "cap_documents", "checked_tokenizer", "corpus_files", "corpus_name", "corpus_state",
     "data_spec", "document_hash", "encoded_chunks", "eval_batch_list", "fingerprint", "joined", "load_documents",
     "load_token_cache", "load_tokenizer", "open_corpus", "open_files", "record_corpus_state", "recorded_cache",
-    "segment_positions", "special_ids", "split_corpus", "split_documents", "stdlib_documents", "token_cache_dir",
-    "tokenize_documents", "tokenizer_fingerprint", "train_tokenizer",
+    "segment_positions", "special_ids", "split_corpus", "split_documents", "stdlib_documents", "text_size",
+    "token_cache_dir", "tokenize_documents", "tokenizer_fingerprint", "train_tokenizer",
 ]
 
 

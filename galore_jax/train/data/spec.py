@@ -79,6 +79,13 @@ def corpus_name(spec: DataSpec) -> str:
   return "the embedded corpus" if spec.path is None else f"data.path {spec.path!r}"
 
 
+def text_size(n_bytes: int) -> str:
+  """``n_bytes`` of text for messages: ``1.25 GB``, ``3.4 MB`` or ``12 kB``."""
+  if n_bytes >= 1e9:
+    return f"{n_bytes / 1e9:,.2f} GB"
+  return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
+
+
 def one_line(error: BaseException) -> str:
   """``Type: first line of the message``, for the one-line errors a bad input gets."""
   text = str(error).strip().splitlines()

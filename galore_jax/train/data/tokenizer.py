@@ -17,7 +17,7 @@ import time
 from typing import Callable, Collection
 
 from galore_jax.train import workdir as workdir_lib
-from galore_jax.train.data.spec import one_line
+from galore_jax.train.data.spec import one_line, text_size
 from galore_jax.train.data.split import Split, fingerprint
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -84,7 +84,7 @@ def cached_tokenizer(workdir: str, train_documents: Split, vocab_size: int, trai
     sample = train_documents.sample(sample_bytes)
     of = ("the training split" if sample is train_documents else
           f"a sample of the training split: {len(sample):,} of its {len(train_documents):,} documents, "
-          f"{sample.bytes / 1e6:,.1f} of {train_documents.bytes / 1e6:,.1f} MB (data.tokenizer_train_bytes)")
+          f"{text_size(sample.bytes)} of {text_size(train_documents.bytes)} (data.tokenizer_train_bytes)")
     say(f"data: training a byte-level BPE of {vocab_size:,} tokens on {of}")
     start = time.monotonic()
     tokenizer = train_tokenizer(sample, vocab_size)
