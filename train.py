@@ -546,7 +546,10 @@ def parse_config():
     config = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
     positional = flags.FLAGS(sys.argv)[1:]
   except flags.Error as e:
-    fail(str(e).splitlines()[0])
+    line = str(e).splitlines()[0]
+    if line.endswith("'None'"):  # ml_collections parses a number key's None as a number
+      line += " (a number cannot be set to None on the command line; the data caps take 0 for none)"
+    fail(line)
   except (AttributeError, KeyError) as e:
     fail(unknown_key(file_config, args) or f"bad config override in {overrides}: {innermost_message(e)}")
   except (ValueError, TypeError, OSError) as e:

@@ -564,6 +564,9 @@ def test_eval_of_a_run_without_validation_text_logs_no_loss(tmp_path, finished_r
                                  "(--config.train.steps.x=3)"),
     ("train.steps=3", "unexpected argument 'train.steps=3': train.py takes flags only (--config=FILE, "
                       "--config.section.key=VALUE, --dry_run)"),
+    ("--config.data.max_bytes=None", "flag --config.data.max_bytes=None: invalid literal for int() with base 10: "
+                                     "'None' (a number cannot be set to None on the command line; the data caps "
+                                     "take 0 for none)"),
 ])
 def test_unknown_config_key_is_one_clean_line_with_a_suggestion(tmp_path, corpus, override, expected):
   result = run(train_cmd(str(tmp_path / "w"), corpus, override))
