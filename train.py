@@ -325,9 +325,9 @@ def start_up(cfg, primary: bool) -> Run:
 
 def describe_data(stats: dict, cfg) -> str:
   """How much text the run has, and how many passes over it its steps make (a small corpus is seen many times)."""
-  count = lambda n, noun: f"{n:,} {noun}" + ("" if n == 1 else "s")
   from galore_jax.train.data import text_size
 
+  count = lambda n, noun: f"{n:,} {noun}" + ("" if n == 1 else "s")
   size = lambda key: f" ({text_size(stats[key])})" if key in stats else ""  # caches recorded before sizes lack it
   epochs = cfg.train.steps * cfg.train.batch_size / stats["train_rows"]
   line = (f"data: {count(stats['train_documents'], 'document')}{size('train_bytes')} for training, "
