@@ -26,7 +26,8 @@ Everything here runs on the host in numpy. One module per step, each with its de
 
 A first start passes over the corpus six times (split, fingerprints of both splits, tokenizer training,
 encoding of both splits), each pass reading it again (memory-mapped arrow tables, parquet files in place):
-its private host memory grows slowly with the corpus (0.64 GB for 1 GB of text, 0.93 GB for 3 GB; see
+its private host memory grows slowly with the corpus (0.64 GB for 1 GB of text; 0.71 GB for 3 GB with the
+tokenizer on its 1 GB sample, 0.95 GB on the whole split; see
 ``docs/training.md``, "How much text it handles").
 """
 
