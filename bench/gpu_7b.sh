@@ -8,8 +8,10 @@
 #
 # Parts, in this order, each under its own time limit (seconds, env), each writing its results file as it goes:
 #   memory  MEMORY_S=200  Llama-7B, 256 tokens per step, one real step each of galore_adamw_8bit + layerwise,
-#                         galore_adamw (fp32 states) + layerwise and bf16 AdamW, each in its own process: the
-#                         device's peak (memory_stats) beside the dry run's analytic figure -> memory-7b-gpu.json
+#                         galore_adamw (fp32 states) + layerwise and bf16 AdamW, each in its own process, layers
+#                         stacked as in configs/llama7b_24gb.py (unrolled, the layerwise step alone takes ~15 min
+#                         to compile on a CPU): the device's peak (memory_stats) beside the dry run's analytic
+#                         figure -> memory-7b-gpu.json
 #   refresh REFRESH_S=90  the full Llama-7B refresh (224 matrices, r = 1024): randomized first, then exact
 #                         (refresh="gram": deflated Gram eigenvectors) on 4 layers, then the direct SVD
 #                         (refresh="svd") on 1 layer, scaled -> refresh-gpu-llama_7b.json
@@ -27,7 +29,7 @@ VARIANTS="galore_adamw_8bit + layerwise,galore_adamw (fp32 states) + layerwise,a
 if [ -n "${GPU_7B_TINY:-}" ]; then  # tiny presets, so that the test suite runs every part end to end on a CPU
   OUT=${OUT:-/tmp/gpu_7b_tiny}
   LIMIT_S=600  # a loaded CPU, not the device's budget
-  MEMORY=(--presets llama_9m --tokens 64 --layers 1 --variants "${VARIANTS%%,*}")  # the first variant only
+  MEMORY=(--presets llama_9m --tokens 64 --layers 2 --variants "${VARIANTS%%,*}")  # the first variant only
   REFRESH=(--preset llama_9m --layers 1 --exact_layers 1 --direct_layers 1)
   TRAIN=(--config configs/tiny.py --steps 2 --batch_size 2 --max_bytes 100000 --set model.num_hidden_layers=1
          --workdir "$OUT/train_workdir")
@@ -38,7 +40,7 @@ else
   REFRESH=(--preset llama_7b --layers 32 --exact_layers 4 --direct_layers 1)
   TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1 --workdir /tmp/gpu_7b_train)
 fi
-MEMORY+=(--real_step --out "$OUT/memory-7b-gpu")
+MEMORY+=(--scan_layers --real_step --out "$OUT/memory-7b-gpu")
 REFRESH+=(--fast randomized --skip_quality --skip_train --skip_batch_refresh --repeats 1
           --out "$OUT/refresh-gpu-llama_7b.json")
 TRAIN+=(--out "$OUT/train-gpu-llama7b.json")

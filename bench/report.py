@@ -160,13 +160,14 @@ def memory_section() -> list[str]:
     if isinstance(r, list):  # the GPU list of bench/memory.py --real_step
       lines += ["**Memory of one real step on the GPU**", "",
                 "| model | variant | tokens | analytic total (dry run) | XLA peak (GPU compile) | "
-                "device peak (real step) |",
-                "|---|---|---|---|---|---|"]
+                "in use before the step | device peak (real step) |",
+                "|---|---|---|---|---|---|---|"]
       gb = lambda x, key: f"{x[key]:.2f} GB" if x.get(key) is not None else "–"
       for x in r:
         peak = gb(x, "device_peak_gb") if x.get("device_peak_gb") is not None else x.get("error", "–")
-        lines.append(f"| {x.get('preset')} | {x.get('variant')} | {x.get('tokens')} | {gb(x, 'analytic_total_gb')} | "
-                     f"{gb(x, 'xla_peak_gb')} | {peak} |")
+        variant = x.get("variant", "") + (", scanned layers" if x.get("scan_layers") else "")
+        lines.append(f"| {x.get('preset')} | {variant} | {x.get('tokens')} | {gb(x, 'analytic_total_gb')} | "
+                     f"{gb(x, 'xla_peak_gb')} | {gb(x, 'device_in_use_before_step_gb')} | {peak} |")
       lines += ["", provenance(path, r[0]) if r else "", ""]
       continue
     if path.endswith("-full.json"):

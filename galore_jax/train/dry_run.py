@@ -137,12 +137,15 @@ def dry_run(cfg, *, compile: bool = True, real_step: bool | None = None) -> dict
     report.update(xla_argument_gb=arg / GB, xla_output_gb=out / GB, xla_alias_gb=alias / GB, xla_temp_gb=temp / GB,
                   xla_peak_gb=(arg + out - alias + temp) / GB)
   if real_step if real_step is not None else jax.default_backend() == "gpu":
-    report["device_peak_gb"] = _one_real_step(cfg, compiled, tx) / GB
+    in_use_before, peak = _one_real_step(cfg, compiled, tx)
+    report.update(device_in_use_before_step_gb=in_use_before / GB, device_peak_gb=peak / GB)
   return report
 
 
-def _one_real_step(cfg, compiled, tx) -> int:
-  """Peak bytes in use on the device after one real step on random weights and tokens."""
+def _one_real_step(cfg, compiled, tx) -> tuple[int, int]:
+  """Bytes in use on the device before one real step on random weights and tokens (the weights and the
+  optimizer state), and the peak bytes in use after it. The peak counts from the process's start, so the first
+  figure shows whether it could be the initialisation's rather than the step's."""
   model = config.build_model(cfg, cfg.seed)
   params = steps.params_of(model)
   del model
@@ -154,10 +157,16 @@ def _one_real_step(cfg, compiled, tx) -> int:
            "targets": rng.integers(0, vocab, shape, dtype=np.int32),
            "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
+  jax.block_until_ready((params, opt_state))
+  in_use_before = _memory_stats().get("bytes_in_use", 0)
   params, opt_state, metrics = compiled(params, opt_state, batch)  # the step compiled above, not a second compile
   jax.block_until_ready(metrics)
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use", 0)
+  return in_use_before, _memory_stats().get("peak_bytes_in_use", 0)
+
+
+def _memory_stats() -> dict[str, int]:
+  """The first device's allocator statistics (empty where the backend keeps none, as on CPU)."""
+  return jax.devices()[0].memory_stats() or {}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -168,6 +177,7 @@ def format_report(report: dict[str, Any]) -> str:
           ("activations (estimate)", "activations_estimate_gb"), ("analytic total", "analytic_total_gb"),
           ("XLA arguments", "xla_argument_gb"), ("XLA outputs", "xla_output_gb"), ("XLA aliased", "xla_alias_gb"),
           ("XLA temporaries", "xla_temp_gb"), ("XLA peak (args+out-alias+temp)", "xla_peak_gb"),
+          ("device in use before the real step", "device_in_use_before_step_gb"),
           ("device peak, one real step", "device_peak_gb")]
   lines = [f"{report['preset']} · {report['optimizer']}" + (f" r={report['rank']}" if report["rank"] else "") +
            f" · {report['tokens_per_step']} tokens/step ({report['tokens_per_micro_batch']} per micro-batch) · "

@@ -201,6 +201,23 @@ def test_tiny_quality_counts_only_the_eval_at_the_last_step(tmp_path):
   assert tiny_quality.parse([]).steps == tiny_quality.STEPS == 400
 
 
+def test_report_renders_the_gpu_memory_list_with_the_layout_and_failures(tmp_path, monkeypatch):
+  """memory-7b-gpu.json (bench/memory.py --real_step's flat list): one row per variant, its stacked layers named,
+  the bytes in use before the step beside the peak, and a variant that failed shows its error."""
+  rows = [{"preset": "llama_7b", "variant": "galore_adamw_8bit + layerwise", "scan_layers": True, "tokens": 256,
+           "analytic_total_gb": 19.76, "xla_peak_gb": 21.5, "device_in_use_before_step_gb": 19.1,
+           "device_peak_gb": 20.25, "date": "2026-12-07", "command": "python -m bench.memory"},
+          {"preset": "llama_7b", "variant": "adamw (bf16 states)", "scan_layers": True, "tokens": 256,
+           "error": "RESOURCE_EXHAUSTED: Out of memory", "date": "2026-12-07", "command": "python -m bench.memory"}]
+  (tmp_path / "memory-7b-gpu.json").write_text(json.dumps(rows))
+  monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+  text = "\n".join(report.memory_section())
+  assert "| llama_7b | galore_adamw_8bit + layerwise, scanned layers | 256 | 19.76 GB | 21.50 GB | 19.10 GB | " \
+         "20.25 GB |" in text
+  assert "| llama_7b | adamw (bf16 states), scanned layers | 256 | – | – | – | RESOURCE_EXHAUSTED: Out of memory |" \
+         in text
+
+
 def test_report_renders_every_committed_result_between_the_markers(tmp_path):
   page = tmp_path / "performance.md"
   intro = "# Performance\n\nHand-written intro.\n\n"
@@ -223,6 +240,7 @@ def test_gpu_7b_runs_every_part_on_tiny_shapes(tmp_path):
   assert done.returncode == 0 and done.stdout.count(": exit code 0 at") == 3, done.stdout[-3000:] + done.stderr[-3000:]
   flat = json.load(open(tmp_path / "memory-7b-gpu.json"))  # tiny: the first variant (the full list: test_arguments)
   assert [r["variant"] for r in flat] == ["galore_adamw_8bit + layerwise"] and flat[0]["layerwise"]
+  assert flat[0]["scan_layers"] and flat[0]["device_in_use_before_step_gb"] == 0  # CPU keeps no allocator stats
   assert all("device_peak_gb" in r and r["analytic_total_gb"] > 0 and r["tokens"] == 64 for r in flat)
   assert json.load(open(tmp_path / "memory-7b-gpu-full.json"))["command"].startswith("python -m bench.memory")
   final = json.load(open(tmp_path / "refresh-gpu-llama_7b.json"))["final"]

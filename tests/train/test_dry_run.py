@@ -3,6 +3,7 @@ of the step compiled on abstract shapes; the promised keys and exact state bytes
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,24 @@ def test_report_has_the_promised_keys_and_exact_state_bytes():
       report["moments_low_rank_gb"] + report["projector_bases_gb"] + report["full_rank_states_gb"])
   assert report["xla_peak_gb"] > report["weights_gb"]
   assert "device_peak_gb" not in report  # CPU: no real step
+
+
+def test_real_step_reports_the_bytes_in_use_before_it_and_the_peak_after_it(monkeypatch):
+  """The allocator's figures (a GPU's; CPU keeps none, so they are scripted here): bytes in use from the first
+  read (before the step), the peak from the second (after it), both in the printed report."""
+  reads = []
+
+  def stats():
+    reads.append(len(reads))
+    return {"bytes_in_use": 5 * 10**9, "peak_bytes_in_use": 7 * 10**9} if len(reads) == 1 else \
+           {"bytes_in_use": 0, "peak_bytes_in_use": 9 * 10**9}
+
+  monkeypatch.setattr(dry_run, "_memory_stats", stats)
+  report = dry_run.dry_run(small_config(), real_step=True)
+  assert reads == [0, 1]
+  assert (report["device_in_use_before_step_gb"], report["device_peak_gb"]) == (5.0, 9.0)
+  assert re.search(r"\n  device in use before the real step +5\.00 GB\n  device peak, one real step +9\.00 GB",
+                   dry_run.format_report(report))
 
 
 @pytest.mark.parametrize("name,rank", [("fira_adamw", 64), ("apollo_adamw", 64), ("apollo_mini", 1)])
