@@ -131,7 +131,7 @@ def test_gpu_7b_default_commands_parse():
       assert args.presets == ["llama_7b"] and args.tokens == 256 and args.real_step and args.layers is None
       assert args.scan_layers  # unrolled, the layerwise 7B step compiles for ~15 min (compile-7b-cpu.json)
       assert args.variants == ["galore_adamw_8bit + layerwise", "galore_adamw (fp32 states) + layerwise",
-                               "adamw (bf16 states)"]
+                               "adamw (bf16 states)", "galore_adamw (bf16 states)"]
     elif module == "bench.refresh":
       assert (args.preset, args.layers, args.exact_layers, args.direct_layers, args.rank) == ("llama_7b", 32, 4, 1,
                                                                                                1024)
