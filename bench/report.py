@@ -262,6 +262,20 @@ def xla_peak_section() -> list[str]:
   return lines
 
 
+def skip_nonfinite_section() -> list[str]:
+  lines = []
+  for path, r in load("skip_nonfinite-*.json"):
+    rows = [[x["preset"], str(x["layers"]), x["layout"], x["variant"], gb(x["unguarded_temp_gb"], ".3f"),
+             f"{x['select_extra_gb']:+.3f} GB", f"{x['cond_extra_gb']:+.3f} GB", gb(x["select_peak_gb"])]
+            for x in r["results"]]
+    lines += [f"**What skipping non-finite steps costs** ({r['tokens_per_step']} tokens, bf16 weights, XLA's "
+              f"temporaries of the {r['backend'].upper()} compile: unguarded, and the extra of each guard)", ""]
+    lines += table(["model", "layers", "layout", "variant", "unguarded", "select (default)", "lax.cond",
+                    "peak with the select"], rows)
+    lines += footer(path, r)
+  return lines
+
+
 def family_memory_section() -> list[str]:
   lines = []
   for path, r in load("family_memory-*.json"):
@@ -340,8 +354,8 @@ def data_pipeline_section() -> list[str]:
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
-          + xla_peak_section() + family_memory_section() + quantized_bases_section() + step_time_section()
-          + data_pipeline_section())
+          + xla_peak_section() + skip_nonfinite_section() + family_memory_section() + quantized_bases_section()
+          + step_time_section() + data_pipeline_section())
 
 
 def render(page: str, body: list[str]) -> str:

@@ -27,10 +27,15 @@ GB = 1e9
 
 def parse_case(text: str) -> tuple[str, int, str]:
   """``"llama_7b:8:unrolled"`` -> ``("llama_7b", 8, "unrolled")``; a one-line error for anything else."""
+  from galore_jax.models import llama
+
   parts = text.split(":")
   if len(parts) != 3 or parts[0] not in common.PRESETS or not parts[1].isdigit() or parts[2] not in LAYOUTS:
     common.fail(f"--cases {text!r} is not preset:layers:layout (a preset of bench/common.py, layers 0 for all, "
                 f"layout {' or '.join(LAYOUTS)})")
+  most = llama.PRESETS[parts[0]].num_hidden_layers
+  if int(parts[1]) > most:
+    common.fail(f"--cases {text!r}: {parts[0]} has {most} layers")
   return parts[0], int(parts[1]), parts[2]
 
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from bench import common, compile_time, exact_refresh, memory, refresh, speed, step_time, tiny_quality
+from bench import common, compile_time, exact_refresh, memory, refresh, skip_nonfinite, speed, step_time, tiny_quality
 
 SCRIPTS = ["compile_7b", "compile_time", "data_pipeline", "exact_refresh", "family_memory", "memory", "quantized_bases",
-           "refresh", "refresh_parts", "report", "sharding_bytes", "speed", "step_time", "tiny_quality", "train_run",
-           "xla_peak"]
+           "refresh", "refresh_parts", "report", "sharding_bytes", "skip_nonfinite", "speed", "step_time",
+           "tiny_quality", "train_run", "xla_peak"]
 METAVAR = re.compile(r"[A-Z][A-Z_=]*|a,b|.*[<|].*")  # N, PATH, KEY=VALUE, a,b, float32|bfloat16, ...<backend>
 
 
@@ -55,6 +55,7 @@ def test_default_lists_resolve_to_known_names():
   assert exact_refresh.parse([]).rank == 128 and exact_refresh.parse([]).shapes_preset is None
   assert exact_refresh.parse([]).later == 10
   assert memory.parse([]).variants == list(memory.VARIANTS)
+  assert skip_nonfinite.parse([]).cases[-1] == ("llama_7b", 32, "scanned")
   assert compile_time.parse([]).variants == list(compile_time.VARIANTS)
   assert speed.parse([]).only == list(speed.optimizers(common.paper_settings("llama_20m")))
   args = step_time.parse([])
@@ -82,6 +83,10 @@ def test_no_benchmark_name_holds_the_list_separator():
     (speed, ["--tokens", "100"], "error: --tokens 100 is not a positive multiple of --seq_len 256"),
     (step_time, ["--preset", "llama_9m", "--layers", "0"], "error: --layers 0 is not within 1..4 (llama_9m)"),
     (compile_time, ["--vocab", "0"], "error: argument --vocab: must be at least 1, got 0"),
+    (skip_nonfinite, ["--cases", "llama_7b:8"], "error: --cases 'llama_7b:8' is not preset:layers:layout (a preset"),
+    (skip_nonfinite, ["--cases", "llama_9m:5:scanned"], "error: --cases 'llama_9m:5:scanned': llama_9m has 4 layers"),
+    (skip_nonfinite, ["--variants", "galore_adamw_8bit + layerwise"],
+     "error: unknown variant 'galore_adamw_8bit + layerwise'; choose from "),
 ])
 def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
   with pytest.raises(SystemExit, match="^2$"):

@@ -23,6 +23,7 @@ from bench import (
     refresh_parts,
     report,
     sharding_bytes,
+    skip_nonfinite,
     tiny_quality,
 )
 
@@ -69,6 +70,23 @@ def test_memory_analytic_total_is_the_sum_of_its_parts(tmp_path):
     assert r["optimizer_state_gb"] == pytest.approx(r["moments_low_rank_gb"] + r["projector_bases_gb"] +
                                                     r["full_rank_states_gb"])
   assert galore["gradients_gb"] < adamw["gradients_gb"] and galore["optimizer_state_gb"] < adamw["optimizer_state_gb"]
+
+
+def test_skipping_nonfinite_steps_by_a_select_adds_no_temporaries_at_7b_width(tmp_path):
+  """bench.skip_nonfinite's figures, and the reason train.nonfinite="skip" selects after the update: at Llama-7B
+  width (2 layers, AdamW) the select's step needs the unguarded step's temporaries (a lax.cond around the update
+  needs 1.9 GB more on CPU)."""
+  out = tmp_path / "skip.json"
+  record = skip_nonfinite.main(["--cases", "llama_9m:2:scanned", "llama_7b:2:unrolled", "--variants",
+                                "adamw (bf16 states)", "--out", str(out)])
+  assert json.load(open(out))["results"] == record["results"]
+  tiny, wide = record["results"]
+  assert (tiny["preset"], tiny["layers"], tiny["layout"]) == ("llama_9m", 2, "scanned")
+  for r in record["results"]:
+    for guard in ("select", "cond"):
+      assert r[f"{guard}_extra_gb"] == pytest.approx(r[f"{guard}_temp_gb"] - r["unguarded_temp_gb"])
+      assert r[f"{guard}_peak_gb"] > r["params_gb"] + r["optimizer_state_gb"]
+  assert wide["unguarded_temp_gb"] > 1 and wide["select_extra_gb"] <= 0.01 * wide["unguarded_temp_gb"]
 
 
 def test_family_memory_splits_each_state_into_its_parts(tmp_path):
