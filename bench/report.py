@@ -174,7 +174,8 @@ def memory_section() -> list[str]:
       continue
     fit = next((k for x in r["results"] for k in x if k.startswith("tokens_in_")), None)
     fit_header = f" tokens in {fit[len('tokens_in_'):-2]} GB |" if fit else ""
-    lines += ["**Memory at 256 tokens/step (dry run: nothing allocated)**", "",
+    stacked = "; layers stacked, one lax.scan" if any(x.get("scan_layers") for x in r["results"]) else ""
+    lines += [f"**Memory at 256 tokens/step (dry run: nothing allocated{stacked})**", "",
               "| model | optimizer | optimizer state | gradients alive | analytic total | XLA peak |" + fit_header,
               "|---|---|---|---|---|---|" + ("---|" if fit else "")]
     for x in r["results"]:
