@@ -21,6 +21,7 @@ GUARDS = ("unguarded", "select", "cond")
 LAYOUTS = ("unrolled", "scanned")
 DEFAULT_CASES = ["llama_60m:0:unrolled", "llama_1b:0:unrolled", "llama_7b:2:unrolled", "llama_7b:8:unrolled",
                  "llama_7b:32:scanned"]
+PLAIN_VARIANTS = [v for v in memory.VARIANTS if not memory.VARIANTS[v].get("layerwise")]  # the whole-tree step's
 DEFAULT_VARIANTS = ["adamw (bf16 states)", "galore_adamw (bf16 states)", "galore_adamw (fp32 states)"]
 GB = 1e9
 
@@ -70,9 +71,8 @@ def compile_guards(preset: str, layers: int, layout: str, variant: str) -> dict:
 def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
   ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="preset:layers:layout ...")
-  plain = [v for v in memory.VARIANTS if not memory.VARIANTS[v].get("layerwise")]
   ap.add_argument("--variants", default=common.SEPARATOR.join(DEFAULT_VARIANTS),
-                  help="comma-separated subset of: " + ", ".join(plain))
+                  help="comma-separated subset of: " + ", ".join(PLAIN_VARIANTS))
   ap.add_argument("--out", default=None, help="default bench/results/skip_nonfinite-<backend>.json")
   return ap
 
@@ -80,8 +80,7 @@ def parser() -> common.ArgumentParser:
 def parse(argv: list[str]):
   args = parser().parse_args(argv)
   args.cases = [parse_case(c) for c in args.cases]
-  plain = [v for v in memory.VARIANTS if not memory.VARIANTS[v].get("layerwise")]
-  args.variants = common.choose(args.variants, plain, "variant")
+  args.variants = common.choose(args.variants, PLAIN_VARIANTS, "variant")
   return args
 
 
