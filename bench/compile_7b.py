@@ -1,6 +1,6 @@
 """Compile time and XLA memory of the Llama-7B train step on abstract shapes (nothing allocated), per optimizer.
 
-  python -m bench.compile_7b [--layers N] [--variants NAME ...] [--repeats R] [--out PATH]
+  python -m bench.compile_7b [--layers N] [--variants NAME ...] [--repeats R] [--configured_batch] [--out PATH]
 
 The step is the app's (``galore_jax.train.steps.make_steps``) with ``configs/llama7b.py``'s settings (bf16
 weights and states, remat, rank 1024, T 500, clipping 1.0) at 256 tokens per step (one sequence, no
@@ -12,7 +12,10 @@ Per variant: ``trace_lower_s`` (tracing to StableHLO), ``compile_s`` (XLA), thei
 ``ratio_to_adamw`` (with ``--repeats R``: the variants run round-robin R times, each reports its median round and
 ``total_s_rounds``), and XLA's memory analysis (arguments, outputs, aliased, temporaries; peak = args + out -
 alias + temp). ``--layers N`` keeps the first N of the 32 layers (a quick check; the file gets ``-Nlayers``).
-Writes ``bench/results/compile-7b-<backend>[-Nlayers].json``.
+``--configured_batch`` keeps the config's own batch instead, as ``train.py`` runs it: 512 sequences in 64
+micro-batches of 8 (131,072 tokens per step, the micro-batches summed by a ``lax.scan``); the file gets
+``-configured``. The variants name their layer layout (``model.scan_layers``) whatever the config's default.
+Writes ``bench/results/compile-7b-<backend>[-Nlayers][-configured].json``.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import time
 
 from bench import common
 
-# name -> config changes on top of configs/llama7b.py at 256 tokens per step
+# name -> config changes on top of configs/llama7b.py at 256 tokens per step (or its own batch)
+UNROLLED = {"scan_layers": False}
 VARIANTS = {
-    "adamw": dict(optimizer={"name": "adamw"}),
-    "galore_adamw": dict(optimizer={"name": "galore_adamw"}),
-    "galore_adamw_8bit + layerwise": dict(optimizer={"name": "galore_adamw_8bit"}, train={"layerwise": True}),
+    "adamw": dict(optimizer={"name": "adamw"}, model=UNROLLED),
+    "galore_adamw": dict(optimizer={"name": "galore_adamw"}, model=UNROLLED),
+    "galore_adamw_8bit + layerwise": dict(optimizer={"name": "galore_adamw_8bit"}, train={"layerwise": True},
+                                          model=UNROLLED),
     "adamw (scanned)": dict(optimizer={"name": "adamw"}, model={"scan_layers": True}),
     "galore_adamw (scanned)": dict(optimizer={"name": "galore_adamw"}, model={"scan_layers": True}),
     "galore_adamw_8bit + layerwise (scanned)": dict(optimizer={"name": "galore_adamw_8bit"}, train={"layerwise": True},
@@ -39,11 +44,12 @@ VARIANTS = {
 GB = 1e9
 
 
-def config_for(variant: str, layers: int | None):
+def config_for(variant: str, layers: int | None, configured_batch: bool = False):
   from configs import llama7b
 
   cfg = llama7b.get_config()
-  cfg.train.batch_size, cfg.train.grad_accum = 1, 1  # 256 tokens per step
+  if not configured_batch:
+    cfg.train.batch_size, cfg.train.grad_accum = 1, 1  # 256 tokens per step
   if layers:
     cfg.model.num_hidden_layers = layers
   for section, values in VARIANTS[variant].items():
@@ -51,21 +57,21 @@ def config_for(variant: str, layers: int | None):
   return cfg
 
 
-def measure(variant: str, layers: int | None) -> dict:
+def measure(variant: str, layers: int | None, configured_batch: bool = False) -> dict:
   """Trace, lower and compile one variant's train step; its times and XLA's memory figures."""
   import jax
   from flax import nnx
 
   from galore_jax.train import config, dry_run, steps
 
-  cfg = config_for(variant, layers)
+  cfg = config_for(variant, layers, configured_batch)
   config.validate(cfg)
   start = time.perf_counter()
   abstract = config.abstract_model(cfg)
   params = steps.params_of(abstract)
   tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
-  step = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=1, packed=cfg.data.packing,
+  step = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                           report_overlap=cfg.optimizer.name.startswith("galore"),
                           layerwise_updates=cfg.train.layerwise).train
   lowered = step.lower(params, opt_state, dry_run.abstract_batch(cfg))
@@ -81,9 +87,10 @@ def measure(variant: str, layers: int | None) -> dict:
           "loadavg_1min_after": os.getloadavg()[0]}
 
 
-def run_variant(variant: str, layers: int | None) -> dict:
+def run_variant(variant: str, layers: int | None, configured_batch: bool = False) -> dict:
   """``measure`` in a fresh process: no tracing or compilation cache shared between variants."""
   cmd = [sys.executable, "-m", "bench.compile_7b", "--one", variant] + (["--layers", str(layers)] if layers else [])
+  cmd += ["--configured_batch"] if configured_batch else []
   result = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
   if result.returncode:
     raise RuntimeError(f"{variant}: {result.stderr[-2000:]}")
@@ -103,6 +110,8 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   ap.add_argument("--repeats", type=common.int_within(1), default=1,
                   help="rounds over the variants; each reports its median round")
+  ap.add_argument("--configured_batch", action="store_true",
+                  help="the config's own batch (64 micro-batches of 8 x 256 tokens), not 256 tokens per step")
   ap.add_argument("--out", default=None)
   ap.add_argument("--one", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
   return ap
@@ -112,13 +121,13 @@ def main(argv: list[str] | None = None) -> dict | None:
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
   if args.one:
-    print(json.dumps(measure(args.one, args.layers)))
+    print(json.dumps(measure(args.one, args.layers, args.configured_batch)))
     return None
   variants = ["adamw"] + [v for v in args.variants if v != "adamw"]
   rounds = {name: [] for name in variants}
   for _ in range(args.repeats):  # round-robin: load from other processes hits every variant alike
     for name in variants:
-      rounds[name].append(r := run_variant(name, args.layers))
+      rounds[name].append(r := run_variant(name, args.layers, args.configured_batch))
       print(f"{name:<42} trace+lower {r['trace_lower_s']:7.1f} s  compile {r['compile_s']:7.1f} s  "
             f"temp {r['xla_temp_gb']:6.2f} GB  peak {r['xla_peak_gb']:6.2f} GB", flush=True)
   results = {name: {**sorted(rs, key=lambda r: r["total_s"])[len(rs) // 2],
@@ -126,10 +135,13 @@ def main(argv: list[str] | None = None) -> dict | None:
              for name, rs in rounds.items()}
   for r in results.values():
     r["ratio_to_adamw"] = r["total_s"] / results["adamw"]["total_s"]
+  cfg = config_for("adamw", args.layers, args.configured_batch)
+  batch = (f"train.batch_size={cfg.train.batch_size}, train.grad_accum={cfg.train.grad_accum}" if args.configured_batch
+           else "train.batch_size=1, train.grad_accum=1")
   record = {**common.provenance(__spec__.name, argv), "commit": commit(), "preset": "llama_7b",
-            "layers": args.layers or 32, "tokens_per_step": 256,
-            "config": "configs/llama7b.py with train.batch_size=1, train.grad_accum=1", "results": results}
-  suffix = f"-{args.layers}layers" if args.layers else ""
+            "layers": args.layers or 32, "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
+            "micro_batches": cfg.train.grad_accum, "config": f"configs/llama7b.py with {batch}", "results": results}
+  suffix = (f"-{args.layers}layers" if args.layers else "") + ("-configured" if args.configured_batch else "")
   common.write_json(args.out or os.path.join(common.RESULTS, f"compile-7b-{record['backend']}{suffix}.json"), record)
   print(json.dumps({k: round(v["ratio_to_adamw"], 2) for k, v in results.items()}))
   return record
