@@ -10,7 +10,7 @@
 #   memory  MEMORY_S=200  Llama-7B, 256 tokens per step, one real step each of galore_adamw_8bit + layerwise,
 #                         galore_adamw (fp32 states) + layerwise, bf16 AdamW and, if the time limit allows,
 #                         galore_adamw with bf16 states (no layerwise), each in its own process, layers
-#                         stacked as in configs/llama7b_24gb.py (unrolled, the layerwise step alone takes ~15 min
+#                         stacked as in both 7B configs (unrolled, the layerwise step alone takes ~15 min
 #                         to compile on a CPU): the device's peak (memory_stats) beside the dry run's analytic
 #                         figure -> memory-7b-gpu.json
 #   refresh REFRESH_S=90  the full Llama-7B refresh (224 matrices, r = 1024): randomized first, then exact

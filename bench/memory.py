@@ -13,7 +13,7 @@ each variant runs in its own process and also reports device_peak_gb of one real
 beside the dry run's analytic total and XLA's peak; <out>.json is then the flat list and <out>-full.json the full
 record. The files are rewritten after each variant: a time limit keeps the variants that finished.
 
---scan_layers stacks the layers (``model.scan_layers``, one ``lax.scan``), as ``configs/llama7b_24gb.py`` does:
+--scan_layers stacks the layers (``model.scan_layers``, one ``lax.scan``), as both 7B configs do:
 the layerwise step then sweeps the stack in one scan instead of unrolling every layer, and a Llama-7B step
 compiles in well under a minute instead of ~15 minutes (``bench/results/compile-7b-cpu.json``), which is what
 lets the device script's real steps finish within their time limit.
@@ -125,7 +125,7 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--real_step", action="store_true", help="also run one real step per variant (GPU), each in "
                   "its own process, for device_peak_gb")
   ap.add_argument("--scan_layers", action="store_true", help="stacked layers run by lax.scan (model.scan_layers), "
-                  "as configs/llama7b_24gb.py: a 7B step compiles in under a minute")
+                  "as the 7B configs: a 7B step compiles in under a minute")
   ap.add_argument("--analytic_only", action="store_true", help="the analytic figures only: nothing compiled")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--out", default=None, help="default bench/results/memory-<backend> (.json, .png)")

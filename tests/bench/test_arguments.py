@@ -160,6 +160,18 @@ def test_gpu_7b_returns_when_its_last_part_ends(tmp_path):
   assert time.monotonic() - start < 20
 
 
+@pytest.mark.parametrize("variant, stacked", [("adamw", False), ("galore_adamw_8bit + layerwise", False),
+                                              ("galore_adamw (scanned)", True)])
+@pytest.mark.parametrize("configured_batch", [False, True])
+def test_compile_7b_variants_name_their_layout_whatever_the_configs(variant, stacked, configured_batch):
+  from bench import compile_7b
+
+  cfg = compile_7b.config_for(variant, None, configured_batch)
+  assert cfg.model.scan_layers is stacked  # not the config's default: the unrolled rows stay unrolled
+  batch = (cfg.train.batch_size, cfg.train.grad_accum)
+  assert batch == ((512, 64) if configured_batch else (1, 1)) and cfg.data.seq_len == 256
+
+
 def test_ranks_and_settings_come_from_the_paper_configs():
   from configs import llama1b, llama7b
 

@@ -14,6 +14,7 @@ import pytest
 
 from bench import (
     common,
+    compile_7b,
     compile_time,
     data_pipeline,
     exact_refresh,
@@ -55,6 +56,18 @@ def test_compile_time_ratios_are_against_adamw(tmp_path):
   assert record["command"] == "python -m bench.compile_time --preset llama_9m --vocab 64 --seq_len 8 --variants " \
                               "'galore svd' --out " + str(out)
   assert {"jax", "jaxlib", "optax", "flax", "python"} <= set(record["versions"])
+
+
+def test_compile_7b_at_the_configured_batch_compiles_its_micro_batch_loop(tmp_path):
+  out = tmp_path / "compile-7b.json"
+  record = compile_7b.main(["--layers", "1", "--configured_batch", "--variants", "adamw", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  assert (record["tokens_per_step"], record["micro_batches"]) == (512 * 256, 64)
+  assert record["config"] == "configs/llama7b.py with train.batch_size=512, train.grad_accum=64"
+  adamw = record["results"]["adamw"]
+  assert adamw["ratio_to_adamw"] == 1.0 and adamw["total_s"] == adamw["total_s_rounds"][0]
+  # the 64 micro-batches run one at a time: the temporaries hold one micro-batch's bf16 logits, not all 64's
+  assert 8 * 256 * 32000 * 2 / 1e9 < adamw["xla_temp_gb"] < 64 * 8 * 256 * 32000 * 2 / 1e9
 
 
 def test_memory_analytic_total_is_the_sum_of_its_parts(tmp_path):
