@@ -9,8 +9,8 @@ def get_config():
   # One GPU: bf16 weights and states, the reference's clipping for 7B. See docs/training.md "Llama-7B on one GPU".
   c.train.grad_clip = 1.0
   c.model.remat = True
-  # Layers stacked and run by one lax.scan, as in llama7b_24gb.py: XLA compiles one layer, not 32 (this step in 12 s
-  # instead of 61 s on a CPU, bench/results/compile-7b-cpu-configured.json), and GaLore projects each kernel type
+  # Layers stacked and run by one lax.scan, as in llama7b_24gb.py: XLA compiles one layer, not 32 (this step in 8.7 s
+  # instead of 55.8 s on a CPU, bench/results/compile-7b-cpu-configured.json), and GaLore projects each kernel type
   # of all 32 layers in one batched matmul. The optimizer takes the same steps as with unrolled layers.
   c.model.scan_layers = True
   # Not the direct SVD: on a GPU jnp.linalg.svd is cuSOLVER's QR-based gesvd for these sizes, 318-559 ms per llama_1b

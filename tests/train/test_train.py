@@ -219,6 +219,33 @@ def test_mismatched_checkpoint_is_refused_and_left_intact(tmp_path, corpus, fini
   assert sorted(p for p in (workdir / "checkpoints").rglob("*")) == before
 
 
+def test_checkpoint_of_the_other_layers_layout_names_the_flag_to_resume_with(tmp_path, corpus, finished_run):
+  import shutil
+
+  workdir = tmp_path / "stacked"
+  shutil.copytree(finished_run, workdir)
+  result = run(train_cmd(str(workdir), corpus, "--config.model.scan_layers=True", steps=60))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: checkpoint params has its layers unrolled and the config builds them stacked (model.scan_layers=True): "
+      f"resume with --config.model.scan_layers=False, the layout the run was trained with (workdir {workdir})")
+
+
+@pytest.mark.parametrize("saved_stacked", [True, False])
+def test_layers_layout_mismatch_is_named_before_any_leaf(saved_stacked):
+  import jax
+
+  from galore_jax.train import checkpoint
+
+  kernel = jax.ShapeDtypeStruct((4, 4), "float32")
+  stacked = {"layers": {"attn": {"kernel": jax.ShapeDtypeStruct((2, 4, 4), "float32")}}}
+  unrolled = {"layers": {"0": {"attn": {"kernel": kernel}}, "1": {"attn": {"kernel": kernel}}}}
+  saved, target = (stacked, unrolled) if saved_stacked else (unrolled, stacked)
+  with pytest.raises(checkpoint.CheckpointMismatch, match=f"resume with --config.model.scan_layers={saved_stacked},"):
+    checkpoint.check_compatible("params", saved, target)
+  checkpoint.check_compatible("params", saved, saved)  # the same layout: nothing to say
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
   import shutil
 
