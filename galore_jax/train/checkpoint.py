@@ -117,6 +117,9 @@ def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   return {path_str(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in flat}
 
 
+_LAYERS = re.compile(r"(?:^|/)layers/([^/]+)/")  # a parameter path's layer index, or its first name if stacked
+
+
 def _layers_layout(paths) -> str | None:
   """``"unrolled"`` (``layers/0/...``), ``"stacked"`` (``layers/attn/...``, ``model.scan_layers``) or None."""
   for path in paths:
@@ -126,19 +129,17 @@ def _layers_layout(paths) -> str | None:
   return None
 
 
-_LAYERS = re.compile(r"(?:^|/)layers/([^/]+)/")
-
-
 def check_compatible(item: str, saved, target) -> None:
-  """Raise :class:`CheckpointMismatch` naming the first leaf whose path, shape or dtype differs, or the layers'
-  layout when the checkpoint's is not the config's (a checkpoint keeps the layout it was trained with)."""
+  """Raise :class:`CheckpointMismatch` naming the first leaf whose path, shape or dtype differs; for the
+  parameters, first the layers' layout when the checkpoint's (the one it was trained with) is not the config's."""
   saved_shapes, target_shapes = _flat_shapes(saved), _flat_shapes(target)
-  saved_layout, target_layout = _layers_layout(saved_shapes), _layers_layout(target_shapes)
-  if saved_layout and target_layout and saved_layout != target_layout:
-    raise CheckpointMismatch(
-        f"checkpoint {item} has its layers {saved_layout} and the config builds them {target_layout} "
-        f"(model.scan_layers={target_layout == 'stacked'}): resume with "
-        f"--config.model.scan_layers={saved_layout == 'stacked'}, the layout the run was trained with")
+  if item == "params":  # only parameter paths tell the layout: in an optimizer state "layers/0/" may be a chain index
+    saved_layout, target_layout = _layers_layout(saved_shapes), _layers_layout(target_shapes)
+    if saved_layout and target_layout and saved_layout != target_layout:
+      raise CheckpointMismatch(
+          f"checkpoint params has its layers {saved_layout} and the config builds them {target_layout} "
+          f"(model.scan_layers={target_layout == 'stacked'}): resume with "
+          f"--config.model.scan_layers={saved_layout == 'stacked'}, the layout the run was trained with")
   for path, (shape, dtype) in target_shapes.items():
     if path not in saved_shapes:
       raise CheckpointMismatch(f"checkpoint {item} lacks {path} {shape} that the config builds")

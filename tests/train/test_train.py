@@ -244,6 +244,9 @@ def test_layers_layout_mismatch_is_named_before_any_leaf(saved_stacked):
   with pytest.raises(checkpoint.CheckpointMismatch, match=f"resume with --config.model.scan_layers={saved_stacked},"):
     checkpoint.check_compatible("params", saved, target)
   checkpoint.check_compatible("params", saved, saved)  # the same layout: nothing to say
+  # an optimizer state's "layers/0/" can be a chain index over stacked layers: its leaves are compared, no layout
+  with pytest.raises(checkpoint.CheckpointMismatch, match="^checkpoint opt_state lacks layers/"):
+    checkpoint.check_compatible("opt_state", saved, target)
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path, corpus, finished_run):
