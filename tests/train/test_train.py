@@ -53,6 +53,7 @@ APOLLO = ("--config.optimizer.name=apollo_adamw",)  # random projections re-draw
 # exact SVD until step 15, then Haar bases drawn from step keys; first moment carried at each refresh
 GOLORE = ("--config.optimizer.name=golore_adamw", "--config.optimizer.golore_switch_step=15")
 Q_GALORE = ("--config.optimizer.name=q_galore_adamw",)  # int4 codes + scales, adaptive gap schedule
+STACKED = ("--config.model.scan_layers=True",)  # both 7B configs' layout: [L, ...] parameters and state, one lax.scan
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,11 @@ def finished_q_galore_run(tmp_path_factory, corpus):
   return finish(tmp_path_factory, corpus, *Q_GALORE)
 
 
+@pytest.fixture(scope="module")
+def finished_stacked_run(tmp_path_factory, corpus):
+  return finish(tmp_path_factory, corpus, *STACKED)
+
+
 def test_loss_goes_down_and_metrics_are_complete(finished_run):
   train, evals = train_lines(finished_run)
   assert [r["step"] for r in train] == list(range(1, 41))
@@ -90,7 +96,8 @@ def test_loss_goes_down_and_metrics_are_complete(finished_run):
 
 
 @pytest.mark.parametrize("reference_run,extra", [("finished_run", ()), ("finished_apollo_run", APOLLO),
-                                               ("finished_golore_run", GOLORE), ("finished_q_galore_run", Q_GALORE)])
+                                               ("finished_golore_run", GOLORE), ("finished_q_galore_run", Q_GALORE),
+                                               ("finished_stacked_run", STACKED)])
 def test_resume_after_sigkill_reproduces_the_loss_series(tmp_path, corpus, request, reference_run, extra):
   finished_run = request.getfixturevalue(reference_run)
   workdir = str(tmp_path / "killed")
@@ -137,7 +144,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, corpus):
   assert steps[-1] == last_step
 
 
-def test_eval_restores_reports_and_exports_to_transformers(tmp_path, finished_run):
+@pytest.mark.parametrize("reference_run", ["finished_run", "finished_stacked_run"])
+def test_eval_restores_reports_and_exports_to_transformers(tmp_path, request, reference_run):
+  finished_run = request.getfixturevalue(reference_run)
   export = str(tmp_path / "hf")
   before = snapshot(pathlib.Path(finished_run))
   result = run([sys.executable, "eval.py", f"--workdir={finished_run}", f"--export_hf={export}",
@@ -153,12 +162,16 @@ def test_eval_restores_reports_and_exports_to_transformers(tmp_path, finished_ru
   torch = pytest.importorskip("torch")
   import transformers
 
+  from galore_jax.train import load_model
+
   model = transformers.AutoModelForCausalLM.from_pretrained(export)
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
   ids = tokenizer("def main():\n    return 0\n", return_tensors="pt")["input_ids"]
   with torch.no_grad():
     logits = model(ids).logits
-  assert logits.shape[-1] == 512 and torch.isfinite(logits).all()
+  assert logits.shape[-1] == 512
+  trained, _ = load_model(finished_run)  # the checkpoint's own model: every layer exported in its place
+  np.testing.assert_allclose(logits.numpy(), np.asarray(trained(ids.numpy())), atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input: exit 2, one line
