@@ -3,13 +3,15 @@
 # cannot starve the rest; every script writes its results file as it goes. A session has 15 min of device
 # time (start-up included) and one command may run 10 min. speed, rows and parts ran on 2026-11-26. The next
 # session with a GPU runs bench/gpu_7b.sh first (Llama-7B memory, refresh and train.py: ~7.5 min), then:
-#   OUT=$OUT bash bench/gpu.sh exact warm scan (second call, ~6 min; then opt if time is left)
+#   OUT=$OUT bash bench/gpu.sh exact exact_parts warm scan (second call; exact and exact_parts first: ~4 min)
 # Parts: speed (llama_1b at 8192 tokens: AdamW, galore_adamw with bf16 states, galore-torch, optax.contrib.galore;
 # SPEED_ONLY="" times every JAX optimizer of bench/speed.py), rows (llama_1b at 256 tokens, llama_350m at 8192
 # and 256: AdamW, galore_adamw with bf16 states, galore-torch; ROWS="preset:tokens:limit_s ..." picks them),
 # parts (each kernel of a llama_1b refresh timed alone, and its finish batched per shape: where the refresh time
 # goes), exact (the full llama_1b refresh, 168 matrices at r = 512: refresh="gram" on all 24 layers beside the
-# direct SVD on one layer, scaled, and the randomized one; issue 18's target for the exact one is 3 s), warm
+# direct SVD on one layer, scaled, and the randomized one; issue 18's target for the exact one is 3 s), exact_parts
+# (where a Llama-7B exact refresh spends its time, per kernel shape: the 4096x4096 Gram matrix, its eigh by syevd
+# and by Jacobi, the QR, the Gram refresh with and without its deflated pass, the direct SVD), warm
 # (llama_1b at 8192 tokens, galore_adamw with the randomized_warm refresh, which has no LU in its sketch, next to
 # the default randomized one and AdamW), scan (llama_1b at 8192 tokens with scanned layers: one
 # batched projection per kernel type instead of one per layer), opt (the optimizer update alone at llama_1b, no
@@ -18,7 +20,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
-PARTS=${*:-speed rows parts exact warm scan opt}
+PARTS=${*:-speed rows parts exact exact_parts warm scan opt}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # jax's persistent cache also turns on XLA's per-fusion GEMM autotune cache: the llama_1b-256 row then reuses the
@@ -50,6 +52,9 @@ for part in $PARTS; do
       timeout ${EXACT_S:-120} python3 -m bench.refresh --preset llama_1b --layers 24 --exact_layers 24 \
         --direct_layers 1 --fast randomized --skip_quality --skip_train --skip_batch_refresh --repeats 1 \
         --out "$OUT/refresh-gpu-llama_1b.json" ;;
+    exact_parts)
+      timeout ${EXACT_PARTS_S:-150} python3 -m bench.refresh_parts --preset llama_7b --parts exact --repeats 3 \
+        --out "$OUT/refresh_parts-gpu-llama_7b-exact.json" ;;
     opt)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${OPT_S:-90} python3 -m bench.step_time --preset llama_1b \
         --dtype bfloat16 --repeats 20 --refresh_repeats 0 --only "galore_jax.galore_adamw bf16 states" \
@@ -63,6 +68,6 @@ for part in $PARTS; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout ${SCAN_S:-150} python3 -m bench.speed --preset llama_1b \
         --tokens 8192 --dtype bfloat16 --steps 5 --scan_layers --only "$HEADLINE" \
         --out "$OUT/speed-gpu-llama_1b-8192-scan.json" ;;
-    *) echo "unknown part: $part (speed, rows, parts, exact, warm, scan, opt; memory and refresh: bench/gpu_7b.sh)" >&2; exit 2 ;;
+    *) echo "unknown part: $part (speed, rows, parts, exact, exact_parts, warm, scan, opt; memory and refresh: bench/gpu_7b.sh)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,6 @@
-"""Where a randomized subspace refresh spends its time: each kernel of one matrix's refresh, timed apart.
+"""Where a subspace refresh spends its time: each kernel of one matrix's refresh, timed apart.
 
-  python -m bench.refresh_parts [--preset llama_1b] [--repeats 5] [--out PATH]
+  python -m bench.refresh_parts [--preset llama_1b] [--repeats 5] [--parts randomized] [--out PATH]
 
 For every distinct GaLore kernel shape of the preset (Flax layout, 'std' sides, the preset's paper rank r,
 k = r + 10 columns) the building blocks of `RandomizedRefresh` are jitted and timed alone on random fp32
@@ -12,7 +12,14 @@ the whole-refresh time over the preset's matrices (one refresh of every basis, d
 galore_jax's looped refresh did before the two-stage refresh); `model_refresh_batched_finish_s` sums, per
 matrix, the sketch (range finder and k×k matrix, one matrix at a time) plus its share of the finish run
 batched as galore batches it (the faster of the default and Jacobi eigh): the two-stage refresh
-that galore_jax now runs. Writes bench/results/refresh_parts-<backend>-<preset>.json.
+that galore_jax now runs.
+
+``--parts exact`` (alone or beside ``randomized``) times the exact refresh's kernels per shape instead: the Gram
+refresh's (``refresh="gram"``) fp32 ``A Aᵀ`` of the short side ``s`` at ``Precision.HIGHEST``, its ``s×s`` eigh
+(default and Jacobi), the long side's QR, the whole Gram refresh with and without its deflated pass, and the
+direct SVD (``refresh="svd"``); ``model_exact_gram_s`` sums the default Gram refresh over the preset's matrices.
+The matrices are Gaussian: a real gradient's clustered small eigenvalues can make a divide-and-conquer eigh
+faster. Writes bench/results/refresh_parts-<backend>-<preset>[-exact].json (``-exact`` when only those parts run).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from galore_jax.optim import basis as projection, linalg, refresh as refresh_lib
 from galore_jax.optim.executors import finish_chunk
 
 OVERSAMPLING = 10
+PARTS = ("randomized", "exact")
+DEFAULT_GRAM = f"whole gram refresh, {refresh_lib.GRAM_DEFLATIONS} deflation (default)"
 
 
 def kernel_shapes(cfg: llama.LlamaConfig) -> dict[tuple[int, int], int]:
@@ -108,11 +117,36 @@ def parts_of(m: int, n: int, rank: int, count: int, repeats: int) -> dict[str, f
   return out
 
 
+def exact_parts_of(m: int, n: int, rank: int, repeats: int) -> dict[str, float | None]:
+  """Seconds per call of each kernel of an exact refresh of one gradient [m, n] (see the module's docstring)."""
+  sides = projection.choose_sides("std", m, n)
+  rank = projection.clipped_rank(rank, m, n)
+  grad = jax.random.normal(jax.random.key(0), (m, n), jnp.float32)
+  a = grad if m <= n else grad.T  # [s, l]: the short side first
+  s, l = a.shape
+  gram = linalg.exact_matmul(a, a.T)
+  long_side = a.T @ jnp.linalg.eigh(gram)[1][:, -rank:]  # [l, r] = V_r Σ_r, what the Gram refresh orthonormalises
+  gram_refresh = lambda deflations: lambda g: refresh_lib.gram_basis(g, rank, sides, deflations=deflations)
+  slow = max(1, repeats // 2)
+  out = {
+      f"gram A Aᵀ [{s},{s}] (HIGHEST)": timed(lambda a: linalg.exact_matmul(a, a.T), a, repeats=repeats),
+      f"eigh [{s},{s}]": timed(jnp.linalg.eigh, gram, repeats=slow),
+      f"eigh jacobi [{s},{s}]": eigh_with("JACOBI", gram, slow),
+      f"qr [{l},{rank}]": timed(linalg.qr, long_side, repeats=repeats),
+      "whole gram refresh, no deflation": timed(gram_refresh(0), grad, repeats=slow),
+      DEFAULT_GRAM: timed(gram_refresh(refresh_lib.GRAM_DEFLATIONS), grad, repeats=slow),
+      "exact svd": timed(lambda g: refresh_lib.svd_basis(g, rank, sides), grad, repeats=slow),
+  }
+  return out
+
+
 def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
   ap.add_argument("--preset", default="llama_1b", choices=common.PRESETS)
   ap.add_argument("--repeats", type=common.int_within(1), default=5)
-  ap.add_argument("--out", default=None, help="default bench/results/refresh_parts-<backend>-<preset>.json")
+  ap.add_argument("--parts", nargs="+", choices=PARTS, default=["randomized"],
+                  help="which refresh's kernels to time (exact: refresh='gram' and 'svd')")
+  ap.add_argument("--out", default=None, help="default bench/results/refresh_parts-<backend>-<preset>[-exact].json")
   return ap
 
 
@@ -120,28 +154,37 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
   rank = common.rank(args.preset)
-  results, model_refresh, model_two_stage, model_svd = [], 0.0, 0.0, 0.0
-  for (m, n), count in kernel_shapes(llama.preset(args.preset)).items():
-    parts = parts_of(m, n, rank, count, args.repeats)
-    model_refresh += count * parts["whole randomized refresh"]
-    batched = [v for k, v in parts.items() if k.startswith("finish batched") and v is not None]
-    model_two_stage += count * (parts["sketch (everything that reads the gradient)"] + min(batched))
-    model_svd += count * parts["exact svd"]
-    results.append({"shape": [m, n], "count": count, "seconds": parts})
-    print(f"[{m}, {n}] x{count}: " + ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}"
-                                             for k, v in parts.items()), flush=True)
+  suffix = "" if "randomized" in args.parts else "-exact"
+  path = args.out or f"{common.RESULTS}/refresh_parts-{jax.default_backend()}-{args.preset}{suffix}.json"
   record = {
       **common.provenance(__spec__.name, argv),
       "preset": args.preset, "rank": rank, "oversampling": OVERSAMPLING, "repeats": args.repeats,
+      "parts": args.parts,
       "refresh": "RandomizedRefresh() defaults: 1 LU-stabilised power iteration, QR, eigh of the k x k Gram matrix; "
-                 "finish = eigh, the product with the range, sign alignment",
-      "model_refresh_s": model_refresh, "model_refresh_batched_finish_s": model_two_stage,
-      "model_exact_svd_s": model_svd, "results": results,
+                 "finish = eigh, the product with the range, sign alignment; exact: gram_basis (refresh='gram') "
+                 "and svd_basis (refresh='svd')",
+      "results": [],
   }
-  out = common.write_json(args.out or f"{common.RESULTS}/refresh_parts-{jax.default_backend()}-{args.preset}.json",
-                          record)
-  print(json.dumps({"model_refresh_s": round(model_refresh, 3), "model_refresh_batched_finish_s":
-                    round(model_two_stage, 3), "model_exact_svd_s": round(model_svd, 3), "out": out}))
+  add = lambda key, seconds: record.__setitem__(key, record.get(key, 0.0) + seconds)
+  for (m, n), count in kernel_shapes(llama.preset(args.preset)).items():
+    row = {"shape": [m, n], "count": count}
+    if "randomized" in args.parts:
+      row["seconds"] = parts = parts_of(m, n, rank, count, args.repeats)
+      batched = [v for k, v in parts.items() if k.startswith("finish batched") and v is not None]
+      add("model_refresh_s", count * parts["whole randomized refresh"])
+      add("model_refresh_batched_finish_s", count * (parts["sketch (everything that reads the gradient)"]
+                                                     + min(batched)))
+    if "exact" in args.parts:
+      row["exact_seconds"] = parts = exact_parts_of(m, n, rank, args.repeats)
+      add("model_exact_gram_s", count * parts[DEFAULT_GRAM])
+      add("model_exact_gram_no_deflation_s", count * parts["whole gram refresh, no deflation"])
+    add("model_exact_svd_s", count * parts["exact svd"])  # the exact parts' own when both ran
+    record["results"].append(row)
+    common.write_json(path, record)  # after each shape: a time limit keeps the shapes that finished
+    timings = {**row.get("seconds", {}), **row.get("exact_seconds", {})}
+    print(f"[{m}, {n}] x{count}: " + ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}"
+                                             for k, v in timings.items()), flush=True)
+  print(json.dumps({**{k: round(v, 3) for k, v in record.items() if k.startswith("model_")}, "out": path}))
   return record
 
 

@@ -80,27 +80,51 @@ def refresh_section() -> list[str]:
 
 def refresh_parts_section() -> list[str]:
   lines = []
+  ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
   for path, r in load("refresh_parts-*.json"):
-    lines += [f"**Refresh kernel by kernel**, {r['preset']} (rank {r['rank']}, k = rank + {r['oversampling']}), "
-              f"{r['device']}: one randomized refresh of every basis {r['model_refresh_s']:.2f} s one matrix at a "
-              f"time" + ("" if "model_refresh_batched_finish_s" not in r else
-                         f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per "
-                         "shape")
-              + f" (exact SVD {r['model_exact_svd_s']:.2f} s)", "",
-              "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | "
-              "exact SVD | largest kernels |", "|---|---|---|---|---|---|---|"]
-    ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
-    for x in r["results"]:
-      sec = x["seconds"]
-      kernels = sorted(((k, v) for k, v in sec.items() if v is not None
-                        and not k.startswith(("whole", "exact", "sketch", "finish"))), key=lambda kv: -kv[1])[:3]
-      batched = [v for k, v in sec.items() if k.startswith("finish batched") and v is not None]
-      finish = f"{ms(sec.get('finish, one matrix'))} / {ms(min(batched) if batched else None)}"
-      lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['count']} | {ms(sec['whole randomized refresh'])} | "
-                   f"{ms(sec.get('sketch (everything that reads the gradient)'))} | {finish} | "
-                   f"{sec['exact svd'] * 1e3:.0f} ms | " + ", ".join(f"{k} {ms(v)}" for k, v in kernels) + " |")
-    lines += [""] + ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
+    if "model_refresh_s" in r:
+      lines += randomized_parts_table(r, ms)
+    if "model_exact_gram_s" in r:
+      lines += exact_parts_table(r, ms)
+    lines += ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
+
+
+def randomized_parts_table(r: dict, ms) -> list[str]:
+  lines = [f"**Refresh kernel by kernel**, {r['preset']} (rank {r['rank']}, k = rank + {r['oversampling']}), "
+           f"{r['device']}: one randomized refresh of every basis {r['model_refresh_s']:.2f} s one matrix at a "
+           f"time" + ("" if "model_refresh_batched_finish_s" not in r else
+                      f", {r['model_refresh_batched_finish_s']:.2f} s with the finish (small eigh) batched per "
+                      "shape")
+           + f" (exact SVD {r['model_exact_svd_s']:.2f} s)", "",
+           "| kernel shape | matrices | whole refresh | sketch | finish: one matrix / batched, per matrix | "
+           "exact SVD | largest kernels |", "|---|---|---|---|---|---|---|"]
+  for x in r["results"]:
+    sec = x["seconds"]
+    kernels = sorted(((k, v) for k, v in sec.items() if v is not None
+                      and not k.startswith(("whole", "exact", "sketch", "finish"))), key=lambda kv: -kv[1])[:3]
+    batched = [v for k, v in sec.items() if k.startswith("finish batched") and v is not None]
+    finish = f"{ms(sec.get('finish, one matrix'))} / {ms(min(batched) if batched else None)}"
+    lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['count']} | {ms(sec['whole randomized refresh'])} | "
+                 f"{ms(sec.get('sketch (everything that reads the gradient)'))} | {finish} | "
+                 f"{sec['exact svd'] * 1e3:.0f} ms | " + ", ".join(f"{k} {ms(v)}" for k, v in kernels) + " |")
+  return lines + [""]
+
+
+def exact_parts_table(r: dict, ms) -> list[str]:
+  lines = [f"**Exact refresh kernel by kernel**, {r['preset']} (rank {r['rank']}), {r['device']}: the Gram "
+           f"refresh of every basis {r['model_exact_gram_s']:.2f} s one matrix at a time "
+           f"({r['model_exact_gram_no_deflation_s']:.2f} s without its deflated pass), the direct SVD "
+           f"{r['model_exact_svd_s']:.2f} s", "",
+           "| kernel shape | matrices | Gram A Aᵀ | eigh | eigh (Jacobi) | QR of the long side | Gram refresh: "
+           "no deflation / default | exact SVD |", "|---|---|---|---|---|---|---|---|"]
+  for x in r["results"]:
+    sec = x["exact_seconds"]
+    pick = lambda start, end="": next((v for k, v in sec.items() if k.startswith(start) and k.endswith(end)), None)
+    lines.append(f"| {x['shape'][0]}×{x['shape'][1]} | {x['count']} | {ms(pick('gram A'))} | {ms(pick('eigh ['))} | "
+                 f"{ms(pick('eigh jacobi'))} | {ms(pick('qr ['))} | {ms(pick('whole gram refresh, no'))} / "
+                 f"{ms(pick('whole gram refresh', '(default)'))} | {ms(sec['exact svd'])} |")
+  return lines + [""]
 
 
 def exact_refresh_section() -> list[str]:

@@ -190,6 +190,22 @@ def test_refresh_parts_model_totals_add_up(tmp_path):
                                                           for r in record["results"]))
 
 
+def test_refresh_parts_of_the_exact_refresh_add_up_and_render(tmp_path):
+  out = tmp_path / "parts-exact.json"
+  record = refresh_parts.main(["--preset", "llama_9m", "--repeats", "1", "--parts", "exact", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  rows = record["results"]
+  assert [sorted(r) for r in rows] == [["count", "exact_seconds", "shape"]] * 3  # no randomized kernels timed
+  for key, part in (("model_exact_gram_s", refresh_parts.DEFAULT_GRAM),
+                    ("model_exact_gram_no_deflation_s", "whole gram refresh, no deflation"),
+                    ("model_exact_svd_s", "exact svd")):
+    assert record[key] == pytest.approx(sum(r["count"] * r["exact_seconds"][part] for r in rows))
+  assert "eigh [128,128]" in rows[0]["exact_seconds"] and "qr [352,32]" in rows[1]["exact_seconds"]
+  table = report.exact_parts_table(record, lambda v: "–" if v is None else f"{v * 1e3:.1f} ms")
+  assert table[0].startswith("**Exact refresh kernel by kernel**, llama_9m (rank 32)")
+  assert [line.split(" | ")[:2] for line in table[4:7]] == [["| 128×128", "16"], ["| 352×128", "4"], ["| 128×352", "8"]]
+
+
 def test_sharding_bytes_split_the_state_over_fsdp(tmp_path):
   record = sharding_bytes.main(["--configs", "tiny", "--fsdp", "1", "2", "--out", str(tmp_path / "sharding.json")])
   rows = {(r["optimizer"], r["fsdp"]): r for r in record["rows"]}
