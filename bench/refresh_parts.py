@@ -16,10 +16,11 @@ that galore_jax now runs.
 
 ``--parts exact`` (alone or beside ``randomized``) times the exact refresh's kernels per shape instead: the Gram
 refresh's (``refresh="gram"``) fp32 ``A Aᵀ`` of the short side ``s`` at ``Precision.HIGHEST``, its ``s×s`` eigh
-(default and Jacobi), the long side's QR, the whole Gram refresh with and without its deflated pass, and the
-direct SVD (``refresh="svd"``); ``model_exact_gram_s`` sums the default Gram refresh over the preset's matrices.
-The matrices are Gaussian: a real gradient's clustered small eigenvalues can make a divide-and-conquer eigh
-faster. Writes bench/results/refresh_parts-<backend>-<preset>[-exact].json (``-exact`` when only those parts run).
+(default and Jacobi, and the default batched over 4 matrices, per matrix), the long side's QR, the whole Gram
+refresh with and without its deflated pass, and the direct SVD (``refresh="svd"``); ``model_exact_gram_s`` sums
+the default Gram refresh over the preset's matrices. The matrices are Gaussian: a real gradient's clustered small
+eigenvalues can make a divide-and-conquer eigh faster. Writes
+bench/results/refresh_parts-<backend>-<preset>[-exact].json (``-exact`` when only those parts run).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from galore_jax.optim.executors import finish_chunk
 OVERSAMPLING = 10
 PARTS = ("randomized", "exact")
 DEFAULT_GRAM = f"whole gram refresh, {refresh_lib.GRAM_DEFLATIONS} deflation (default)"
+EIGH_BATCH = 4  # Gram matrices per batched eigh call: 4 of Llama-7B's 4096 x 4096 fit the default finish budget
 
 
 def kernel_shapes(cfg: llama.LlamaConfig) -> dict[tuple[int, int], int]:
@@ -132,6 +134,8 @@ def exact_parts_of(m: int, n: int, rank: int, repeats: int) -> dict[str, float |
       f"gram A Aᵀ [{s},{s}] (HIGHEST)": timed(lambda a: linalg.exact_matmul(a, a.T), a, repeats=repeats),
       f"eigh [{s},{s}]": timed(jnp.linalg.eigh, gram, repeats=slow),
       f"eigh jacobi [{s},{s}]": eigh_with("JACOBI", gram, slow),
+      f"eigh batched x{EIGH_BATCH} [{s},{s}], per matrix":
+          timed(jnp.linalg.eigh, jnp.stack([gram] * EIGH_BATCH), repeats=slow) / EIGH_BATCH,
       f"qr [{l},{rank}]": timed(linalg.qr, long_side, repeats=repeats),
       "whole gram refresh, no deflation": timed(gram_refresh(0), grad, repeats=slow),
       DEFAULT_GRAM: timed(gram_refresh(refresh_lib.GRAM_DEFLATIONS), grad, repeats=slow),
