@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "and svd_basis (refresh='svd')",
       "results": [],
   }
-  add = lambda key, seconds: record.__setitem__(key, record.get(key, 0.0) + seconds)
+
+  def add(key: str, seconds: float) -> None:  # a model total: seconds summed over the preset's matrices
+    record[key] = record.get(key, 0.0) + seconds
+
   for (m, n), count in kernel_shapes(llama.preset(args.preset)).items():
     row = {"shape": [m, n], "count": count}
     if "randomized" in args.parts:

@@ -80,17 +80,16 @@ def refresh_section() -> list[str]:
 
 def refresh_parts_section() -> list[str]:
   lines = []
-  ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
   for path, r in load("refresh_parts-*.json"):
     if "model_refresh_s" in r:
-      lines += randomized_parts_table(r, ms)
+      lines += randomized_parts_table(r)
     if "model_exact_gram_s" in r:
-      lines += exact_parts_table(r, ms)
+      lines += exact_parts_table(r)
     lines += ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
   return lines
 
 
-def randomized_parts_table(r: dict, ms) -> list[str]:
+def randomized_parts_table(r: dict) -> list[str]:
   lines = [f"**Refresh kernel by kernel**, {r['preset']} (rank {r['rank']}, k = rank + {r['oversampling']}), "
            f"{r['device']}: one randomized refresh of every basis {r['model_refresh_s']:.2f} s one matrix at a "
            f"time" + ("" if "model_refresh_batched_finish_s" not in r else
@@ -111,7 +110,7 @@ def randomized_parts_table(r: dict, ms) -> list[str]:
   return lines + [""]
 
 
-def exact_parts_table(r: dict, ms) -> list[str]:
+def exact_parts_table(r: dict) -> list[str]:
   lines = [f"**Exact refresh kernel by kernel**, {r['preset']} (rank {r['rank']}), {r['device']}: the Gram "
            f"refresh of every basis {r['model_exact_gram_s']:.2f} s one matrix at a time "
            f"({r['model_exact_gram_no_deflation_s']:.2f} s without its deflated pass), the direct SVD "
@@ -130,7 +129,6 @@ def exact_parts_table(r: dict, ms) -> list[str]:
 
 def exact_refresh_section() -> list[str]:
   lines = []
-  ms = lambda v: "–" if v is None else f"{v * 1e3:.1f} ms"
   for path, r in load("exact_refresh-*.json"):
     real = r.get("real_gradients")
     if real:
@@ -255,6 +253,10 @@ def table(columns: list[str], rows: list[list[str]]) -> list[str]:
 
 def footer(path: str, r: dict) -> list[str]:
   return ([f"Note: {r['note']}", ""] if r.get("note") else []) + [provenance(path, r), ""]
+
+
+def ms(seconds: float | None) -> str:
+  return "–" if seconds is None else f"{seconds * 1e3:.1f} ms"
 
 
 def gb(value: float | None, spec: str = ".2f") -> str:
