@@ -295,7 +295,8 @@ def skip_nonfinite_section() -> list[str]:
   lines = []
   for path, r in load("skip_nonfinite-*.json"):
     rows = [[x["preset"], str(x["layers"]), x["layout"], x["variant"], gb(x["unguarded_temp_gb"], ".3f"),
-             f"{x['select_extra_gb']:+.3f} GB", f"{x['cond_extra_gb']:+.3f} GB", gb(x["select_peak_gb"])]
+             f"{x['select_extra_gb']:+.3f} GB", "–" if x["cond_extra_gb"] is None else f"{x['cond_extra_gb']:+.3f} GB",
+             gb(x["select_peak_gb"])]
             for x in r["results"]]
     lines += [f"**What skipping non-finite steps costs** ({r['tokens_per_step']} tokens, bf16 weights, XLA's "
               f"temporaries of the {r['backend'].upper()} compile: unguarded, and the extra of each guard)", ""]

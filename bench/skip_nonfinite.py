@@ -1,14 +1,16 @@
-"""What skipping non-finite steps costs in memory: XLA's temporaries of the whole-tree train step unguarded, guarded
-by a select after the update (the default, ``train.nonfinite="skip"``) and by a ``lax.cond`` around it.
+"""What skipping non-finite steps costs in memory: XLA's temporaries of the train step unguarded, guarded by a select
+(the default, ``train.nonfinite="skip"``: inside the optimizer where it honours ``finite``, see
+``galore_jax.optim.guard``) and, for the whole-tree step, by a ``lax.cond`` around the update.
 
   python -m bench.skip_nonfinite [--cases llama_7b:8:unrolled llama_7b:32:scanned ...] [--variants a,b] [--out PATH]
 
 Each case is ``preset:layers:layout`` (layers 0 = all of the preset's; layout ``unrolled`` or ``scanned``, the
-model's ``scan_layers``); each variant is one of ``bench.memory``'s without layerwise updates (its optimizer, bf16
-weights, remat, 256 tokens per step). Every (case, variant) is lowered and compiled three times on abstract
-shapes (nothing allocated): ``unguarded`` (``make_steps(skip_nonfinite=False)``), ``select`` and ``cond``
-(``skip_by``). The figures are XLA's memory analysis of this backend's compile, so on a CPU they are XLA:CPU's
-buffer assignment, not a GPU's. Writes ``bench/results/skip_nonfinite-<backend>.json``, rewritten after each case.
+model's ``scan_layers``); each variant is one of ``bench.memory``'s (its optimizer, bf16 weights, remat, 256 tokens
+per step). Every (case, variant) is lowered and compiled on abstract shapes (nothing allocated): ``unguarded``
+(``make_steps(skip_nonfinite=False)``), ``select`` and ``cond`` (``skip_by``); a layerwise variant has no ``cond``
+(its step selects as each group is updated). The figures are XLA's memory analysis of this backend's compile,
+so on a CPU they are XLA:CPU's buffer assignment, not a GPU's. Writes ``bench/results/skip_nonfinite-<backend>.json``,
+rewritten after each case.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ GUARDS = ("unguarded", "select", "cond")
 LAYOUTS = ("unrolled", "scanned")
 DEFAULT_CASES = ["llama_60m:0:unrolled", "llama_1b:0:unrolled", "llama_7b:2:unrolled", "llama_7b:8:unrolled",
                  "llama_7b:32:scanned"]
-PLAIN_VARIANTS = [v for v in memory.VARIANTS if not memory.VARIANTS[v].get("layerwise")]  # the whole-tree step's
 DEFAULT_VARIANTS = ["adamw (bf16 states)", "galore_adamw (bf16 states)", "galore_adamw (fp32 states)"]
 GB = 1e9
 
@@ -55,16 +56,18 @@ def compile_guards(preset: str, layers: int, layout: str, variant: str) -> dict:
   row = {"preset": preset, "layers": config.model_config(cfg).num_hidden_layers, "layout": layout,
          "variant": variant, "optimizer_state_gb": common.tree_bytes(opt_state) / GB,
          "params_gb": common.tree_bytes(params) / GB}
-  for guard in GUARDS:
+  guards = GUARDS[:2] if cfg.train.layerwise else GUARDS
+  for guard in guards:
     step = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=1, packed=cfg.data.packing,
                             report_overlap=config.reports_overlap(cfg), skip_nonfinite=guard != "unguarded",
-                            skip_by="cond" if guard == "cond" else "select").train
+                            skip_by="cond" if guard == "cond" else "select",
+                            layerwise_updates=cfg.train.layerwise).train
     m = step.lower(params, opt_state, dry_run.abstract_batch(cfg)).compile().memory_analysis()
     row[f"{guard}_temp_gb"] = m.temp_size_in_bytes / GB
     row[f"{guard}_peak_gb"] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                                + m.temp_size_in_bytes) / GB
   for guard in ("select", "cond"):
-    row[f"{guard}_extra_gb"] = row[f"{guard}_temp_gb"] - row["unguarded_temp_gb"]
+    row[f"{guard}_extra_gb"] = row[f"{guard}_temp_gb"] - row["unguarded_temp_gb"] if guard in guards else None
   return row
 
 
@@ -72,7 +75,7 @@ def parser() -> common.ArgumentParser:
   ap = common.ArgumentParser(__doc__)
   ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="preset:layers:layout ...")
   ap.add_argument("--variants", default=common.SEPARATOR.join(DEFAULT_VARIANTS),
-                  help="comma-separated subset of: " + ", ".join(PLAIN_VARIANTS))
+                  help="comma-separated subset of: " + ", ".join(memory.VARIANTS))
   ap.add_argument("--out", default=None, help="default bench/results/skip_nonfinite-<backend>.json")
   return ap
 
@@ -80,7 +83,7 @@ def parser() -> common.ArgumentParser:
 def parse(argv: list[str]):
   args = parser().parse_args(argv)
   args.cases = [parse_case(c) for c in args.cases]
-  args.variants = common.choose(args.variants, PLAIN_VARIANTS, "variant")
+  args.variants = common.choose(args.variants, list(memory.VARIANTS), "variant")
   return args
 
 
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
       row = compile_guards(preset, layers, layout, variant)
       record["results"].append(row)
       print(f"{preset} {row['layers']:>2} layers {layout:<8} {variant:<28} temporaries: unguarded "
-            f"{row['unguarded_temp_gb']:.3f} GB, select {row['select_extra_gb']:+.3f}, "
-            f"cond {row['cond_extra_gb']:+.3f}", flush=True)
+            f"{row['unguarded_temp_gb']:.3f} GB, select {row['select_extra_gb']:+.3f}, cond "
+            + ("-" if row["cond_extra_gb"] is None else f"{row['cond_extra_gb']:+.3f}"), flush=True)
       common.write_json(out, record)
   return record
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax.optim import guard
+
 
 def scale_by_adam_hf(
     b1: float = 0.9,
@@ -14,7 +16,7 @@ def scale_by_adam_hf(
     *,
     moment_dtype: jax.typing.DTypeLike | None = None,
     bias_correction: bool = True,
-) -> optax.GradientTransformation:
+) -> guard.FiniteAware:
   r"""Adam with ``eps`` added to :math:`\sqrt{v}` *before* bias correction.
 
   .. math::
@@ -40,8 +42,10 @@ def scale_by_adam_hf(
       to the whole update, as their references do.
 
   Returns:
-    An :class:`optax.GradientTransformation` whose state is
-    :class:`optax.ScaleByAdamState`, so optax's state utilities apply.
+    A :class:`~galore_jax.optim.guard.FiniteAware` transformation whose state is
+    :class:`optax.ScaleByAdamState`, so optax's state utilities apply. Called with
+    ``finite=False`` (a traced bool) it keeps its state, selecting each moment before
+    the step reads it (:mod:`~galore_jax.optim.guard`).
   """
 
   def init_fn(params):
@@ -52,17 +56,19 @@ def scale_by_adam_hf(
         nu=jax.tree.map(zeros, params),
     )
 
-  def update_fn(updates, state, params=None):
-    del params
-    count = optax.safe_increment(state.count)
+  def update_fn(updates, state, params=None, *, finite=None, **extra_args):
+    del params, extra_args  # an optax extra-args transformation ignores those it does not know
+    count = guard.keep_unless(finite, optax.safe_increment(state.count), state.count)
     step_scale = _step_size_factor(b1, b2, count) if bias_correction else 1.0
 
-    def leaf(g, m, v):
+    def leaf(g, m_old, v_old):
       g32 = g.astype(jnp.float32)
-      m = (b1 * m.astype(jnp.float32) + (1.0 - b1) * g32).astype(m.dtype)
-      v = (b2 * v.astype(jnp.float32) + (1.0 - b2) * g32 * g32).astype(v.dtype)
+      m = (b1 * m_old.astype(jnp.float32) + (1.0 - b1) * g32).astype(m_old.dtype)
+      v = (b2 * v_old.astype(jnp.float32) + (1.0 - b2) * g32 * g32).astype(v_old.dtype)
+      m, v = guard.kept_state(finite, (m, v), (m_old, v_old))
       # The step reads the stored moments (as the reference's in-place ones), not their fp32 values before
-      # rounding: then the old moments are dead once the new ones are written, and XLA needs no copy of them.
+      # rounding, nor the moments before the skip's select: then the old moments are dead once the new ones
+      # are written, and XLA needs no copy of them.
       u = step_scale * m.astype(jnp.float32) / (jnp.sqrt(v.astype(jnp.float32)) + eps)
       return u.astype(g.dtype), m, v
 
@@ -71,7 +77,7 @@ def scale_by_adam_hf(
     u, mu, nu = (treedef.unflatten(column) for column in zip(*flat)) if flat else (updates, state.mu, state.nu)
     return u, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return guard.FiniteAware(init_fn, update_fn)
 
 
 def _step_size_factor(b1: float, b2: float, count: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax.optim import guard
 from galore_jax.optim.adafactor import rms, scale_by_adafactor_hf
 from galore_jax.optim.adam import decay_updated_weights, scale_by_adam_hf, scale_by_bias_correction
 from galore_jax.optim.adam8bit import scale_by_adam_8bit
@@ -98,7 +99,7 @@ def galore_adamw(
   if not _is_zero(weight_decay):
     decay = decay_updated_weights(learning_rate, weight_decay)
     parts.append(decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask))
-  return optax.chain(*parts)
+  return guard.chain(*parts)
 
 
 def _and_masks(a, b):
@@ -152,7 +153,7 @@ def galore_adamw_8bit(
   """
   gal = galore(scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size), **options)
   if _is_zero(weight_decay):
-    return optax.chain(gal, optax.scale_by_learning_rate(learning_rate))
+    return guard.chain(gal, optax.scale_by_learning_rate(learning_rate))
   opts = GaLoreOptions(**options)
 
   def targeted(params):
@@ -163,7 +164,7 @@ def galore_adamw_8bit(
   def not_targeted(params):
     return jax.tree.map(lambda t: not t, targeted(params))
 
-  return optax.chain(
+  return guard.chain(
       gal,
       optax.masked(optax.add_decayed_weights(weight_decay), _and_masks(not_targeted, weight_decay_mask)),
       optax.scale_by_learning_rate(learning_rate),
@@ -239,22 +240,23 @@ def galore_adafactor(
   def init_fn(params):
     return GaLoreAdafactorState(count=jnp.zeros([], jnp.int32), galore_state=gal.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, finite=None, **extra_args):
     if needs_params and params is None:
       raise ValueError("galore_adafactor needs params (scale_parameter / weight_decay): "
                        "call update(updates, state, params)")
     rho = _relative_step_size(state.count, learning_rate, relative_step, warmup_init)
     leaf_lr = lambda p: jnp.maximum(eps2, rms(jnp.asarray(p, jnp.float32))) * rho if scale_parameter else rho
     lrs = jax.tree.map(leaf_lr, params if params is not None else updates)
-    u, gal_state = gal.update(updates, state.galore_state, params, leaf_scale=lrs, **extra_args)
+    u, gal_state = gal.update(updates, state.galore_state, params, finite=finite, leaf_scale=lrs, **extra_args)
     if weight_decay != 0:
       out = jax.tree.map(lambda x, p, lr: (-x.astype(jnp.float32) - weight_decay * lr * p).astype(x.dtype),
                          u, params, lrs)
     else:
       out = jax.tree.map(lambda x: -x, u)
-    return out, GaLoreAdafactorState(count=optax.safe_increment(state.count), galore_state=gal_state)
+    count = guard.keep_unless(finite, optax.safe_increment(state.count), state.count)
+    return out, GaLoreAdafactorState(count=count, galore_state=gal_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guard.FiniteAware(init_fn, update_fn)
 
 
 def _then_step_size(transform, learning_rate, b1, b2, weight_decay, weight_decay_mask):
@@ -264,7 +266,7 @@ def _then_step_size(transform, learning_rate, b1, b2, weight_decay, weight_decay
   if not _is_zero(weight_decay):
     decay = decay_updated_weights(learning_rate, weight_decay)
     parts.append(decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask))
-  return optax.chain(*parts)
+  return guard.chain(*parts)
 
 
 @takes_galore_options

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax.optim import executors, moments
+from galore_jax.optim import executors, guard, moments
 from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim import schedule as schedule_lib
 from galore_jax.optim.basis import (
@@ -136,8 +136,11 @@ def _refresh_branch(ops: RefreshOps, job: RefreshJob, count, slots, options: GaL
 
 
 def refresh_due(state: GaLoreState, plan: TreePlan, matrices: list, bases: list, inner_leaves: list, slots: dict,
-                options: GaLoreOptions, r: Refresher) -> tuple[list, list, Any]:
+                options: GaLoreOptions, r: Refresher, finite: jax.Array | None = None) -> tuple[list, list, Any]:
   """Run the step's refresh conditionals; the bases, inner-state leaves and schedule after them.
+
+  With ``finite`` (a traced bool) nothing refreshes on a step where it is False, so the bases, the
+  schedule and the moments leave the conditionals unchanged (:mod:`~galore_jax.optim.guard`).
 
   Each conditional's operands are its members' gradients, bases, moments (and schedule entries)
   only: the rest of the optimizer state never flows through it, so XLA has no reason to buffer it
@@ -154,7 +157,8 @@ def refresh_due(state: GaLoreState, plan: TreePlan, matrices: list, bases: list,
                      None if schedule is None else {i: schedule[plans[i].path] for i in job.members},
                      count if "step" in r.keywords else None)
     branch = functools.partial(_refresh_branch, job=job, count=count, slots=slots, options=options, r=r)
-    out = jax.lax.cond(job.predicate, branch, _unchanged, ops)
+    predicate = job.predicate if finite is None else job.predicate & finite
+    out = jax.lax.cond(predicate, branch, _unchanged, ops)
     for i in job.members:
       bases[i] = out.bases[i]
       if schedule is not None:
@@ -198,7 +202,7 @@ def _updates_back(rule: UpdateRule, plan: TreePlan, grads, matrices, bases, low,
 
 @takes_galore_options
 def galore(inner: optax.GradientTransformation | None = None, *, update_rule: UpdateRule | None = None,
-           **options) -> optax.GradientTransformationExtraArgs:
+           **options) -> guard.FiniteAware:
   r"""Gradient low-rank projection (GaLore) around an inner transformation.
 
   For each targeted leaf with gradient :math:`G_t \in \mathbb{R}^{m\times n}`
@@ -223,8 +227,11 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
   small factorisations are solved in one batched call. A refresh on a
   non-finite gradient keeps the previous basis of that matrix (batch element by
   batch element) instead of failing in the SVD; the bases start as leading unit
-  vectors, so they are always orthonormal. Wrap the chain in
-  :func:`optax.apply_if_finite` to protect the moments as well.
+  vectors, so they are always orthonormal. Called with ``finite=False`` (a traced
+  bool: the train step's verdict on the loss and gradient) it keeps its whole state,
+  refreshing nothing, and passes ``finite`` to an inner transformation that honours it
+  (:mod:`~galore_jax.optim.guard`: then no moment is copied to keep it); else wrap the
+  chain in :func:`optax.apply_if_finite` to protect the moments.
 
   Args:
     inner: the transformation run in the subspace; default
@@ -241,7 +248,7 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
       ``adaptive_gap``. Invalid values raise at construction.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs` with :class:`GaLoreState`.
+    A :class:`~galore_jax.optim.guard.FiniteAware` transformation with :class:`GaLoreState`.
 
   Example:
     >>> import optax, jax.numpy as jnp
@@ -288,7 +295,7 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
     return GaLoreState(count=jnp.zeros([], jnp.int32), bases=bases, inner_state=inner.init(plan.treedef.unflatten(low)),
                        schedule=schedule, rule_state=_rule_states(rule, plan))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, finite=None, **extra_args):
     del params
     plan = plan_tree(updates, options)
     grads = plan.treedef.flatten_up_to(updates)
@@ -298,7 +305,7 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
     inner_leaves, inner_def = moments.flatten_inner(state.inner_state)
     slots = {} if options.on_refresh == "keep" else moments.moment_slots(state.inner_state, plan.keypaths, plan.leaves)
     bases, inner_leaves, schedule = refresh_due(state, plan, matrices, loaded, inner_leaves, slots, options,
-                                                r_static(plan))
+                                                r_static(plan), finite)
     if quantized:  # store the refreshed bases as codes and compute with what the codes hold, as the reference
       stored = [keep_codes_unless_refreshed(b, old, s, group_size) if p else None
                 for p, b, old, s in zip(plan.leaves, bases, loaded, stored)]
@@ -306,16 +313,16 @@ def galore(inner: optax.GradientTransformation | None = None, *, update_rule: Up
     else:
       stored = bases
     low = [project(g, b) if p else g for p, g, b in zip(plan.leaves, matrices, bases)]
-    low_updates, inner_state = inner.update(plan.treedef.unflatten(low), inner_def.unflatten(inner_leaves), None,
-                                            **extra_args)
+    low_updates, inner_state = guard.update(inner, plan.treedef.unflatten(low), inner_def.unflatten(inner_leaves),
+                                            None, finite=finite, **extra_args)
     out, rule_state = _updates_back(rule, plan, grads, matrices, bases, low, plan.treedef.flatten_up_to(low_updates),
                                     state.rule_state, state.count, options.scale)
     return plan.treedef.unflatten(out), GaLoreState(
-        count=optax.safe_increment(state.count),
+        count=guard.keep_unless(finite, optax.safe_increment(state.count), state.count),
         bases={p.path: b for p, b in zip(plan.leaves, stored) if p},
         inner_state=inner_state,
         schedule=schedule,
-        rule_state=rule_state,
+        rule_state=guard.keep_unless(finite, rule_state, state.rule_state),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guard.FiniteAware(init_fn, update_fn)

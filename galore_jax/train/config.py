@@ -24,6 +24,7 @@ from flax import nnx
 from galore_jax.models import llama
 from galore_jax.optim import AdaptiveGap, GaLoreOptions, galore_adafactor, galore_adamw, galore_adamw_8bit
 from galore_jax.optim import apollo_adamw, apollo_mini, fira_adamw, golore_adamw, q_galore_adamw, scale_by_adam_8bit
+from galore_jax.optim import guard
 from galore_jax.optim import refresh as refresh_lib
 from galore_jax.optim.apollo import SCALE_TYPES
 from galore_jax.train import divergence, layerwise, sharding, steps
@@ -321,7 +322,7 @@ def _adamw(o, schedule, options):
 
 
 def _adamw_8bit(o, schedule, options):
-  return optax.chain(scale_by_adam_8bit(o.b1, o.b2, o.eps, block_size=o.block_size, min_8bit_size=o.min_8bit_size),
+  return guard.chain(scale_by_adam_8bit(o.b1, o.b2, o.eps, block_size=o.block_size, min_8bit_size=o.min_8bit_size),
                      optax.add_decayed_weights(o.weight_decay), optax.scale_by_learning_rate(schedule))
 
 
@@ -355,7 +356,7 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
   if cfg.train.layerwise:
     return layerwise.by_layer(tx, cfg.train.grad_clip, stacked=cfg.model.scan_layers)
   if cfg.train.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
+    tx = guard.chain(optax.clip_by_global_norm(cfg.train.grad_clip), tx)
   return tx
 
 

@@ -53,6 +53,7 @@ from flax import nnx
 
 from galore_jax.models import llama
 from galore_jax.optim import NothingTargetedWarning
+from galore_jax.optim import guard
 
 
 class ByLayer(NamedTuple):
@@ -292,11 +293,13 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
 
       return layers.sweep(body, (dx_top, jnp.float32(0)))
 
-    def kept(finite, new, old):
-      """``new`` unless the step is to be skipped (not finite): a select made as each group is updated."""
-      if not skip_nonfinite:
-        return new
-      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def updated(g, s, p, finite):
+      """A group's new params and state, or the old ones where the step is to be skipped (not finite): a select
+      made as each group is updated, inside the optimizer where it honours ``finite`` (:mod:`galore_jax.optim.guard`).
+      """
+      finite = finite if skip_nonfinite else None
+      u, new_s = guard.update(inner, g, s, p, finite=finite)
+      return guard.keep_unless(finite, optax.apply_updates(p, u), p), new_s
 
     def update_sweep(dx_top, layer_state, finite):
       """Each layer updated as soon as its gradient exists: bottom cotangent, new layer params and state, squared norm.
@@ -316,8 +319,7 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
         p, s = layers.get(p_all, i), layers.get(s_all, i)
         grad, dx = layer_grad(p, layers.get(inputs, i), dx)
         g = mean(grad)
-        u, new_s = inner.update(g, s, p)
-        new_p, new_s = kept(finite, (optax.apply_updates(p, u), new_s), (p, s))
+        new_p, new_s = updated(g, s, p, finite)
         moved = jax.tree.map(jnp.add, moved, overlap(s, new_s))
         return dx, p_all, s_all, (new_p, new_s), sq + _sum_squares(g), moved
 
@@ -329,8 +331,7 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
 
     def update(group, g, finite):
       p = {"head": head_params, "rest": rest_params}[group]
-      u, new_s = inner.update(g, opt_state[group], p)
-      new_p, new_s = kept(finite, (optax.apply_updates(p, u), new_s), (p, opt_state[group]))
+      new_p, new_s = updated(g, opt_state[group], p, finite)
       return new_p, new_s, overlap(opt_state[group], new_s)
 
     # 2. head: loss, the head's gradient, the cotangent at the top

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from galore_jax.models import llama
+from galore_jax.optim import guard
 from galore_jax.optim.introspect import refresh_overlap, refresh_overlap_sum
 from galore_jax.train import layerwise, sharding
 
@@ -78,10 +79,13 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
     tokens = jnp.maximum(tokens, 1.0)
     return loss / tokens, tokens, jax.tree.map(lambda g: (g / tokens).astype(g.dtype), grads)
 
-  def update(grads, params, opt_state):
-    updates, new_opt_state = tx.update(grads, opt_state, params)
+  def update(grads, params, opt_state, finite=None):
+    """The new params, state and overlap; with ``finite``, the old params and state (and a NaN overlap) where it is
+    False, the state selected inside the optimizer where it honours ``finite`` (:mod:`galore_jax.optim.guard`)."""
+    updates, new_opt_state = guard.update(tx, grads, opt_state, params, finite=finite)
     overlap = refresh_overlap(opt_state, new_opt_state) if report_overlap else jnp.float32(jnp.nan)
-    return optax.apply_updates(params, updates), new_opt_state, overlap
+    new_params = guard.keep_unless(finite, optax.apply_updates(params, updates), params)
+    return new_params, new_opt_state, guard.keep_unless(finite, overlap, jnp.float32(jnp.nan))
 
   def whole_tree_train(params, opt_state, batch):
     loss, tokens, grads = grads_of(params, batch)
@@ -91,10 +95,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
       new_params, new_opt_state, overlap = jax.lax.cond(
           finite, update, lambda g, p, s: (p, s, jnp.float32(jnp.nan)), grads, params, opt_state)
     else:
-      new_params, new_opt_state, overlap = update(grads, params, opt_state)
-      if skip_nonfinite:
-        new_params, new_opt_state, overlap = tree_where(finite, (new_params, new_opt_state, overlap),
-                                                        (params, opt_state, jnp.float32(jnp.nan)))
+      new_params, new_opt_state, overlap = update(grads, params, opt_state, finite if skip_nonfinite else None)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
     if report_overlap:
       metrics["subspace_overlap"] = overlap
@@ -115,11 +116,6 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
   if layout is not None:
     return Steps(train=layout.jit_train(train), eval=layout.jit_eval(evaluate))
   return Steps(train=jax.jit(train, donate_argnums=(0, 1)), eval=jax.jit(evaluate))
-
-
-def tree_where(ok: jax.Array, new, old):
-  """``new`` where ``ok``, else ``old``, leaf by leaf (``ok`` a scalar bool)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 @jax.jit

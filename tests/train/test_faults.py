@@ -36,9 +36,10 @@ def batch(seed, poisoned=False):
           "segment_ids": np.ones((4, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1))}
 
 
-def make_step(layerwise, grad_clip):
+def make_step(layerwise, grad_clip, optimizer="galore_adamw"):
   """The guarded train step of a GaLore run (gap 2) and a fresh ``(params, opt_state)``."""
   cfg = base()
+  cfg.optimizer.name = optimizer
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = 1e-2, 0, 10
   cfg.train.layerwise, cfg.train.grad_clip = layerwise, grad_clip
   cfg.optimizer.rank, cfg.optimizer.update_proj_gap = 4, 2
@@ -59,11 +60,13 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("layerwise,grad_clip", [(False, 0.0), (True, 0.0), (True, 1.0)])
-def test_a_skipped_step_changes_nothing(layerwise, grad_clip):
+@pytest.mark.parametrize("layerwise,grad_clip,optimizer", [
+    (False, 0.0, "galore_adamw"), (True, 0.0, "galore_adamw"), (True, 1.0, "galore_adamw"),
+    (False, 1.0, "galore_adamw_8bit"), (False, 0.0, "adamw")])  # adamw: optax's, selected after its update
+def test_a_skipped_step_changes_nothing(layerwise, grad_clip, optimizer):
   """A NaN step at a refresh step (count 2, gap 2) leaves weights, moments, bases and count bit-identical, so the
   run continues exactly as if that batch had never come (unguarded, the NaN would reach every weight)."""
-  step, fresh = make_step(layerwise, grad_clip)
+  step, fresh = make_step(layerwise, grad_clip, optimizer)
   params, state = fresh()
   for t in (0, 1):
     params, state, m = step(params, state, batch(t))
