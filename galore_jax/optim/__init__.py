@@ -6,7 +6,8 @@ the due refreshes run inside a ``lax.cond``), ``moments`` (the inner state carri
 refresh), ``basis`` (project and project back), ``rules`` (the full-rank update from the inner
 one), ``transform`` (``galore`` itself). Inner
 optimizers: ``adam``, ``adam8bit``, ``adafactor``; ready optimizers: ``alias``. ``options`` holds
-the options every one of them shares; ``introspect`` and ``partition`` read a state from outside.
+the options every one of them shares; ``guard`` lets a step that is not finite keep the state
+(``finite=``); ``introspect`` and ``partition`` read a state from outside.
 """
 
 from galore_jax.optim.adafactor import ScaleByAdafactorHFState, scale_by_adafactor_hf
