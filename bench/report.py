@@ -306,6 +306,18 @@ def skip_nonfinite_section() -> list[str]:
   return lines
 
 
+def skip_time_section() -> list[str]:
+  lines = []
+  for path, r in load("skip_time-*.json"):
+    rows = [[x["preset"], x["variant"], str(x["tokens_per_step"]), seconds(x["unguarded_s"]["median"], ".3f"),
+             f"{x['inside_vs_unguarded']:.3f}×", f"{x['after_vs_unguarded']:.3f}×"] for x in r["results"]]
+    lines += ["**What skipping non-finite steps costs in time** (the train step, median of interleaved rounds)", ""]
+    lines += table(["model", "variant", "tokens/step", "unguarded", "skipped inside the optimizer (default)",
+                    "selected after the update"], rows)
+    lines += footer(path, r)
+  return lines
+
+
 def family_memory_section() -> list[str]:
   lines = []
   for path, r in load("family_memory-*.json"):
@@ -384,8 +396,8 @@ def data_pipeline_section() -> list[str]:
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
-          + xla_peak_section() + skip_nonfinite_section() + family_memory_section() + quantized_bases_section()
-          + step_time_section() + data_pipeline_section())
+          + xla_peak_section() + skip_nonfinite_section() + skip_time_section() + family_memory_section()
+          + quantized_bases_section() + step_time_section() + data_pipeline_section())
 
 
 def render(page: str, body: list[str]) -> str:

@@ -25,6 +25,7 @@ from bench import (
     report,
     sharding_bytes,
     skip_nonfinite,
+    skip_time,
     tiny_quality,
 )
 
@@ -109,6 +110,17 @@ def test_skip_nonfinite_compiles_a_layerwise_step_without_a_cond(tmp_path):
   (row,) = record["results"]
   assert row["cond_extra_gb"] is None and "cond_temp_gb" not in row
   assert row["select_extra_gb"] == pytest.approx(row["select_temp_gb"] - row["unguarded_temp_gb"])
+
+
+def test_skip_time_times_the_three_steps_side_by_side(tmp_path):
+  out = tmp_path / "skip_time.json"
+  record = skip_time.main(["--preset", "llama_9m", "--tokens", "64", "--variants", "galore_adamw (fp32 states)",
+                           "--rounds", "2", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  (row,) = record["results"]
+  for guard in skip_time.GUARDS:
+    assert row[f"{guard}_s"]["n"] == 6 and row[f"{guard}_s"]["min"] > 0
+  assert row["inside_vs_unguarded"] == pytest.approx(row["inside_s"]["median"] / row["unguarded_s"]["median"])
 
 
 def test_family_memory_splits_each_state_into_its_parts(tmp_path):
