@@ -18,7 +18,8 @@ factor (gradients are linear in it), so it yields the clipped gradients directly
 pass, correct clipping, and still one group's gradient at a time.
 Skipping a non-finite step (``skip_nonfinite``) needs its verdict before the first update, so the
 norm sweep runs then even without clipping: every group's update is a select between its new and old
-values, made as the group is updated, so no old copy of the model outlives its group.
+values, made as the group is updated (its state inside the optimizer, :mod:`galore_jax.optim.guard`), so
+no old copy of the model outlives its group.
 
 The optimizer state is one state per layer plus one for the head and one for the rest (:func:`by_layer`);
 every GaLore leaf is refreshed, projected and updated exactly as in the whole-tree step (the per-leaf

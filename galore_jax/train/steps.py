@@ -55,11 +55,12 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, grad_accum: int, p
   makes the norm non-finite, and so does a gradient too large to square in fp32). With ``skip_nonfinite`` a
   step that is not ``finite`` changes nothing, like ``optax.apply_if_finite`` but for the whole
   ``(params, opt_state)``: weights, moments, GaLore bases and the step count keep their old values.
-  ``skip_by="select"`` (the default) selects after the update, a select that XLA fuses into the update's
-  elementwise writes; ``"cond"`` runs the update inside a ``lax.cond``, whose operands and results get
-  buffers of their own: at Llama-7B (bf16, 256 tokens) XLA:CPU's memory analysis gives the conditional
-  gigabytes more temporaries than the select, which costs little more than no guard, while under ~100M
-  parameters the select costs a few percent more (``bench/results/skip_nonfinite-cpu.json``). The
+  ``skip_by="select"`` (the default) passes the verdict to the optimizer (``finite=``,
+  :mod:`galore_jax.optim.guard`), which selects its state itself before its update reads it (or after the
+  update, for a transformation that does not honour ``finite``), and selects the parameters after;
+  ``"cond"`` runs the update inside a ``lax.cond``, whose operands and results get buffers of their own: at
+  Llama-7B (bf16, 256 tokens) XLA:CPU's memory analysis gives the conditional gigabytes more temporaries
+  than the select, which costs no more than no guard (``bench/results/skip_nonfinite-cpu.json``). The
   layerwise step needs a norm sweep before its first update for that verdict (see
   :mod:`~galore_jax.train.layerwise`) and ignores ``skip_by``.
   """
