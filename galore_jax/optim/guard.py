@@ -32,6 +32,7 @@ class FiniteAware(optax.GradientTransformationExtraArgs):
 
 
 def honours_finite(tx: optax.GradientTransformation) -> bool:
+  """Whether ``tx`` keeps its own state on ``finite=False`` (else :func:`update` selects it after the update)."""
   return isinstance(tx, FiniteAware)
 
 
