@@ -29,13 +29,11 @@ def without_finite(tx):
   return optax.GradientTransformationExtraArgs(tx.init, lambda u, s, p=None, **extra: tx.update(u, s, p, **extra))
 
 
-def compiled_steps(cfg, params, opt_state, batch) -> dict:
+def compiled_steps(cfg, graphdef, tx, params, opt_state, batch) -> dict:
   import jax
-  from flax import nnx
 
-  from galore_jax.train import config, steps
+  from galore_jax.train import steps
 
-  graphdef, tx = nnx.graphdef(config.abstract_model(cfg)), config.build_optimizer(cfg)
   out = {}
   for guard in GUARDS:
     step = steps.make_steps(graphdef, without_finite(tx) if guard == "after" else tx, grad_accum=1,
@@ -47,15 +45,17 @@ def compiled_steps(cfg, params, opt_state, batch) -> dict:
 
 def time_variant(preset: str, tokens: int, variant: str, rounds: int) -> dict:
   import jax
+  from flax import nnx
 
   from galore_jax.train import config, steps
 
   cfg = memory.config_for(preset, tokens, memory.VARIANTS[variant])
-  params = steps.params_of(config.build_model(cfg, seed=0))
-  opt_state = config.build_optimizer(cfg).init(params)
+  model, tx = config.build_model(cfg, seed=0), config.build_optimizer(cfg)
+  params = steps.params_of(model)
+  opt_state = tx.init(params)
   batch = jax.tree.map(jax.numpy.asarray, common.random_batch(cfg.train.batch_size, cfg.data.seq_len,
                                                                config.model_config(cfg).vocab_size))
-  fns = compiled_steps(cfg, params, opt_state, batch)
+  fns = compiled_steps(cfg, nnx.graphdef(model), tx, params, opt_state, batch)
   samples = {guard: [] for guard in GUARDS}
   for _ in range(rounds):
     for guard in GUARDS:
