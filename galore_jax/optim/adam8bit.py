@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax.optim import guard
+
 SUPPORTED_BLOCK_SIZES = (256, 2048)
 
 
@@ -112,14 +114,39 @@ def quantize_blockwise(x: jax.Array, code: np.ndarray, block_size: int = 256) ->
   are computed in float64 and rounded to float32, the scaled value is
   ``x * (1 / absmax)`` as in bnb.
   """
+  scaled, absmax = _scaled_blocks(x, block_size)
+  return QuantizedMoment(codes=_nearest_code(code, scaled), absmax=absmax)
+
+
+def requantize_unless(finite: jax.Array | None, x: jax.Array, old: QuantizedMoment, code: np.ndarray,
+                      block_size: int = 256) -> QuantizedMoment:
+  """:func:`quantize_blockwise` of ``x``, or ``old`` where ``finite`` is False (a skipped step).
+
+  The select is made on the scaled values, before the nearest-code search: each map value is its own nearest
+  code, so ``old``'s codes come back exactly. The search then reads each old code where it writes the new one,
+  and XLA can overwrite the old codes in place; a select of the codes after the search would need a buffer of
+  the new ones.
+  """
+  scaled, absmax = _scaled_blocks(x, block_size)
+  if finite is None:
+    return QuantizedMoment(codes=_nearest_code(code, scaled), absmax=absmax)
+  scaled = jnp.where(finite, scaled, jnp.asarray(code)[old.codes.astype(jnp.int32)])
+  return QuantizedMoment(codes=_nearest_code(code, scaled), absmax=jnp.where(finite, absmax, old.absmax))
+
+
+def _scaled_blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """``x`` flattened into zero-padded blocks ``[n_blocks, block_size]`` divided by their absmax, and the absmax."""
   x = jnp.asarray(x, jnp.float32).reshape(-1)
   n = x.size
   n_blocks = max(1, -(-n // block_size))
   x = jnp.pad(x, (0, n_blocks * block_size - n)).reshape(n_blocks, block_size)
   absmax = jnp.max(jnp.abs(x), axis=1)
   inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
-  scaled = jnp.clip(x * inv[:, None], -1.0, 1.0)
-  return QuantizedMoment(codes=_count_below(_midpoints(code), scaled).astype(jnp.uint8), absmax=absmax)
+  return jnp.clip(x * inv[:, None], -1.0, 1.0), absmax
+
+
+def _nearest_code(code: np.ndarray, scaled: jax.Array) -> jax.Array:
+  return _count_below(_midpoints(code), scaled).astype(jnp.uint8)
 
 
 def _count_below(sorted_values: np.ndarray, x: jax.Array) -> jax.Array:
@@ -211,9 +238,11 @@ def scale_by_adam_8bit(
     min_8bit_size: leaves with fewer elements keep fp32 moments.
 
   Returns:
-    An :class:`optax.GradientTransformation` with :class:`ScaleByAdam8bitState`.
+    A :class:`~galore_jax.optim.guard.FiniteAware` transformation with :class:`ScaleByAdam8bitState`.
     State bytes of a quantized leaf of ``n`` elements: per moment
-    ``ceil(n / block_size) · (block_size + 4)``.
+    ``ceil(n / block_size) · (block_size + 4)``. Called with ``finite=False`` (a traced bool) it keeps its
+    state bit for bit, selecting each quantized moment before its nearest-code search
+    (:func:`requantize_unless`).
   """
   if block_size not in SUPPORTED_BLOCK_SIZES:
     raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
@@ -240,8 +269,8 @@ def scale_by_adam_8bit(
         nu=jax.tree.map(lambda p: init_leaf(p, UNSIGNED_MAP), params),
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, finite=None, **extra_args):
+    del params, extra_args  # an optax extra-args transformation ignores those it does not know
     count = optax.safe_increment(state.count)
     c1 = 1 - jnp.asarray(b1, jnp.float32)**count
     c2 = 1 - jnp.asarray(b2, jnp.float32)**count
@@ -259,20 +288,21 @@ def scale_by_adam_8bit(
       v32 = (1 - b2) * (g32**2) + b2 * v32
       u = (m32 / c1.astype(m32.dtype)) / (jnp.sqrt(v32 / c2.astype(v32.dtype)) + eps)
       if is_q:
-        m32 = quantize_blockwise(m32, SIGNED_MAP, block_size)
-        v32 = quantize_blockwise(v32, UNSIGNED_MAP, block_size)
-      return u.astype(jnp.asarray(g).dtype), m32, v32
+        return (u.astype(jnp.asarray(g).dtype), requantize_unless(finite, m32, m, SIGNED_MAP, block_size),
+                requantize_unless(finite, v32, v, UNSIGNED_MAP, block_size))
+      return u.astype(jnp.asarray(g).dtype), *guard.keep_unless(finite, (m32, v32), (m, v))
 
     flat_g, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     out = [leaf(g, m, v) for g, m, v in zip(flat_g, mus, nus)]
+    count = guard.keep_unless(finite, count, state.count)
     if not out:
       return updates, ScaleByAdam8bitState(count=count, mu=state.mu, nu=state.nu)
     u, mu, nu = (treedef.unflatten(list(col)) for col in zip(*out))
     return u, ScaleByAdam8bitState(count=count, mu=mu, nu=nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return guard.FiniteAware(init_fn, update_fn)
 
 
 def _zero_code(code: np.ndarray) -> int:

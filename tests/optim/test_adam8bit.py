@@ -89,6 +89,25 @@ def test_round_trip_of_map_values_is_exact(signed):
   np.testing.assert_array_equal(np.asarray(A.dequantize_blockwise(again, code, (5 * 256,))), np.asarray(x))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_requantize_unless_keeps_the_old_codes_bit_for_bit(signed):
+  """Not finite: the old codes and absmax come back exactly, whatever ``x`` holds (NaN here), because each map
+  value is its own nearest code; finite: exactly :func:`quantize_blockwise`."""
+  code = A.SIGNED_MAP if signed else A.UNSIGNED_MAP
+  np.testing.assert_array_equal(np.asarray(A._nearest_code(code, jnp.asarray(code))), np.arange(256))
+  rng = np.random.default_rng(2)
+  old = A.QuantizedMoment(codes=jnp.asarray(rng.integers(0, 256, (4, 256)).astype(np.uint8)),
+                          absmax=jnp.asarray([0.0, 1e-30, 0.5, 3e4], jnp.float32))
+  x = jnp.asarray(rng.standard_normal(4 * 256 - 5), jnp.float32)
+  kept = jax.jit(lambda finite, x, old: A.requantize_unless(finite, x, old, code, 256))(
+      jnp.bool_(False), jnp.full_like(x, jnp.nan), old)
+  for got, want in zip(kept, old):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  moved = A.requantize_unless(jnp.bool_(True), x, old, code, 256)
+  for got, want in zip(moved, A.quantize_blockwise(x, code, 256)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_zeros_quantize_to_zero():
   q = A.quantize_blockwise(jnp.zeros((300,)), A.SIGNED_MAP, 256)
   np.testing.assert_array_equal(np.asarray(A.dequantize_blockwise(q, A.SIGNED_MAP, (300,))), 0.0)

@@ -22,6 +22,8 @@ OPTIMIZERS = {
     "galore_adamw bf16 moments": lambda: galore_jax.galore_adamw(1e-2, moment_dtype=jnp.bfloat16, **LOW_RANK),
     "galore_adamw_8bit": lambda: galore_jax.galore_adamw_8bit(1e-2, weight_decay=0.1, min_8bit_size=16,
                                                               block_size=256, **LOW_RANK),
+    "adam_8bit (full rank)": lambda: guard.chain(galore_jax.scale_by_adam_8bit(min_8bit_size=16),
+                                                 optax.scale_by_learning_rate(1e-2)),
     "galore_adafactor": lambda: galore_jax.galore_adafactor(1e-2, weight_decay=0.1, beta1=0.9, **LOW_RANK),
     "fira_adamw": lambda: galore_jax.fira_adamw(1e-2, **LOW_RANK),
     "apollo_adamw": lambda: galore_jax.apollo_adamw(1e-2, **LOW_RANK),
@@ -100,10 +102,19 @@ def test_chain_keeps_optax_chain_state_and_updates():
     assert_bit_equal((u_ours, s_ours), (u_theirs, s_theirs))
 
 
-def step_temporaries(guard_by: str, moment_dtype) -> int:
+STATES = {
+    "fp32 moments": lambda: galore_jax.galore_adamw(1e-2, rank=4, target=ALL_MATRICES, moment_dtype=jnp.float32),
+    "bf16 moments": lambda: galore_jax.galore_adamw(1e-2, rank=4, target=ALL_MATRICES, moment_dtype=jnp.bfloat16),
+    # 8-bit low-rank moments of "w" (4 x 48) and full-rank ones of "embed"
+    "8-bit moments": lambda: galore_jax.galore_adamw_8bit(1e-2, rank=4, min_8bit_size=16,
+                                                          target=lambda path, leaf: "w" in jax.tree_util.keystr(path)),
+}
+
+
+def step_temporaries(guard_by: str, states: str) -> int:
   """XLA's temporary bytes for a GaLore step with ``guard_by`` ``"none"`` (no skipping), ``"inside"`` (``finite``
   passed to the optimizer) or ``"after"`` (new params and state selected after an unguarded update)."""
-  tx = galore_jax.galore_adamw(1e-2, rank=4, target=ALL_MATRICES, moment_dtype=moment_dtype)
+  tx = STATES[states]()
   params = {"w": jnp.ones((64, 48)), "embed": jnp.ones((48, 64)), "norm": jnp.ones(48)}
 
   def step(params, state, grads):
@@ -119,10 +130,11 @@ def step_temporaries(guard_by: str, moment_dtype) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("moment_dtype", [jnp.float32, jnp.bfloat16])
-def test_skipping_inside_the_optimizer_costs_no_memory(moment_dtype):
+@pytest.mark.parametrize("states", STATES)
+def test_skipping_inside_the_optimizer_costs_no_memory(states):
   """Selected after the update, the old moments are read by the update and overwritten by the select: XLA keeps a
-  copy of them (fp32) or a buffer of the new ones (bf16). Selected inside, the update reads the moments the step
-  returns: XLA's temporaries are the unguarded step's."""
-  assert step_temporaries("after", moment_dtype) > step_temporaries("none", moment_dtype)
-  assert step_temporaries("inside", moment_dtype) == step_temporaries("none", moment_dtype)
+  copy of them (fp32) or a buffer of the new ones (bf16, 8-bit codes). Selected inside, before the update (fp32,
+  bf16) or before the nearest-code search (8-bit), each old moment is read where it is overwritten: XLA's
+  temporaries are at most the unguarded step's."""
+  assert step_temporaries("after", states) > step_temporaries("none", states)
+  assert step_temporaries("inside", states) <= step_temporaries("none", states)
