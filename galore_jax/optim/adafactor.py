@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax.optim import guard
+
 
 class ScaleByAdafactorHFState(NamedTuple):
   """State of :func:`scale_by_adafactor_hf`.
@@ -84,6 +86,10 @@ def scale_by_adafactor_hf(
 
   Under :func:`galore_jax.galore` with ``on_refresh='project'|'reset'``, only the first moment ``m``
   (shaped like the low-rank update) is carried or reset; the factored statistics are kept.
+
+  It is :class:`~galore_jax.optim.guard.FiniteAware`: called with ``finite=False`` (a traced bool) it
+  keeps its state, selecting each statistic before the update reads it (the update then reads the stored
+  state, so the old one is dead once the new one is written, and XLA copies nothing).
   """
 
   def init_fn(params):
@@ -108,9 +114,9 @@ def scale_by_adafactor_hf(
         m=jax.tree.map(first, params),
     )
 
-  def update_fn(updates, state, params=None, *, leaf_scale=None, **extra_args):
+  def update_fn(updates, state, params=None, *, leaf_scale=None, finite=None, **extra_args):
     del params, extra_args
-    count = optax.safe_increment(state.count)
+    count = guard.keep_unless(finite, optax.safe_increment(state.count), state.count)
     beta2t = 1.0 - jnp.power(count.astype(jnp.float32), decay_rate)
     flat_g, treedef = jax.tree.flatten(updates)
     scales = [None] * len(flat_g) if leaf_scale is None else treedef.flatten_up_to(leaf_scale)
@@ -119,19 +125,19 @@ def scale_by_adafactor_hf(
       g32 = jnp.asarray(g, jnp.float32)
       sq = g32 * g32 + eps
       if jnp.ndim(g32) >= 2:
-        row = row * beta2t + (1.0 - beta2t) * jnp.mean(sq, axis=-1)
-        col = col * beta2t + (1.0 - beta2t) * jnp.mean(sq, axis=-2)
+        row, col = guard.kept_state(finite, (row * beta2t + (1.0 - beta2t) * jnp.mean(sq, axis=-1),
+                                             col * beta2t + (1.0 - beta2t) * jnp.mean(sq, axis=-2)), (row, col))
         r_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))[..., None]
         c_factor = jax.lax.rsqrt(col)[..., None, :]
         u = r_factor * c_factor * g32
       else:
-        v = v * beta2t + (1.0 - beta2t) * sq
+        v = guard.kept_state(finite, v * beta2t + (1.0 - beta2t) * sq, v)
         u = jax.lax.rsqrt(v) * g32
       u = u / jnp.maximum(rms(u) / clip_threshold, 1.0)
       if s is not None:
         u = u * jnp.asarray(s, jnp.float32)
       if beta1 is not None:
-        m = m * beta1 + (1.0 - beta1) * u
+        m = guard.kept_state(finite, m * beta1 + (1.0 - beta1) * u, m)
         u = m
       return u.astype(jnp.asarray(g).dtype), row, col, v, m
 
@@ -142,4 +148,4 @@ def scale_by_adafactor_hf(
     u, row, col, v, m = (treedef.unflatten(list(c)) for c in zip(*out))
     return u, ScaleByAdafactorHFState(count=count, v_row=row, v_col=col, v=v, m=m)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guard.FiniteAware(init_fn, update_fn)

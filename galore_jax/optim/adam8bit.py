@@ -271,7 +271,7 @@ def scale_by_adam_8bit(
 
   def update_fn(updates, state, params=None, *, finite=None, **extra_args):
     del params, extra_args  # an optax extra-args transformation ignores those it does not know
-    count = optax.safe_increment(state.count)
+    count = guard.keep_unless(finite, optax.safe_increment(state.count), state.count)
     c1 = 1 - jnp.asarray(b1, jnp.float32)**count
     c2 = 1 - jnp.asarray(b2, jnp.float32)**count
 
@@ -296,7 +296,6 @@ def scale_by_adam_8bit(
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     out = [leaf(g, m, v) for g, m, v in zip(flat_g, mus, nus)]
-    count = guard.keep_unless(finite, count, state.count)
     if not out:
       return updates, ScaleByAdam8bitState(count=count, mu=state.mu, nu=state.nu)
     u, mu, nu = (treedef.unflatten(list(col)) for col in zip(*out))

@@ -24,6 +24,8 @@ OPTIMIZERS = {
                                                               block_size=256, **LOW_RANK),
     "adam_8bit (full rank)": lambda: guard.chain(galore_jax.scale_by_adam_8bit(min_8bit_size=16),
                                                  optax.scale_by_learning_rate(1e-2)),
+    "adafactor_hf (full rank)": lambda: guard.chain(galore_jax.scale_by_adafactor_hf(beta1=0.9),
+                                                    optax.scale_by_learning_rate(1e-2)),
     "galore_adafactor": lambda: galore_jax.galore_adafactor(1e-2, weight_decay=0.1, beta1=0.9, **LOW_RANK),
     "fira_adamw": lambda: galore_jax.fira_adamw(1e-2, **LOW_RANK),
     "apollo_adamw": lambda: galore_jax.apollo_adamw(1e-2, **LOW_RANK),
@@ -108,6 +110,7 @@ STATES = {
     # 8-bit low-rank moments of "w" (4 x 48) and full-rank ones of "embed"
     "8-bit moments": lambda: galore_jax.galore_adamw_8bit(1e-2, rank=4, min_8bit_size=16,
                                                           target=lambda path, leaf: "w" in jax.tree_util.keystr(path)),
+    "adafactor first moment": lambda: galore_jax.galore_adafactor(1e-2, beta1=0.9, rank=4, target=ALL_MATRICES),
 }
 
 
