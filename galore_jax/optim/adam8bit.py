@@ -127,9 +127,9 @@ def requantize_unless(finite: jax.Array | None, x: jax.Array, old: QuantizedMome
   and XLA can overwrite the old codes in place; a select of the codes after the search would need a buffer of
   the new ones.
   """
-  scaled, absmax = _scaled_blocks(x, block_size)
   if finite is None:
-    return QuantizedMoment(codes=_nearest_code(code, scaled), absmax=absmax)
+    return quantize_blockwise(x, code, block_size)
+  scaled, absmax = _scaled_blocks(x, block_size)
   scaled = jnp.where(finite, scaled, jnp.asarray(code)[old.codes.astype(jnp.int32)])
   return QuantizedMoment(codes=_nearest_code(code, scaled), absmax=jnp.where(finite, absmax, old.absmax))
 
