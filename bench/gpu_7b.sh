@@ -12,7 +12,8 @@
 #                         galore_adamw with bf16 states (no layerwise), each in its own process, layers
 #                         stacked as in both 7B configs (unrolled, the layerwise step alone takes ~15 min
 #                         to compile on a CPU): the device's peak (memory_stats) beside the dry run's analytic
-#                         figure -> memory-7b-gpu.json
+#                         figure -> memory-7b-gpu.json; each variant's compiled train step (final HLO, buffer
+#                         assignment) dumped by XLA and packed -> xla-dump-memory-7b.tgz, to read off the device
 #   refresh REFRESH_S=90  the full Llama-7B refresh (224 matrices, r = 1024): randomized first, then exact
 #                         (refresh="gram": deflated Gram eigenvectors) on 4 layers, then the direct SVD
 #                         (refresh="svd") on 1 layer, scaled -> refresh-gpu-llama_7b.json
@@ -42,7 +43,9 @@ else
   REFRESH=(--preset llama_7b --layers 32 --exact_layers 4 --direct_layers 1)
   TRAIN=(--config configs/llama7b.py --steps 6 --batch_size 8 --grad_accum 1 --workdir /tmp/gpu_7b_train)
 fi
-MEMORY+=(--scan_layers --real_step --out "$OUT/memory-7b-gpu")
+# XLA's dumps go outside $OUT (only a few files come back from the device): pack_dump packs them into one
+if [ -n "${GPU_7B_PRINT:-}" ]; then DUMP=/tmp/gpu_7b_xla_dump; else DUMP=$(mktemp -d); fi
+MEMORY+=(--scan_layers --real_step --xla_dump "$DUMP" --out "$OUT/memory-7b-gpu")
 REFRESH+=(--fast randomized --skip_quality --skip_train --skip_batch_refresh --repeats 1
           --out "$OUT/refresh-gpu-llama_7b.json")
 TRAIN+=(--out "$OUT/train-gpu-llama7b.json")
@@ -59,6 +62,21 @@ part() {  # part NAME LIMIT_S MODULE ARGS...: run one part under its time limit 
   echo "$name" > "$STATUS"
   timeout -k 10 "$limit" "$PY" -m "$@"
   echo "=== $name: exit code $? at $(( $(date +%s) - START )) s"
+}
+
+pack_dump() {  # the dumped train steps' final HLO and buffer assignments, compressed into one results file
+  local tgz=$OUT/xla-dump-memory-7b.tgz files
+  files=$(cd "$DUMP" 2>/dev/null && find . -type f \( -name '*buffer*assignment*' -o -name '*memory*usage*' \
+          -o -name '*live*range*' -o -name '*after_optimizations.txt' \) | sort)
+  if [ -z "$files" ]; then
+    echo "=== no XLA dump (each compile came from the cache)"
+    return
+  fi
+  (cd "$DUMP" && echo "$files" | tar -czf "$tgz" -T -)
+  if [ "$(stat -c %s "$tgz")" -gt 15000000 ]; then  # a returned file holds at most 16 MiB: the first variant alone
+    (cd "$DUMP" && echo "$files" | grep -F "$(echo "$files" | head -1 | cut -d/ -f2)" | tar -czf "$tgz" -T -)
+  fi
+  echo "=== XLA dump: $(stat -c %s "$tgz") bytes in $tgz"
 }
 
 heartbeat() {  # a progress line every 30 s: the part running and the device memory in use
@@ -82,12 +100,14 @@ if [ -z "${GPU_7B_PRINT:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   heartbeat &
   HEARTBEAT=$!
-  trap 'kill $HEARTBEAT 2>/dev/null; rm -f "$STATUS"' EXIT
+  trap 'kill $HEARTBEAT 2>/dev/null; rm -rf "$STATUS" "$DUMP"' EXIT
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 for name in $PARTS; do
   case $name in
-    memory) part memory "${MEMORY_S:-${LIMIT_S:-200}}" bench.memory "${MEMORY[@]}" ;;
+    memory)
+      part memory "${MEMORY_S:-${LIMIT_S:-200}}" bench.memory "${MEMORY[@]}"
+      [ -n "${GPU_7B_PRINT:-}" ] || pack_dump ;;
     refresh) part refresh "${REFRESH_S:-${LIMIT_S:-90}}" bench.refresh "${REFRESH[@]}" ;;
     train) part train "${TRAIN_S:-${LIMIT_S:-150}}" bench.train_run "${TRAIN[@]}" ;;
     *) echo "error: unknown part $name (memory, refresh, train)" >&2; exit 2 ;;

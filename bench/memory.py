@@ -11,7 +11,10 @@ skips the compile (a 7B compile takes minutes on a CPU). Writes <out>.json and a
 the paper's 22.0 GB (8-bit GaLore, layerwise) and ~58 GB (BF16 AdamW) for reference. With --real_step (on a GPU)
 each variant runs in its own process and also reports device_peak_gb of one real step (the allocator's peak),
 beside the dry run's analytic total and XLA's peak; <out>.json is then the flat list and <out>-full.json the full
-record. The files are rewritten after each variant: a time limit keeps the variants that finished.
+record. The files are rewritten after each variant: a time limit keeps the variants that finished. With
+--xla_dump DIR (and --real_step) each variant's process also dumps XLA's compiled train step (final HLO, buffer
+assignment, memory usage report) into DIR/<preset>_<variant>/: what the device held at its peak can then be read on any
+machine afterwards (bench/gpu_7b.sh packs it into one results file).
 
 --scan_layers stacks the layers (``model.scan_layers``, one ``lax.scan``), as both 7B configs do:
 the layerwise step then sweeps the stack in one scan instead of unrolling every layer, and a Llama-7B step
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -101,13 +106,23 @@ def one_variant(args, preset: str, variant: str, real_step: bool) -> dict:
   return report
 
 
+def dump_env(dump_root: str | None, preset: str, variant: str) -> dict | None:
+  """The environment of a variant's process: XLA dumping its train step into ``dump_root/<preset>_<variant>/``
+  (each run of other characters than letters, digits and ``_`` made one ``_``)."""
+  if not dump_root:
+    return None
+  folder = os.path.join(dump_root, re.sub(r"[^A-Za-z0-9_]+", "_", f"{preset}-{variant}").strip("_"))
+  flags = f"--xla_dump_to={folder} --xla_dump_hlo_module_re=.*train.*"
+  return {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+
+
 def in_subprocess(args, preset: str, variant: str) -> dict:
   """One variant with a real step in a fresh process, so that the allocator's peak is this variant's alone."""
   layers = ["--layers", str(args.layers)] if args.layers else []
   scan = ["--scan_layers"] if args.scan_layers else []
   out = subprocess.run([sys.executable, "-m", __spec__.name, "--one", variant, "--presets", preset, "--tokens",
                         str(args.tokens), *layers, *scan, "--real_step"], cwd=common.ROOT, capture_output=True,
-                       text=True)
+                       text=True, env=dump_env(args.xla_dump, preset, variant))
   lines = out.stdout.strip().splitlines()
   if out.returncode or not lines:
     return {"preset": preset, "variant": variant, "scan_layers": args.scan_layers,
@@ -127,6 +142,8 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--scan_layers", action="store_true", help="stacked layers run by lax.scan (model.scan_layers), "
                   "as the 7B configs: a 7B step compiles in under a minute")
   ap.add_argument("--analytic_only", action="store_true", help="the analytic figures only: nothing compiled")
+  ap.add_argument("--xla_dump", default=None, help="with --real_step: dump each variant's compiled train step "
+                  "(HLO, buffer assignment) into XLA_DUMP/<preset>_<variant>/")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--out", default=None, help="default bench/results/memory-<backend> (.json, .png)")
   return ap
@@ -139,6 +156,8 @@ def parse(argv: list[str]):
     common.fail(f"--layers {args.layers} must be positive")
   if args.tokens < 1:
     common.fail(f"--tokens {args.tokens} must be positive")
+  if args.xla_dump and not args.real_step:
+    common.fail(f"--xla_dump {args.xla_dump!r} needs --real_step (the dump is made by each variant's own process)")
   return args
 
 

@@ -13,6 +13,11 @@ two dtypes is what the CPU's bf16 handling adds. ``temp_gb`` is XLA's temporarie
 (``memory_analysis``); with two layer counts, ``temp_gb_per_layer`` is the slope and
 ``temp_gb_at_32_layers`` the linear extrapolation.
 Writes ``bench/results/xla-peak-7b-<backend>.json``.
+
+  python -m bench.xla_peak --from_dump xla-dump-memory-7b.tgz [--top 12]
+
+reads dumps made elsewhere instead (``bench.memory --xla_dump``, packed by ``bench/gpu_7b.sh``: one folder per
+variant): each train step's peak composition from its live-range dump, printed as one JSON line per dump.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 from bench import common, compile_7b
@@ -68,6 +74,26 @@ def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
   return record
 
 
+def from_dump(path: str, top: int) -> list[dict]:
+  """The peak groups of every live-range dump under ``path`` (a folder or a .tgz of one), with its HLO beside it."""
+  with tempfile.TemporaryDirectory() as unpacked:
+    if os.path.isfile(path):
+      with tarfile.open(path) as archive:
+        archive.extractall(unpacked, filter="data")
+      path = unpacked
+    rows = []
+    for live_path in sorted(glob.glob(os.path.join(path, "**", "*-live-range.txt"), recursive=True)):
+      with open(live_path) as f:
+        live = f.read()
+      with open(live_path.replace("-live-range.txt", ".txt")) as f:
+        hlo = f.read()
+      live_gb, groups = peak_groups(live, hlo, top)
+      rows.append({"dump": os.path.relpath(live_path, path), "live_at_peak_gb": live_gb, "peak_groups": groups})
+  if not rows:
+    common.fail(f"--from_dump {path!r} holds no XLA live-range dump (*-live-range.txt)")
+  return rows
+
+
 def compile_one(variant: str, layers: int, dtype: str) -> dict:
   import jax
   from flax import nnx
@@ -99,6 +125,7 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
   ap.add_argument("--top", type=common.int_within(0), default=12)
   ap.add_argument("--out", default=None)
+  ap.add_argument("--from_dump", default=None, help="read the live-range dumps in this folder or .tgz instead")
   ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
   return ap
 
@@ -108,6 +135,12 @@ def main(argv: list[str] | None = None) -> dict | None:
   args = parser().parse_args(argv)
   if args.one:
     print(json.dumps(compile_one(args.one[0], int(args.one[1]), args.one[2])))
+    return None
+  if args.from_dump:
+    if not os.path.exists(args.from_dump):
+      common.fail(f"--from_dump {args.from_dump!r} does not exist")
+    for row in from_dump(args.from_dump, args.top):
+      print(json.dumps(row))
     return None
   results = []
   for dtype in args.dtypes:

@@ -86,6 +86,7 @@ def test_no_benchmark_name_holds_the_list_separator():
     (skip_nonfinite, ["--cases", "llama_7b:8"], "error: --cases 'llama_7b:8' is not preset:layers:layout (a preset"),
     (skip_nonfinite, ["--cases", "llama_9m:5:scanned"], "error: --cases 'llama_9m:5:scanned': llama_9m has 4 layers"),
     (skip_nonfinite, ["--variants", "galore_sgd"], "error: unknown variant 'galore_sgd'; choose from "),
+    (memory, ["--xla_dump", "/tmp/d"], "error: --xla_dump '/tmp/d' needs --real_step (the dump is made by each"),
 ])
 def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
   with pytest.raises(SystemExit, match="^2$"):
@@ -134,6 +135,7 @@ def test_gpu_7b_default_commands_parse():
     if module == "bench.memory":
       assert args.presets == ["llama_7b"] and args.tokens == 256 and args.real_step and args.layers is None
       assert args.scan_layers  # unrolled, the layerwise 7B step compiles for ~15 min (compile-7b-cpu.json)
+      assert args.xla_dump  # each variant's compiled step, packed by pack_dump
       assert args.variants == ["galore_adamw_8bit + layerwise", "galore_adamw (fp32 states) + layerwise",
                                "adamw (bf16 states)", "galore_adamw (bf16 states)"]
     elif module == "bench.refresh":

@@ -27,6 +27,7 @@ from bench import (
     skip_nonfinite,
     skip_time,
     tiny_quality,
+    xla_peak,
 )
 
 
@@ -315,6 +316,10 @@ def test_gpu_7b_runs_every_part_on_tiny_shapes(tmp_path):
   assert flat[0]["scan_layers"] and flat[0]["device_in_use_before_step_gb"] == 0  # CPU keeps no allocator stats
   assert all("device_peak_gb" in r and r["analytic_total_gb"] > 0 and r["tokens"] == 64 for r in flat)
   assert json.load(open(tmp_path / "memory-7b-gpu-full.json"))["command"].startswith("python -m bench.memory")
+  # the variant's train step as XLA compiled it, packed to come back from the device, and read here
+  (dumped,) = xla_peak.from_dump(str(tmp_path / "xla-dump-memory-7b.tgz"), top=4)
+  assert dumped["dump"].startswith("llama_9m_galore_adamw_8bit_layerwise/") and "train" in dumped["dump"]
+  assert 0 < sum(g["gb"] for g in dumped["peak_groups"]) <= dumped["live_at_peak_gb"]
   final = json.load(open(tmp_path / "refresh-gpu-llama_7b.json"))["final"]
   assert final["preset"] == "llama_9m" and final["speedup"] == pytest.approx(final["exact_s"] / final["fast_s"])
   assert final["direct_svd_s"] > 0 and final["direct_layers_timed"] == 1  # the direct SVD beside the Gram exact one
