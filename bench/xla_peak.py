@@ -54,6 +54,15 @@ def peak_groups(live_range: str, hlo: str, top: int) -> tuple[float, list[dict]]
   return sum(sizes.values()) / 1e9, groups
 
 
+def dumped_peak(live_range_path: str, top: int) -> tuple[float, list[dict]]:
+  """:func:`peak_groups` of one XLA live-range dump and the final HLO dumped beside it."""
+  with open(live_range_path) as f:
+    live = f.read()
+  with open(live_range_path.replace("-live-range.txt", ".txt")) as f:
+    hlo = f.read()
+  return peak_groups(live, hlo, top)
+
+
 def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
   """Compile one variant in a child process that dumps XLA's buffer assignment; its peak's composition."""
   with tempfile.TemporaryDirectory() as dump:
@@ -66,29 +75,22 @@ def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
     train = [p for p in glob.glob(os.path.join(dump, "*train*-live-range.txt"))]
     if len(train) != 1:
       raise RuntimeError(f"expected one train step dump, found {train}")
-    with open(train[0]) as f:
-      live = f.read()
-    with open(train[0].replace("-live-range.txt", ".txt")) as f:
-      hlo = f.read()
-  record["live_at_peak_gb"], record["peak_groups"] = peak_groups(live, hlo, top)
+    record["live_at_peak_gb"], record["peak_groups"] = dumped_peak(train[0], top)
   return record
 
 
 def from_dump(path: str, top: int) -> list[dict]:
   """The peak groups of every live-range dump under ``path`` (a folder or a .tgz of one), with its HLO beside it."""
   with tempfile.TemporaryDirectory() as unpacked:
+    folder = path
     if os.path.isfile(path):
       with tarfile.open(path) as archive:
         archive.extractall(unpacked, filter="data")
-      path = unpacked
+      folder = unpacked
     rows = []
-    for live_path in sorted(glob.glob(os.path.join(path, "**", "*-live-range.txt"), recursive=True)):
-      with open(live_path) as f:
-        live = f.read()
-      with open(live_path.replace("-live-range.txt", ".txt")) as f:
-        hlo = f.read()
-      live_gb, groups = peak_groups(live, hlo, top)
-      rows.append({"dump": os.path.relpath(live_path, path), "live_at_peak_gb": live_gb, "peak_groups": groups})
+    for live_path in sorted(glob.glob(os.path.join(folder, "**", "*-live-range.txt"), recursive=True)):
+      live_gb, groups = dumped_peak(live_path, top)
+      rows.append({"dump": os.path.relpath(live_path, folder), "live_at_peak_gb": live_gb, "peak_groups": groups})
   if not rows:
     common.fail(f"--from_dump {path!r} holds no XLA live-range dump (*-live-range.txt)")
   return rows
