@@ -172,6 +172,72 @@ def dequantize_blockwise(q: QuantizedMoment, code: np.ndarray, shape: tuple[int,
   return values.reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
+# ----------------------------------------------------------------------------- a quantized leaf's update
+
+
+def _slice_blocks(q: QuantizedMoment, start, size: int) -> QuantizedMoment:
+  return QuantizedMoment(jax.lax.dynamic_slice_in_dim(q.codes, start, size),
+                         jax.lax.dynamic_slice_in_dim(q.absmax, start, size))
+
+
+def _put_blocks(q: QuantizedMoment, part: QuantizedMoment, start) -> QuantizedMoment:
+  return QuantizedMoment(jax.lax.dynamic_update_slice_in_dim(q.codes, part.codes, start, 0),
+                         jax.lax.dynamic_update_slice_in_dim(q.absmax, part.absmax, start, 0))
+
+
+def _even_chunk(whole_blocks: int, chunk_blocks: int) -> int:
+  """The largest divisor of ``whole_blocks`` in ``[chunk_blocks / 2, chunk_blocks]``, else ``chunk_blocks``.
+
+  Chunks that tile the whole blocks leave no tail to update after the loop (a Llama's shapes are highly
+  composite: a 32000×4096 embedding is 512000 blocks of 256, tiled by 16000).
+  """
+  for size in range(chunk_blocks, (chunk_blocks + 1) // 2 - 1, -1):
+    if size and whole_blocks % size == 0:
+      return size
+  return chunk_blocks
+
+
+def _update_in_chunks(step, g: jax.Array, m: QuantizedMoment, v: QuantizedMoment, chunk_blocks: int):
+  """``step`` (a gradient and its quantized moments -> the update, in the gradient's dtype, and the new moments)
+  over a whole leaf, ``chunk_blocks`` blocks at a time.
+
+  Run on the whole leaf at once, the step holds fp32 copies of the leaf (the dequantized moments, their
+  updates, the update) as temporaries: 2 GB for a 32000×4096 embedding, more than its 8-bit state. Here a
+  ``fori_loop`` visits chunks of whole blocks, so the temporaries are a chunk's. Each block goes through the
+  same operations as on the whole leaf; XLA fuses (and may reassociate or contract) them differently inside
+  the loop, so the update can differ in the last bit or two of fp32 and, rarely, a code by one step where
+  that bit crosses a rounding midpoint (tested). The codes and absmax are updated in place, and the
+  update overwrites the gradient chunk by chunk (it has the gradient's dtype). The blocks after the last
+  whole chunk (with the zero-padded last block) take one more step of fewer than ``2 * chunk_blocks + 1``
+  blocks, which :func:`_even_chunk` avoids where it can; a leaf of fewer than two whole chunks (or any leaf,
+  with ``chunk_blocks=0``) is that one step.
+  """
+  block_size, shape = m.codes.shape[1], g.shape
+  flat = g.reshape(-1)
+  chunk_blocks = _even_chunk(flat.size // block_size, chunk_blocks)
+  n_chunks = flat.size // block_size // chunk_blocks if chunk_blocks else 0
+  if n_chunks < 2:  # one chunk and a tail would be no smaller than the whole leaf
+    return step(g, m, v)
+
+  def body(i, carry):
+    flat, m, v = carry
+    chunk = chunk_blocks * block_size
+    g_blocks = jax.lax.dynamic_slice_in_dim(flat, i * chunk, chunk).reshape(chunk_blocks, block_size)
+    u, m_i, v_i = step(g_blocks, _slice_blocks(m, i * chunk_blocks, chunk_blocks),
+                       _slice_blocks(v, i * chunk_blocks, chunk_blocks))
+    flat = jax.lax.dynamic_update_slice_in_dim(flat, u.reshape(-1), i * chunk, 0)
+    return flat, _put_blocks(m, m_i, i * chunk_blocks), _put_blocks(v, v_i, i * chunk_blocks)
+
+  flat, m, v = jax.lax.fori_loop(0, n_chunks, body, (flat, m, v))
+  start, tail_blocks = n_chunks * chunk_blocks, m.codes.shape[0] - n_chunks * chunk_blocks
+  if not tail_blocks:
+    return flat.reshape(shape), m, v
+  u, m_t, v_t = step(flat[start * block_size:], _slice_blocks(m, start, tail_blocks),
+                     _slice_blocks(v, start, tail_blocks))
+  flat = jax.lax.dynamic_update_slice_in_dim(flat, u, start * block_size, 0)
+  return flat.reshape(shape), _put_blocks(m, m_t, start), _put_blocks(v, v_t, start)
+
+
 # ----------------------------------------------------------------------------- the optimizer
 
 
@@ -197,6 +263,7 @@ def scale_by_adam_8bit(
     *,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    chunk_size: int | None = 1 << 22,
 ) -> optax.GradientTransformation:
   r"""Adam with blockwise 8-bit moments, as bitsandbytes' ``Adam8bit`` (``optim_bits=8``, ``block_wise=True``).
 
@@ -236,6 +303,10 @@ def scale_by_adam_8bit(
     block_size: elements per quantization block: 256 (bnb ≥ 0.45's blockwise
       optimizers) or 2048 (the GaLore paper's bnb).
     min_8bit_size: leaves with fewer elements keep fp32 moments.
+    chunk_size: a quantized leaf of at least two such chunks (elements, rounded down to whole blocks) is
+      updated chunk by chunk in a ``fori_loop`` (the same arithmetic to an ulp of fp32), so that its fp32
+      temporaries are a chunk's (16 MB each by default), not the leaf's (a 32000×4096 embedding: 0.5 GB each,
+      2.1 GB in all on XLA:CPU). ``None``: every leaf at once.
 
   Returns:
     A :class:`~galore_jax.optim.guard.FiniteAware` transformation with :class:`ScaleByAdam8bitState`.
@@ -248,6 +319,11 @@ def scale_by_adam_8bit(
     raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
   if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
     raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                 or chunk_size < block_size):
+    raise ValueError(f"chunk_size must be None or an int >= block_size ({block_size}), got {chunk_size!r}")
+
+  chunk_blocks = chunk_size // block_size if chunk_size else 0  # 0: every leaf at once
 
   def quantized(size: int) -> bool:
     return size >= min_8bit_size and size > 0
@@ -275,21 +351,25 @@ def scale_by_adam_8bit(
     c1 = 1 - jnp.asarray(b1, jnp.float32)**count
     c2 = 1 - jnp.asarray(b2, jnp.float32)**count
 
-    def leaf(g, m, v):
-      shape = jnp.shape(g)
-      if isinstance(m, optax.MaskedNode):
-        return g, m, v
+    def adam(g, m32, v32):
+      # optax.tree.update_moment / update_moment_per_elem_norm / scale_by_adam, same operation order.
       g32 = jnp.asarray(g, jnp.float32)
-      is_q = isinstance(m, QuantizedMoment)
-      m32 = dequantize_blockwise(m, SIGNED_MAP, shape) if is_q else m
-      v32 = dequantize_blockwise(v, UNSIGNED_MAP, shape) if is_q else v
-      # optax.tree.update_moment / update_moment_per_elem_norm, same operation order.
       m32 = (1 - b1) * g32 + b1 * m32
       v32 = (1 - b2) * (g32**2) + b2 * v32
-      u = (m32 / c1.astype(m32.dtype)) / (jnp.sqrt(v32 / c2.astype(v32.dtype)) + eps)
-      if is_q:
-        return (u.astype(jnp.asarray(g).dtype), requantize_unless(finite, m32, m, SIGNED_MAP, block_size),
-                requantize_unless(finite, v32, v, UNSIGNED_MAP, block_size))
+      return (m32 / c1) / (jnp.sqrt(v32 / c2) + eps), m32, v32
+
+    def quantized_step(g, m, v):
+      shape = jnp.shape(g)
+      u, m32, v32 = adam(g, dequantize_blockwise(m, SIGNED_MAP, shape), dequantize_blockwise(v, UNSIGNED_MAP, shape))
+      return (u.astype(g.dtype), requantize_unless(finite, m32, m, SIGNED_MAP, block_size),
+              requantize_unless(finite, v32, v, UNSIGNED_MAP, block_size))
+
+    def leaf(g, m, v):
+      if isinstance(m, optax.MaskedNode):
+        return g, m, v
+      if isinstance(m, QuantizedMoment):
+        return _update_in_chunks(quantized_step, jnp.asarray(g), m, v, chunk_blocks)
+      u, m32, v32 = adam(g, m, v)
       return u.astype(jnp.asarray(g).dtype), *guard.keep_unless(finite, (m32, v32), (m, v))
 
     flat_g, treedef = jax.tree.flatten(updates)
