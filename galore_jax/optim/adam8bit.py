@@ -8,6 +8,7 @@ fp32. Each step dequantizes, runs Adam in fp32 and requantizes.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -202,7 +203,7 @@ def _update_in_chunks(step, g: jax.Array, m: QuantizedMoment, v: QuantizedMoment
   over a whole leaf, ``chunk_blocks`` blocks at a time.
 
   Run on the whole leaf at once, the step holds fp32 copies of the leaf (the dequantized moments, their
-  updates, the update) as temporaries: 2 GB for a 32000×4096 embedding, more than its 8-bit state. Here a
+  updates, the update) as temporaries: 2.4 GB for a 32000×4096 embedding, more than its 8-bit state. Here a
   ``fori_loop`` visits chunks of whole blocks, so the temporaries are a chunk's. Each block goes through the
   same operations as on the whole leaf; XLA fuses (and may reassociate or contract) them differently inside
   the loop, so the update can differ in the last bit or two of fp32 and, rarely, a code by one step where
@@ -212,30 +213,43 @@ def _update_in_chunks(step, g: jax.Array, m: QuantizedMoment, v: QuantizedMoment
   blocks, which :func:`_even_chunk` avoids where it can; a leaf of fewer than two whole chunks (or any leaf,
   with ``chunk_blocks=0``) is that one step.
   """
-  block_size, shape = m.codes.shape[1], g.shape
-  flat = g.reshape(-1)
-  chunk_blocks = _even_chunk(flat.size // block_size, chunk_blocks)
-  n_chunks = flat.size // block_size // chunk_blocks if chunk_blocks else 0
+  block_size = m.codes.shape[1]
+  chunk_blocks = _even_chunk(g.size // block_size, chunk_blocks)
+  n_chunks = g.size // block_size // chunk_blocks if chunk_blocks else 0
   if n_chunks < 2:  # one chunk and a tail would be no smaller than the whole leaf
     return step(g, m, v)
+  loop = functools.partial(_chunk_loop, step, chunk_blocks=chunk_blocks, n_chunks=n_chunks)
+  if g.dtype.itemsize != 2:
+    return loop(g, m, v, carry=g.dtype)
+  # XLA:CPU writes a bf16 slice by converting the whole array to fp32 and back, a pass over the leaf per chunk
+  # (twice the whole-leaf update's time at 32 chunks); an integer slice it writes in place. There the loop
+  # carries the gradient's bits, at the cost of one leaf-sized copy in and out.
+  return jax.lax.platform_dependent(g, m, v, cpu=functools.partial(loop, carry=jnp.uint16),
+                                    default=functools.partial(loop, carry=g.dtype))
 
-  def body(i, carry):
-    flat, m, v = carry
-    chunk = chunk_blocks * block_size
+
+def _chunk_loop(step, g, m, v, *, chunk_blocks: int, n_chunks: int, carry):
+  """:func:`_update_in_chunks`'s loop, with the gradient and update carried as ``carry`` (same width)."""
+  block_size, chunk = m.codes.shape[1], chunk_blocks * m.codes.shape[1]
+  as_carry = lambda x: jax.lax.bitcast_convert_type(x, carry).reshape(-1)
+  as_grad = lambda x: jax.lax.bitcast_convert_type(x, g.dtype)
+
+  def body(i, state):
+    flat, m, v = state
     g_blocks = jax.lax.dynamic_slice_in_dim(flat, i * chunk, chunk).reshape(chunk_blocks, block_size)
-    u, m_i, v_i = step(g_blocks, _slice_blocks(m, i * chunk_blocks, chunk_blocks),
+    u, m_i, v_i = step(as_grad(g_blocks), _slice_blocks(m, i * chunk_blocks, chunk_blocks),
                        _slice_blocks(v, i * chunk_blocks, chunk_blocks))
-    flat = jax.lax.dynamic_update_slice_in_dim(flat, u.reshape(-1), i * chunk, 0)
+    flat = jax.lax.dynamic_update_slice_in_dim(flat, as_carry(u), i * chunk, 0)
     return flat, _put_blocks(m, m_i, i * chunk_blocks), _put_blocks(v, v_i, i * chunk_blocks)
 
-  flat, m, v = jax.lax.fori_loop(0, n_chunks, body, (flat, m, v))
+  flat, m, v = jax.lax.fori_loop(0, n_chunks, body, (as_carry(g), m, v))
   start, tail_blocks = n_chunks * chunk_blocks, m.codes.shape[0] - n_chunks * chunk_blocks
-  if not tail_blocks:
-    return flat.reshape(shape), m, v
-  u, m_t, v_t = step(flat[start * block_size:], _slice_blocks(m, start, tail_blocks),
-                     _slice_blocks(v, start, tail_blocks))
-  flat = jax.lax.dynamic_update_slice_in_dim(flat, u, start * block_size, 0)
-  return flat.reshape(shape), _put_blocks(m, m_t, start), _put_blocks(v, v_t, start)
+  if tail_blocks:
+    u, m_t, v_t = step(as_grad(flat[start * block_size:]), _slice_blocks(m, start, tail_blocks),
+                       _slice_blocks(v, start, tail_blocks))
+    flat = jax.lax.dynamic_update_slice_in_dim(flat, as_carry(u), start * block_size, 0)
+    m, v = _put_blocks(m, m_t, start), _put_blocks(v, v_t, start)
+  return as_grad(flat).reshape(g.shape), m, v
 
 
 # ----------------------------------------------------------------------------- the optimizer
