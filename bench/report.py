@@ -318,6 +318,21 @@ def skip_time_section() -> list[str]:
   return lines
 
 
+def adam8bit_chunks_section() -> list[str]:
+  lines = []
+  for path, r in load("adam8bit_chunks-*.json"):
+    base = r["results"][0]["chunk_size"]
+    rows = [[x["dtype"], "×".join(map(str, x["shape"])), "whole leaf" if not x["chunk_size"] else str(x["chunk_size"]),
+             gb(x["temp_gb"], ".3f"), seconds(x["update_s"]["median"]), f"{x[f'vs_chunk_size_{base}']:.2f}×"]
+            for x in r["results"]]
+    lines += ["**8-bit Adam's update of one large leaf, whole and in chunks** (`scale_by_adam_8bit(chunk_size=...)`: "
+              "XLA's temporaries with the gradient and state donated; the update's time, median of interleaved "
+              "rounds)", ""]
+    lines += table(["gradient", "leaf", "chunk (elements)", "temporaries", "update", "time vs the first row"], rows)
+    lines += footer(path, r)
+  return lines
+
+
 def family_memory_section() -> list[str]:
   lines = []
   for path, r in load("family_memory-*.json"):
@@ -396,7 +411,8 @@ def data_pipeline_section() -> list[str]:
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
-          + xla_peak_section() + skip_nonfinite_section() + skip_time_section() + family_memory_section()
+          + xla_peak_section() + skip_nonfinite_section() + skip_time_section() + adam8bit_chunks_section()
+          + family_memory_section()
           + quantized_bases_section() + step_time_section() + data_pipeline_section())
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from bench import common, compile_time, exact_refresh, memory, refresh, skip_nonfinite, speed, step_time, tiny_quality
 
-SCRIPTS = ["compile_7b", "compile_time", "data_pipeline", "exact_refresh", "family_memory", "memory", "quantized_bases",
-           "refresh", "refresh_parts", "report", "sharding_bytes", "skip_nonfinite", "skip_time", "speed", "step_time",
-           "tiny_quality", "train_run", "xla_peak"]
+SCRIPTS = ["adam8bit_chunks", "compile_7b", "compile_time", "data_pipeline", "exact_refresh", "family_memory", "memory",
+           "quantized_bases", "refresh", "refresh_parts", "report", "sharding_bytes", "skip_nonfinite", "skip_time",
+           "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
 METAVAR = re.compile(r"[A-Z][A-Z_=]*|a,b|.*[<|].*")  # N, PATH, KEY=VALUE, a,b, float32|bfloat16, ...<backend>
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from bench import (
+    adam8bit_chunks,
     common,
     compile_7b,
     compile_time,
@@ -114,6 +115,26 @@ def test_skip_nonfinite_compiles_a_layerwise_step_without_a_cond(tmp_path):
   assert row["cond_extra_gb"] is None and "cond_temp_gb" not in row
   assert row["select_extra_gb"] == pytest.approx(row["select_temp_gb"] - row["unguarded_temp_gb"])
   assert row["unguarded_temp_gb"] > 1 and abs(row["select_extra_gb"]) <= 0.001 * row["unguarded_temp_gb"]
+
+
+def test_adam8bit_chunks_measures_each_chunk_size_side_by_side(tmp_path):
+  out = tmp_path / "chunks.json"
+  record = adam8bit_chunks.main(["--shape", "64", "1024", "--dtypes", "bfloat16", "--chunk_sizes", "0", "4096",
+                                 "--rounds", "2", "--out", str(out)])
+  assert json.load(open(out)) == json.loads(json.dumps(record))
+  whole, chunked = record["results"]
+  assert (whole["chunk_size"], chunked["chunk_size"]) == (0, 4096)
+  assert whole["update_s"]["n"] == chunked["update_s"]["n"] == 6
+  assert chunked["vs_chunk_size_0"] == pytest.approx(chunked["update_s"]["median"] / whole["update_s"]["median"])
+  assert chunked["temp_gb"] < whole["temp_gb"]  # 16 chunks of 4096 elements against the whole 64x1024 leaf
+
+
+def test_adam8bit_chunks_refuses_a_chunk_smaller_than_a_block(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    adam8bit_chunks.main(["--chunk_sizes", "0", "100"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip() == ("error: --chunk_sizes [0, 100]: each is 0 (the whole leaf) or at least a "
+                                             "block (256)")
 
 
 def test_skip_time_times_the_three_steps_side_by_side(tmp_path):
