@@ -318,9 +318,9 @@ def scale_by_adam_8bit(
       optimizers) or 2048 (the GaLore paper's bnb).
     min_8bit_size: leaves with fewer elements keep fp32 moments.
     chunk_size: a quantized leaf of at least two such chunks (elements, rounded down to whole blocks) is
-      updated chunk by chunk in a ``fori_loop`` (the same arithmetic to an ulp of fp32), so that its fp32
+      updated chunk by chunk in a ``fori_loop`` (the same arithmetic, to the last bits of fp32), so that its fp32
       temporaries are a chunk's (16 MB each by default), not the leaf's (a 32000×4096 embedding: 0.5 GB each,
-      2.1 GB in all on XLA:CPU). ``None``: every leaf at once.
+      2.4 GB in all on XLA:CPU). ``None``: every leaf at once.
 
   Returns:
     A :class:`~galore_jax.optim.guard.FiniteAware` transformation with :class:`ScaleByAdam8bitState`.
