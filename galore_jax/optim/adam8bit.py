@@ -3,7 +3,8 @@
 Both Adam moments are stored block by block as uint8 codes into bitsandbytes'
 *dynamic* quantization maps (the first moment with the signed map, the second
 with the unsigned one) plus one fp32 ``absmax`` per block; small tensors stay
-fp32. Each step dequantizes, runs Adam in fp32 and requantizes.
+fp32. Each step dequantizes, runs Adam in fp32 and requantizes, a large leaf chunk by chunk so that its fp32
+temporaries stay small.
 """
 
 from __future__ import annotations

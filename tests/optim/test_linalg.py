@@ -55,6 +55,14 @@ def test_gpu_lowering_keeps_the_batch_in_one_cusolver_call(name):
   assert calls and all(target.startswith("cu") and dims == len(BATCH) for target, dims in calls), calls
 
 
+def test_gpu_solver_calls_refuses_a_solver_in_a_loop_and_allows_other_loops():
+  one_at_a_time = lambda x: jax.lax.map(lambda a: jnp.linalg.eigh(a)[0], x)  # the solver in a called function
+  with pytest.raises(AssertionError):
+    gpu_solver_calls(one_at_a_time, jnp.ones((3, 8, 8)))
+  elementwise_loop = lambda x: (jax.lax.fori_loop(0, 3, lambda i, c: c * 2, x), jnp.linalg.eigh(x)[0])
+  assert gpu_solver_calls(elementwise_loop, jnp.ones((8, 8))) == [("cusolver_syevd_ffi", 0)]
+
+
 def test_one_matrix_is_not_wrapped_in_a_loop():
   jaxpr = jax.make_jaxpr(linalg.eigh)(jnp.eye(4))
   assert not any(e.primitive.name in ("scan", "while", "platform_index") for e in jaxpr.jaxpr.eqns)
