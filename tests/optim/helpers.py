@@ -147,7 +147,7 @@ def reaches_custom_call(code: str, mlir: str, seen: frozenset = frozenset()) -> 
   if "stablehlo.custom_call" in code:
     return True
   for name in set(re.findall(r"call @([\w.]+)\(", code)) - seen:
-    (body,) = [f for f in regions(mlir, r"func\.func \w+ @" + re.escape(name) + r"\(")]
+    (body,) = regions(mlir, r"func\.func \w+ @" + re.escape(name) + r"\(")
     if reaches_custom_call(body, mlir, seen | {name}):
       return True
   return False
