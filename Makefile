@@ -18,7 +18,14 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 
 install: $(VENV)/.installed-train
 
-test: $(VENV)/.installed-test
+# jax's CUDA compiler, for compiling to a GPU on a machine without one (bench/gpu_target.py): the plugin that
+# matches the installed jaxlib, in its own folder so that no other jax process loads it. Test- and bench-only.
+$(VENV)/gpu_aot/.installed: $(VENV)/.installed-test
+	v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && \
+	  $(PY) -m pip install -q $(PIP_FLAGS) --no-deps --target $(VENV)/gpu_aot "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v"
+	touch $@
+
+test: $(VENV)/.installed-test $(VENV)/gpu_aot/.installed
 	$(PY) -m pytest -q -n 2 --dist worksteal --doctest-modules galore_jax/optim tests
 
 train: $(VENV)/.installed-train

@@ -16,6 +16,11 @@ record. The files are rewritten after each variant: a time limit keeps the varia
 assignment, memory usage report) into DIR/<preset>_<variant>/: what the device held at its peak can then be read on any
 machine afterwards (bench/gpu_7b.sh packs it into one results file).
 
+--compile_for h100 compiles each variant, in its own process, for a GPU this machine does not have
+(``bench/gpu_target.py``: XLA's CUDA compiler on a compile-only device, ``bench/gpu_targets/``): xla_peak_gb
+is then the GPU's buffer assignment, not the CPU's, and --xla_dump dumps it. Writes
+bench/results/memory-<target>-aot by default.
+
 --scan_layers stacks the layers (``model.scan_layers``, one ``lax.scan``), as both 7B configs do:
 the layerwise step then sweeps the stack in one scan instead of unrolling every layer, and a Llama-7B step
 compiles in well under a minute instead of ~15 minutes (``bench/results/compile-7b-cpu.json``), which is what
@@ -31,7 +36,7 @@ import re
 import subprocess
 import sys
 
-from bench import common
+from bench import common, gpu_target
 from galore_jax.train import dry_run
 
 VARIANTS = {
@@ -98,7 +103,8 @@ def plot(results: list[dict], path: str) -> None:
 
 def one_variant(args, preset: str, variant: str, real_step: bool) -> dict:
   cfg = config_for(preset, args.tokens, VARIANTS[variant], args.layers, args.scan_layers)
-  report = dry_run.analytic(cfg) if args.analytic_only else dry_run.dry_run(cfg, real_step=real_step)
+  device = gpu_target.device(args.compile_for) if args.compile_for else None
+  report = dry_run.analytic(cfg) if args.analytic_only else dry_run.dry_run(cfg, real_step=real_step, device=device)
   report["variant"] = variant
   report["scan_layers"] = args.scan_layers
   report[f"sequences_in_{BUDGET_GB:g}gb"] = dry_run.sequences_that_fit(cfg, BUDGET_GB)
@@ -106,23 +112,27 @@ def one_variant(args, preset: str, variant: str, real_step: bool) -> dict:
   return report
 
 
-def dump_env(dump_root: str | None, preset: str, variant: str) -> dict | None:
-  """The environment of a variant's process: XLA dumping its train step into ``dump_root/<preset>_<variant>/``
-  (each run of other characters than letters, digits and ``_`` made one ``_``)."""
-  if not dump_root:
-    return None
-  folder = os.path.join(dump_root, re.sub(r"[^A-Za-z0-9_]+", "_", f"{preset}-{variant}").strip("_"))
-  flags = f"--xla_dump_to={folder} --xla_dump_hlo_module_re=.*train.*"
-  return {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+def variant_env(args, preset: str, variant: str) -> dict:
+  """The environment of a variant's process: with --xla_dump, XLA dumping its train step into
+  ``<xla_dump>/<preset>_<variant>/`` (each run of other characters than letters, digits and ``_`` made one ``_``);
+  with --compile_for, the CUDA plugin found and jax kept on the CPU."""
+  env = gpu_target.environment() if args.compile_for else dict(os.environ)
+  if args.xla_dump:
+    folder = os.path.join(args.xla_dump, re.sub(r"[^A-Za-z0-9_]+", "_", f"{preset}-{variant}").strip("_"))
+    flags = f"--xla_dump_to={folder} --xla_dump_hlo_module_re=.*train.*"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+  return env
 
 
 def in_subprocess(args, preset: str, variant: str) -> dict:
-  """One variant with a real step in a fresh process, so that the allocator's peak is this variant's alone."""
+  """One variant in a fresh process: the allocator's peak of a real step is this variant's alone, and a compile
+  for another GPU gets its own environment."""
   layers = ["--layers", str(args.layers)] if args.layers else []
   scan = ["--scan_layers"] if args.scan_layers else []
+  mode = ["--compile_for", args.compile_for] if args.compile_for else ["--real_step"]
   out = subprocess.run([sys.executable, "-m", __spec__.name, "--one", variant, "--presets", preset, "--tokens",
-                        str(args.tokens), *layers, *scan, "--real_step"], cwd=common.ROOT, capture_output=True,
-                       text=True, env=dump_env(args.xla_dump, preset, variant))
+                        str(args.tokens), *layers, *scan, *mode], cwd=common.ROOT, capture_output=True,
+                       text=True, env=variant_env(args, preset, variant))
   lines = out.stdout.strip().splitlines()
   if out.returncode or not lines:
     return {"preset": preset, "variant": variant, "scan_layers": args.scan_layers,
@@ -142,8 +152,10 @@ def parser() -> common.ArgumentParser:
   ap.add_argument("--scan_layers", action="store_true", help="stacked layers run by lax.scan (model.scan_layers), "
                   "as the 7B configs: a 7B step compiles in under a minute")
   ap.add_argument("--analytic_only", action="store_true", help="the analytic figures only: nothing compiled")
-  ap.add_argument("--xla_dump", default=None, help="with --real_step: dump each variant's compiled train step "
-                  "(HLO, buffer assignment) into XLA_DUMP/<preset>_<variant>/")
+  ap.add_argument("--compile_for", default=None, help="compile each variant for this GPU without one "
+                  "(bench/gpu_targets/*.txtpb, e.g. h100): the GPU's XLA peak; default out memory-<target>-aot")
+  ap.add_argument("--xla_dump", default=None, help="with --real_step or --compile_for: dump each variant's compiled "
+                  "train step (HLO, buffer assignment) into XLA_DUMP/<preset>_<variant>/")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--out", default=None, help="default bench/results/memory-<backend> (.json, .png)")
   return ap
@@ -156,8 +168,14 @@ def parse(argv: list[str]):
     common.fail(f"--layers {args.layers} must be positive")
   if args.tokens < 1:
     common.fail(f"--tokens {args.tokens} must be positive")
-  if args.xla_dump and not args.real_step:
-    common.fail(f"--xla_dump {args.xla_dump!r} needs --real_step (the dump is made by each variant's own process)")
+  if args.xla_dump and not (args.real_step or args.compile_for):
+    common.fail(f"--xla_dump {args.xla_dump!r} needs --real_step or --compile_for (the dump is made by each "
+                "variant's own process)")
+  if args.compile_for:
+    if args.real_step or args.analytic_only:
+      common.fail(f"--compile_for {args.compile_for!r} compiles for a GPU that is not here: it runs no real step "
+                  "and is not --analytic_only")
+    gpu_target.check(args.compile_for)
   return args
 
 
@@ -200,11 +218,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
   # With --real_step the steps run in child processes: this one never starts a backend, which on a GPU would hold
   # most of the memory they need.
   provenance = common.provenance(__spec__.name, argv, probe=args.real_step)
-  args.out = args.out or f"{common.RESULTS}/memory-{provenance['backend']}"
+  if args.compile_for:
+    provenance["compiled_for"] = f"{args.compile_for} (bench/gpu_targets/{args.compile_for}.txtpb, no GPU here)"
+  args.out = args.out or f"{common.RESULTS}/memory-" + (f"{args.compile_for}-aot" if args.compile_for
+                                                         else provenance["backend"])
   results = []
   for preset in args.presets:
     for variant in args.variants:
-      results.append(in_subprocess(args, preset, variant) if args.real_step
+      results.append(in_subprocess(args, preset, variant) if args.real_step or args.compile_for
                      else one_variant(args, preset, variant, real_step=False))
       print(describe(results[-1]), flush=True)
       write(args, provenance, results)

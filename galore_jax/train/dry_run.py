@@ -113,22 +113,29 @@ def sequences_that_fit(cfg, budget_gb: float) -> int:
   return max(0, int(free // per_sequence))
 
 
-def dry_run(cfg, *, compile: bool = True, real_step: bool | None = None) -> dict[str, Any]:
+def dry_run(cfg, *, compile: bool = True, real_step: bool | None = None, device=None) -> dict[str, Any]:
   """The memory report of ``cfg``'s train step: analytic, and with ``compile`` also XLA's figures of the compiled
-  step; ``real_step`` (default: on GPU, when compiled) also runs one step."""
+  step; ``real_step`` (default: on GPU, when compiled) also runs one step. ``device`` (default: the first local
+  one) is the device compiled for: a compile-only device of another platform (``bench/gpu_target.py``) gives that
+  platform's buffer assignment without the hardware, and no real step."""
   abstract = config.abstract_model(cfg)
   params = steps.params_of(abstract)
   tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
-  device = jax.devices()[0]
-  report = {**analytic(cfg, params, opt_state), "backend": jax.default_backend(), "device": device.device_kind}
+  args = (params, opt_state, abstract_batch(cfg))
+  if device is None:
+    device = jax.devices()[0]
+  else:
+    placed = jax.sharding.SingleDeviceSharding(device)
+    args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed), args)
+  report = {**analytic(cfg, params, opt_state), "backend": device.platform, "device": device.device_kind}
   if not compile:
     return report
   step_fns = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=cfg.train.grad_accum, packed=cfg.data.packing,
                               report_overlap=config.reports_overlap(cfg), layerwise_updates=cfg.train.layerwise,
                               skip_nonfinite=cfg.train.nonfinite == "skip")
   start = time.perf_counter()
-  compiled = step_fns.train.lower(params, opt_state, abstract_batch(cfg)).compile()
+  compiled = step_fns.train.lower(*args).compile()
   report["compile_s"] = time.perf_counter() - start
   memory = compiled.memory_analysis()
   if memory is not None:
@@ -136,6 +143,8 @@ def dry_run(cfg, *, compile: bool = True, real_step: bool | None = None) -> dict
     alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
     report.update(xla_argument_gb=arg / GB, xla_output_gb=out / GB, xla_alias_gb=alias / GB, xla_temp_gb=temp / GB,
                   xla_peak_gb=(arg + out - alias + temp) / GB)
+  if device not in jax.devices():
+    return report  # a compile-only device: nothing here can run the step
   if real_step if real_step is not None else jax.default_backend() == "gpu":
     in_use_before, peak = _one_real_step(cfg, compiled, tx)
     report.update(device_in_use_before_step_gb=in_use_before / GB, device_peak_gb=peak / GB)
