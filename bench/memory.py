@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 
-from bench import common, gpu_target
+from bench import common, gpu_target, xla_peak
 from galore_jax.train import dry_run
 
 VARIANTS = {
@@ -112,13 +112,17 @@ def one_variant(args, preset: str, variant: str, real_step: bool) -> dict:
   return report
 
 
+def dump_folder(args, preset: str, variant: str) -> str:
+  """``<xla_dump>/<preset>_<variant>/`` (each run of other characters than letters, digits and ``_`` made one ``_``)."""
+  return os.path.join(args.xla_dump, re.sub(r"[^A-Za-z0-9_]+", "_", f"{preset}-{variant}").strip("_"))
+
+
 def variant_env(args, preset: str, variant: str) -> dict:
   """The environment of a variant's process: with --xla_dump, XLA dumping its train step into
-  ``<xla_dump>/<preset>_<variant>/`` (each run of other characters than letters, digits and ``_`` made one ``_``);
-  with --compile_for, the CUDA plugin found and jax kept on the CPU."""
+  :func:`dump_folder`; with --compile_for, the CUDA plugin found and jax kept on the CPU."""
   env = gpu_target.environment() if args.compile_for else dict(os.environ)
   if args.xla_dump:
-    folder = os.path.join(args.xla_dump, re.sub(r"[^A-Za-z0-9_]+", "_", f"{preset}-{variant}").strip("_"))
+    folder = dump_folder(args, preset, variant)
     flags = f"--xla_dump_to={folder} --xla_dump_hlo_module_re=.*train.*"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
   return env
@@ -137,7 +141,12 @@ def in_subprocess(args, preset: str, variant: str) -> dict:
   if out.returncode or not lines:
     return {"preset": preset, "variant": variant, "scan_layers": args.scan_layers,
             "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
-  return json.loads(lines[-1])
+  report = json.loads(lines[-1])
+  dumps = xla_peak.dump_rows(dump_folder(args, preset, variant), top=8) if args.xla_dump else []
+  if dumps:  # the train step's temporaries at their peak: what the largest of them are
+    step = max(dumps, key=lambda row: row["temp_at_peak_gb"])
+    report.update(xla_temp_at_peak_gb=step["temp_at_peak_gb"], xla_temp_peak_groups=step["temp_peak_groups"])
+  return report
 
 
 def parser() -> common.ArgumentParser:

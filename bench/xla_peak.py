@@ -41,11 +41,13 @@ ARGUMENT_PREFIXES = ("params", "opt_state", "batch")
 def peak_groups(live_range: str, hlo: str, top: int) -> tuple[float, list[dict]]:
   """Bytes live at the schedule's peak and their largest groups (producing fusion kind, shape)."""
   shapes = dict(re.findall(r"^\s+%(\S+) = (\S+)", hlo, re.M))
+  entry = re.search(r"^ENTRY \S+ \((.*)\) -> ", hlo, re.M)  # the step's arguments, whatever jax named them
+  arguments = set(re.findall(r"(?:^|, )([^\s:,()]+): ", entry.group(1))) if entry else set()
   section = live_range[live_range.index("(peak):"):]
   section = section[:section.index("Stack trace")] if "Stack trace" in section else section
   sizes, counts = collections.Counter(), collections.Counter()
   for name, size in re.findall(r"^\s+(\S+)\{[^}]*\}: (\d+) bytes", section, re.M):
-    kind = "argument" if name.startswith(ARGUMENT_PREFIXES) else re.sub(r"\.\d+$", "", name)
+    kind = "argument" if name in arguments or name.startswith(ARGUMENT_PREFIXES) else re.sub(r"\.\d+$", "", name)
     key = (kind, shapes.get(name, "?").split("{")[0])
     sizes[key] += int(size)
     counts[key] += 1
@@ -54,13 +56,69 @@ def peak_groups(live_range: str, hlo: str, top: int) -> tuple[float, list[dict]]
   return sum(sizes.values()) / 1e9, groups
 
 
-def dumped_peak(live_range_path: str, top: int) -> tuple[float, list[dict]]:
-  """:func:`peak_groups` of one XLA live-range dump and the final HLO dumped beside it."""
-  with open(live_range_path) as f:
-    live = f.read()
-  with open(live_range_path.replace("-live-range.txt", ".txt")) as f:
-    hlo = f.read()
-  return peak_groups(live, hlo, top)
+def _occupied(spans: list[tuple[str, int, int, tuple[int, int]]], at: int) -> list[tuple[str, int, int]]:
+  """The regions ``(name, offset, size)`` of the temp allocation in use at time ``at``, one value per region: a
+  loop's carried values, its body's parameters and the tuples holding them are aliases of one buffer (the
+  defining value is kept)."""
+  aliases = ("arg_tuple", "while", "tuple", "get-tuple-element", "bitcast", "conditional")
+  regions = {}
+  for name, offset, size, (start, end) in spans:
+    if start <= at <= end:
+      kept = regions.get((offset, size))
+      if kept is None or (kept.startswith(aliases) and not name.startswith(aliases)):
+        regions[offset, size] = name
+  return [(name, offset, size) for (offset, size), name in regions.items()]
+
+
+def _union_bytes(regions: list[tuple[str, int, int]]) -> int:
+  total, reach = 0, 0
+  for _, offset, size in sorted(regions, key=lambda r: r[1]):
+    total += max(0, offset + size - max(offset, reach))
+    reach = max(reach, offset + size)
+  return total
+
+
+def temp_peak(buffer_assignment: str, live_range: str, hlo: str, top: int) -> tuple[float, list[dict]]:
+  """Bytes of XLA's temporaries in use at their peak and their largest groups (fusion kind, shape).
+
+  The live-range dump's own peak sums every value live then, so a value computed in place of another (a
+  donated argument updated in place, a loop's carry and its body's parameter) counts twice there. Here only the
+  ``preallocated-temp`` allocation counts, as the bytes of it in use at each step of the schedule (its values'
+  offsets and live ranges): what the temporaries' size is made of (the allocation can be a little larger, the
+  heap's packing leaves gaps).
+  """
+  block = re.search(r"^allocation \d+: size \d+, preallocated-temp:\n((?: value: .*\n?)*)", buffer_assignment, re.M)
+  if not block:
+    return 0.0, []
+  values = re.findall(r"<\d+ (\S+?)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\)", block.group(1))
+  ranges = {name: (int(a), int(b)) for name, a, b in re.findall(r"^\s+(\S+\{[^}]*\}):(\d+)-(\d+)$", live_range, re.M)}
+  key = lambda name: name if "{" in name else name + "{}"
+  spans = [(name, int(offset), int(size), ranges[key(name)]) for name, size, offset in values if key(name) in ranges]
+  events = sorted({start for *_, (start, _) in spans})
+  at = max(events, key=lambda t: _union_bytes(_occupied(spans, t)), default=0)
+  shapes = dict(re.findall(r"^\s+%(\S+) = (\S+)", hlo, re.M))
+  sizes, counts = collections.Counter(), collections.Counter()
+  for name, _, size in _occupied(spans, at):
+    base = name.split("{")[0]
+    group = (re.sub(r"\.\d+$", "", base), shapes.get(base, "?").split("{")[0])
+    sizes[group] += size
+    counts[group] += 1
+  groups = [{"kind": kind, "shape": shape, "count": counts[kind, shape], "gb": size / 1e9}
+            for (kind, shape), size in sizes.most_common(top)]
+  return _union_bytes(_occupied(spans, at)) / 1e9, groups
+
+
+def dumped_peak(live_range_path: str, top: int) -> dict:
+  """:func:`peak_groups` and :func:`temp_peak` of one XLA live-range dump, from the final HLO and the buffer
+  assignment dumped beside it."""
+  texts = {}
+  for key, suffix in (("live", "-live-range.txt"), ("hlo", ".txt"), ("assignment", "-buffer-assignment.txt")):
+    path = live_range_path.replace("-live-range.txt", suffix)
+    texts[key] = open(path).read() if os.path.exists(path) else ""
+  live_gb, groups = peak_groups(texts["live"], texts["hlo"], top)
+  temp_gb, temp_groups = temp_peak(texts["assignment"], texts["live"], texts["hlo"], top)
+  return {"live_at_peak_gb": live_gb, "peak_groups": groups, "temp_at_peak_gb": temp_gb,
+          "temp_peak_groups": temp_groups}
 
 
 def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
@@ -75,22 +133,25 @@ def measure(variant: str, layers: int, dtype: str, top: int) -> dict:
     train = [p for p in glob.glob(os.path.join(dump, "*train*-live-range.txt"))]
     if len(train) != 1:
       raise RuntimeError(f"expected one train step dump, found {train}")
-    record["live_at_peak_gb"], record["peak_groups"] = dumped_peak(train[0], top)
+    record.update(dumped_peak(train[0], top))
   return record
 
 
-def from_dump(path: str, top: int) -> list[dict]:
-  """The peak groups of every live-range dump under ``path`` (a folder or a .tgz of one), with its HLO beside it."""
+def dump_rows(path: str, top: int) -> list[dict]:
+  """:func:`dumped_peak` of every live-range dump under ``path`` (a folder or a .tgz of one); none: ``[]``."""
   with tempfile.TemporaryDirectory() as unpacked:
     folder = path
     if os.path.isfile(path):
       with tarfile.open(path) as archive:
         archive.extractall(unpacked, filter="data")
       folder = unpacked
-    rows = []
-    for live_path in sorted(glob.glob(os.path.join(folder, "**", "*-live-range.txt"), recursive=True)):
-      live_gb, groups = dumped_peak(live_path, top)
-      rows.append({"dump": os.path.relpath(live_path, folder), "live_at_peak_gb": live_gb, "peak_groups": groups})
+    return [{"dump": os.path.relpath(live_path, folder), **dumped_peak(live_path, top)}
+            for live_path in sorted(glob.glob(os.path.join(folder, "**", "*-live-range.txt"), recursive=True))]
+
+
+def from_dump(path: str, top: int) -> list[dict]:
+  """:func:`dump_rows`, refusing a path that holds no dump."""
+  rows = dump_rows(path, top)
   if not rows:
     common.fail(f"--from_dump {path!r} holds no XLA live-range dump (*-live-range.txt)")
   return rows

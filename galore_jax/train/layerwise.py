@@ -167,6 +167,20 @@ class Layers:
     """The layer above ``i`` (``i`` itself for the top layer)."""
     return jnp.minimum(i + 1, self.n - 1) if self.stacked else min(i + 1, self.n - 1)
 
+  def add(self, tree, i, delta):
+    """``tree`` with ``delta`` added to layer ``i`` (stacked: added in place, so that XLA reads no separate copy
+    of the old slice; a leaf whose ``delta`` has another dtype is rounded as ``optax.apply_updates`` rounds)."""
+    if not self.stacked:
+      return {**tree, self.keys[i]: optax.apply_updates(tree[self.keys[i]], delta)}
+
+    def add_leaf(x, d):
+      if d.dtype == x.dtype:
+        return x.at[i].add(d)
+      old = jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+      return jax.lax.dynamic_update_index_in_dim(x, optax.apply_updates(old, d), i, 0)
+
+    return jax.tree.map(add_leaf, tree, delta)
+
   def set(self, tree, i, value):
     if self.stacked:
       return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, 0), tree, value)
@@ -305,30 +319,25 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     def update_sweep(dx_top, layer_state, finite):
       """Each layer updated as soon as its gradient exists: bottom cotangent, new layer params and state, squared norm.
 
-      Layer ``i``'s new params and state are carried and written back at the start of the next iteration,
-      before layer ``i-1`` is read, so every read of a stacked buffer is ordered before the write into it
-      and XLA updates it in place. (Written in the same iteration, a read of the old slice that XLA fused
-      into the backward pass had no data path to the write: the stacked carry was copied on every iteration.)
+      The stacked parameters pass an ``optimization_barrier`` with the layer's gradient and the cotangent passed
+      down before the update reads layer ``i`` again and writes its new slice: every read of the old slice by
+      the backward pass (fused into its matmuls, with no data path to the new values) is then ordered before
+      the write, so XLA updates the stacks in place, each matrix's new slice written as it is computed.
       """
 
-      def write(p_all, s_all, i, pending):
-        return layers.set(p_all, i, pending[0]), layers.set(s_all, i, pending[1])
-
       def body(i, carry):
-        dx, p_all, s_all, pending, sq, moved = carry
-        p_all, s_all = write(p_all, s_all, layers.above(i), pending)
+        dx, p_all, s_all, sq, moved = carry
+        grad, dx = layer_grad(layers.get(p_all, i), layers.get(inputs, i), dx)
+        grad, dx, p_all = jax.lax.optimization_barrier((grad, dx, p_all))
         p, s = layers.get(p_all, i), layers.get(s_all, i)
-        grad, dx = layer_grad(p, layers.get(inputs, i), dx)
         g = mean(grad)
-        new_p, new_s = updated(g, s, p, finite)
+        step_finite = finite if skip_nonfinite else None
+        u, new_s = guard.update(inner, g, s, p, finite=step_finite)
+        u = guard.keep_unless(step_finite, u, jax.tree.map(jnp.zeros_like, u))  # p + 0 is p: a skipped step
         moved = jax.tree.map(jnp.add, moved, overlap(s, new_s))
-        return dx, p_all, s_all, (new_p, new_s), sq + _sum_squares(g), moved
+        return dx, layers.add(p_all, i, u), layers.set(s_all, i, new_s), sq + _sum_squares(g), moved
 
-      top = layers.n - 1  # its "layer above" is itself, unchanged: the first write is a no-op
-      start = (dx_top, layer_params, layer_state, (layers.get(layer_params, top), layers.get(layer_state, top)),
-               jnp.float32(0), (jnp.float32(0), jnp.float32(0)))
-      dx, p_all, s_all, pending, sq, moved = layers.sweep(body, start)
-      return (dx, *write(p_all, s_all, 0, pending), sq, moved)
+      return layers.sweep(body, (dx_top, layer_params, layer_state, jnp.float32(0), (jnp.float32(0), jnp.float32(0))))
 
     def update(group, g, finite):
       p = {"head": head_params, "rest": rest_params}[group]

@@ -86,13 +86,23 @@ def test_no_benchmark_name_holds_the_list_separator():
     (skip_nonfinite, ["--cases", "llama_7b:8"], "error: --cases 'llama_7b:8' is not preset:layers:layout (a preset"),
     (skip_nonfinite, ["--cases", "llama_9m:5:scanned"], "error: --cases 'llama_9m:5:scanned': llama_9m has 4 layers"),
     (skip_nonfinite, ["--variants", "galore_sgd"], "error: unknown variant 'galore_sgd'; choose from "),
-    (memory, ["--xla_dump", "/tmp/d"], "error: --xla_dump '/tmp/d' needs --real_step (the dump is made by each"),
+    (memory, ["--xla_dump", "/tmp/d"], "error: --xla_dump '/tmp/d' needs --real_step or --compile_for (the dump "),
+    (memory, ["--compile_for", "rtx9090"], "error: --compile_for 'rtx9090': the GPU targets are ['h100'] (bench/"),
+    (memory, ["--compile_for", "h100", "--real_step"], "error: --compile_for 'h100' compiles for a GPU that is not "),
 ])
 def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
   with pytest.raises(SystemExit, match="^2$"):
     module.parse(argv)
   err = capsys.readouterr().err
   assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_compiling_for_a_gpu_without_its_plugin_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+  monkeypatch.setenv("GPU_AOT_PLUGIN", str(tmp_path))
+  with pytest.raises(SystemExit, match="^2$"):
+    memory.parse(["--compile_for", "h100"])
+  assert capsys.readouterr().err == (f"error: --compile_for 'h100' needs jax's CUDA plugin in {str(tmp_path)!r}: "
+                                     "run `make .venv/gpu_aot/.installed`\n")
 
 
 @pytest.mark.parametrize("name, argv, message", [

@@ -88,6 +88,25 @@ def test_memory_analytic_total_is_the_sum_of_its_parts(tmp_path):
   assert galore["gradients_gb"] < adamw["gradients_gb"] and galore["optimizer_state_gb"] < adamw["optimizer_state_gb"]
 
 
+def test_memory_compiled_for_an_h100_is_the_gpu_buffer_assignment(tmp_path):
+  """--compile_for h100 on this CPU: XLA's CUDA compiler (sm_90 code, its buffer assignment dumped), the arguments
+  exactly the weights, the optimizer state and the batch, and the values live at the dumped schedule's peak
+  within XLA's peak."""
+  out, dump = tmp_path / "memory", tmp_path / "dump"
+  r, = memory.main(["--compile_for", "h100", "--presets", "llama_9m", "--tokens", "64", "--layers", "1",
+                    "--scan_layers", "--variants", "galore_adamw_8bit + layerwise", "--xla_dump", str(dump),
+                    "--out", str(out)])
+  assert "error" not in r, r.get("error")
+  assert (r["backend"], r["device"]) == ("gpu", "NVIDIA H100 80GB HBM3")
+  batch_bytes = 5 * 64 * 4  # inputs, targets, loss_mask, segment_ids, positions: one sequence of 64, 4 bytes each
+  assert round(r["xla_argument_gb"] * 1e9) == round((r["weights_gb"] + r["optimizer_state_gb"]) * 1e9) + batch_bytes
+  assert json.load(open(f"{out}.json"))["compiled_for"].startswith("h100 ")
+  folder, = os.listdir(dump)
+  assert any(f.endswith("sm_9.0a_gpu_after_optimizations-buffer-assignment.txt") for f in os.listdir(dump / folder))
+  row, = xla_peak.from_dump(str(dump), top=4)
+  assert 0 < row["live_at_peak_gb"] <= r["xla_peak_gb"]
+
+
 def test_skipping_nonfinite_steps_by_a_select_adds_no_temporaries_at_7b_width(tmp_path):
   """bench.skip_nonfinite's figures, and the reason train.nonfinite="skip" selects inside the optimizer: at Llama-7B
   width (2 layers, GaLore with fp32 moments) the guarded step needs the unguarded step's temporaries (selected after

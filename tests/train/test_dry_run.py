@@ -51,6 +51,17 @@ def test_report_has_the_promised_keys_and_exact_state_bytes():
   assert "device_peak_gb" not in report  # CPU: no real step
 
 
+def test_compiling_for_a_named_device_places_every_argument_on_it():
+  """``device=`` (how bench/gpu_target.py compiles for a GPU that is not here) with this machine's own device gives
+  the default dry run's figures: placing the abstract arguments changes nothing else."""
+  import jax
+
+  cfg = small_config()
+  default, placed = dry_run.dry_run(cfg, real_step=False), dry_run.dry_run(cfg, device=jax.devices()[0])
+  for key in ("xla_argument_gb", "xla_output_gb", "xla_alias_gb", "xla_temp_gb", "backend", "device"):
+    assert placed[key] == default[key], key
+
+
 def test_real_step_reports_the_bytes_in_use_before_it_and_the_peak_after_it(monkeypatch):
   """The allocator's figures (a GPU's; CPU keeps none, so they are scripted here): bytes in use from the first
   read (before the step), the peak from the second (after it), both in the printed report."""
