@@ -283,6 +283,7 @@ def take_rows(table_VD: jax.Array, ids: jax.Array) -> jax.Array:
   ``jnp.take``'s own gradient scatters into a constant ``[V, D]`` buffer of zeros, which XLA may create
   anywhere in the program: in the layerwise step at Llama-7B it fused the zeros of the norm pass and of the
   update pass into one kernel at the start and kept the second 0.26 GB buffer alive across the whole sweep.
+  (The whole-tree step keeps ``jnp.take``: there the barrier below reordered its update and cost 3.7 GB.)
   """
   return jnp.take(table_VD, ids, axis=0)
 
@@ -302,13 +303,12 @@ take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 class Embed(nnx.Embed):
-  """``nnx.Embed`` (same parameter, same ``attend``) whose lookup is :func:`take_rows`."""
+  """``nnx.Embed`` (same parameter, call and ``attend``) with :meth:`rows`."""
 
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    if out_sharding is not None or self.num_embeddings == 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-      return super().__call__(inputs, out_sharding=out_sharding)
+  def rows(self, ids: jax.Array) -> jax.Array:
+    """``self(ids)`` by :func:`take_rows`: the same values, its gradient's zeros created when it is needed."""
     (table,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
-    return take_rows(table, inputs)
+    return take_rows(table, ids)
 
 
 class RMSNorm(nnx.Module):

@@ -288,7 +288,7 @@ def make_train(graphdef, tx: ByLayer, *, grad_accum: int, packed: bool,
     def rest_grad(dx_bottom, from_head):
       grad = from_head
       for dy, mb in zip(dx_bottom, micro):
-        _, pullback = jax.vjp(lambda r, mb=mb: rest_model(r).embed(mb["inputs"]), rest_params)
+        _, pullback = jax.vjp(lambda r, mb=mb: rest_model(r).embed.rows(mb["inputs"]), rest_params)
         grad = jax.tree.map(jnp.add, grad, pullback(dy)[0])
       return grad
 

@@ -455,3 +455,26 @@ def test_attention_implementation_choice():
   np.testing.assert_array_equal(auto(ids), explicit(ids))
   with pytest.raises(ValueError, match="attention_impl"):
     tiny(attention_impl="flash")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_rows_is_the_lookup_with_the_same_gradient(dtype):
+  """``Embed.rows`` (what the layerwise step differentiates) against ``nnx.Embed``'s own lookup: the same rows and,
+  with repeated ids, the same scattered gradient, bit for bit."""
+  cfg = LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    param_dtype=dtype, dtype=dtype)
+  embed = Llama(cfg, rngs=nnx.Rngs(0)).embed
+  ids = jnp.array([[1, 3, 3, 49], [0, 1, 1, 1]])
+  dy = jax.random.normal(jax.random.key(1), (2, 4, 8)).astype(dtype)
+
+  def vjp(lookup):
+    graphdef, state = nnx.split(embed)
+    out, pullback = jax.vjp(lambda s: lookup(nnx.merge(graphdef, s), ids), state)
+    return out, jax.tree.leaves(pullback(dy))[0]
+
+  (rows, d_rows), (take, d_take) = vjp(lambda m, i: m.rows(i)), vjp(lambda m, i: m(i))
+  np.testing.assert_array_equal(rows, take)
+  np.testing.assert_array_equal(d_rows, d_take)
+  want = sum(dy[b, s].astype(jnp.float32) for b, s in [(0, 0), (1, 1), (1, 2), (1, 3)])  # id 1, four times
+  np.testing.assert_allclose(d_rows[1].astype(jnp.float32), want, rtol=0.02 if dtype == jnp.bfloat16 else 1e-6)
+  assert not np.any(d_rows[[2, 4, 48]])  # ids never looked up
