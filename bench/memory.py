@@ -50,6 +50,11 @@ VARIANTS = {
 }
 BUDGET_GB = 24.0  # the paper's consumer GPU
 PAPER_GB = {"8-bit GaLore + layerwise (paper)": 22.0, "BF16 AdamW (paper)": 58.0}
+GPU_TARGET_NOTE = (
+    "Compiled for the GPU without it (bench/gpu_target.py): XLA's CUDA passes, fusion and buffer assignment, so "
+    "xla_peak_gb (arguments + temporaries) is what the device's allocator will be asked for by the step, before "
+    "its own rounding and the libraries' workspaces; autotuning is skipped, which picks kernels, not buffers. "
+    "xla_temp_at_peak_gb and its groups: the bytes of the temporaries in use at their peak (buffer assignment).")
 FLAT_KEYS = ("backend", "device", "optimizer", "variant", "layerwise", "scan_layers", "tokens_per_step",
              "analytic_total_gb", "xla_peak_gb", "device_peak_gb", "device_in_use_before_step_gb",
              "optimizer_state_gb", "compile_s", "error")
@@ -200,9 +205,10 @@ def describe(report: dict) -> str:
 
 def write(args, provenance: dict, results: list[dict]) -> None:
   """<out>.json (with --real_step: <out>-full.json, and <out>.json the flat list) and the chart <out>.png."""
+  limits = GPU_TARGET_NOTE if args.compile_for else dry_run.LIMITS
   record = {
       **provenance, "paper_gb": PAPER_GB,
-      "note": dry_run.LIMITS + " The stacked bars are the analytic parts; xla_peak_gb is XLA's own figure. "
+      "note": limits + " The stacked bars are the analytic parts; xla_peak_gb is XLA's own figure. "
               f"tokens_in_{BUDGET_GB:g}gb: the largest micro-batch (whole sequences) whose analytic total fits "
               f"in {BUDGET_GB:g} GB (1e9 bytes), remat on.",
       "results": results,

@@ -195,6 +195,9 @@ def memory_section() -> list[str]:
       continue
     if path.endswith("-full.json"):
       continue
+    if r.get("compiled_for"):
+      lines += compiled_for_gpu(path, r)
+      continue
     fit = next((k for x in r["results"] for k in x if k.startswith("tokens_in_")), None)
     fit_header = f" tokens in {fit[len('tokens_in_'):-2]} GB |" if fit else ""
     stacked = "; layers stacked, one lax.scan" if any(x.get("scan_layers") for x in r["results"]) else ""
@@ -211,6 +214,25 @@ def memory_section() -> list[str]:
       lines += ["", f"![memory]({png})"]
     lines += ["", f"*{r['note']}*", "", provenance(path, r), ""]
   return lines
+
+
+def compiled_for_gpu(path: str, r: dict) -> list[str]:
+  """bench/memory.py --compile_for: XLA's CUDA compiler's figures of each variant, and its largest temporaries."""
+  tokens = r["results"][0].get("tokens_per_step") if r["results"] else None
+  lines = [f"**Memory at {tokens} tokens/step compiled for a GPU that is not here: {r['compiled_for']}** "
+           "(XLA's CUDA compiler on a compile-only device; nothing allocated)", "",
+           "| model | variant | optimizer state | analytic total | XLA arguments | XLA temporaries | XLA peak | "
+           "largest temporaries at their peak |", "|---|---|---|---|---|---|---|---|"]
+  for x in r["results"]:
+    if "error" in x:
+      lines.append(f"| {x['preset']} | {x['variant']} | failed: {x['error']} | | | | | |")
+      continue
+    largest = ", ".join(f"{g['kind']} {g['shape'].lstrip('(')} ×{g['count']} {g['gb']:.2f} GB"
+                        for g in x.get("xla_temp_peak_groups", [])[:3])
+    variant = x["variant"] + (", scanned layers" if x.get("scan_layers") else "")
+    lines.append(f"| {x['preset']} | {variant} | {gb(x['optimizer_state_gb'])} | {gb(x['analytic_total_gb'])} | "
+                 f"{gb(x['xla_argument_gb'])} | {gb(x['xla_temp_gb'])} | {gb(x['xla_peak_gb'])} | {largest} |")
+  return lines + [""] + footer(path, r)
 
 
 def step_time_section() -> list[str]:

@@ -26,7 +26,8 @@ LIMITS = (
     "operands, which inflates temporaries (4 bf16 layers of 4096x11008: temp 1.00 GB vs 0.60 GB in fp32; Llama-7B: "
     "the whole-tree GaLore step holds an fp32 copy of every projected gradient across the refresh, 25.9 GB, and "
     "with scanned layers the stacked bf16 weights are converted to fp32 once outside the loops, 25.9 GB). A GPU "
-    "verdict comes from this dry run compiled on the GPU (still no allocation) and from device_peak_gb of a real step."
+    "verdict comes from this dry run compiled for the GPU (no allocation; on a machine without one, "
+    "bench/memory.py --compile_for h100) and from device_peak_gb of a real step."
 )
 
 

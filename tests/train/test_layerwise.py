@@ -244,3 +244,16 @@ def test_layout_mismatch_is_refused():
                           grad_accum=1, packed=False, layerwise_updates=True).train
   with pytest.raises(ValueError, match="scan_layers=False"):
     step(params, layerwise.by_layer(galore_tx()).init(params), batch(0))
+
+
+@pytest.mark.parametrize("delta_dtype", [jnp.bfloat16, jnp.float32])
+def test_layers_add_is_apply_updates_on_the_slice(delta_dtype):
+  """The sweep's in-place write of an update into a stacked leaf is ``optax.apply_updates`` on that layer's slice,
+  bit for bit, whatever the update's dtype (the same dtype is added in place, another rounded as optax rounds)."""
+  stack = jax.random.normal(jax.random.key(0), (3, 4, 5)).astype(jnp.bfloat16)
+  delta = (1e-2 * jax.random.normal(jax.random.key(1), (4, 5))).astype(delta_dtype)
+  layers = layerwise.Layers(n=3, keys=None)
+  got = jax.jit(lambda s, d, i: layers.add({"w": s}, i, {"w": d}))(stack, delta, 1)["w"]
+  want = stack.at[1].set(optax.apply_updates(stack[1], delta))
+  assert got.dtype == stack.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
