@@ -90,17 +90,16 @@ def temp_peak(buffer_assignment: str, live_range: str, hlo: str, top: int) -> tu
   block = re.search(r"^allocation \d+: size \d+, preallocated-temp:\n((?: value: .*\n?)*)", buffer_assignment, re.M)
   if not block:
     return 0.0, []
-  values = re.findall(r"<\d+ (\S+?)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\)", block.group(1))
+  values = re.findall(r"<\d+ (\S+?)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (\S+)", block.group(1))
+  own_shape = {name: re.sub(r"\{[^}]*\}", "", shape) for name, _, _, shape in values}  # a tuple's element: its own
   ranges = {name: (int(a), int(b)) for name, a, b in re.findall(r"^\s+(\S+\{[^}]*\}):(\d+)-(\d+)$", live_range, re.M)}
   key = lambda name: name if "{" in name else name + "{}"
-  spans = [(name, int(offset), int(size), ranges[key(name)]) for name, size, offset in values if key(name) in ranges]
+  spans = [(name, int(offset), int(size), ranges[key(name)]) for name, size, offset, _ in values if key(name) in ranges]
   events = sorted({start for *_, (start, _) in spans})
   at = max(events, key=lambda t: _union_bytes(_occupied(spans, t)), default=0)
-  shapes = dict(re.findall(r"^\s+%(\S+) = (\S+)", hlo, re.M))
   sizes, counts = collections.Counter(), collections.Counter()
   for name, _, size in _occupied(spans, at):
-    base = name.split("{")[0]
-    group = (re.sub(r"\.\d+$", "", base), shapes.get(base, "?").split("{")[0])
+    group = (re.sub(r"\.\d+$", "", name.split("{")[0]), own_shape[name])
     sizes[group] += size
     counts[group] += 1
   groups = [{"kind": kind, "shape": shape, "count": counts[kind, shape], "gb": size / 1e9}
