@@ -2,6 +2,10 @@
 with unrolled layers (a Python loop) and stacked ones (a reverse scan updating each layer's slice in place)."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -257,3 +261,44 @@ def test_layers_add_is_apply_updates_on_the_slice(delta_dtype):
   want = stack.at[1].set(optax.apply_updates(stack[1], delta))
   assert got.dtype == stack.dtype
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+H100_SWEEP = """
+import json, math
+import jax, jax.numpy as jnp
+from flax import nnx
+from bench import gpu_target
+from galore_jax import galore_adamw_8bit
+from galore_jax.models import llama
+from galore_jax.train import layerwise, steps
+
+cfg = llama.LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                        num_attention_heads=32, param_dtype="bfloat16", dtype="bfloat16", scan_layers=True)
+abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+params = steps.params_of(abstract)
+tx = layerwise.by_layer(galore_adamw_8bit(1e-2, rank=1024, update_proj_gap=200), 1.0, stacked=True)
+batch = {k: jax.ShapeDtypeStruct((1, 256), d) for k, d in [("inputs", jnp.int32), ("targets", jnp.int32),
+         ("loss_mask", jnp.float32), ("segment_ids", jnp.int32), ("positions", jnp.int32)]}
+on_h100 = jax.sharding.SingleDeviceSharding(gpu_target.device("h100"))
+args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_h100),
+                    (params, jax.eval_shape(tx.init, params), batch))
+step = steps.make_steps(nnx.graphdef(abstract), tx, grad_accum=1, packed=False, layerwise_updates=True,
+                        skip_nonfinite=True).train
+layer = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params["layers"])) // 2
+print(json.dumps({"temp": step.lower(*args).compile().memory_analysis().temp_size_in_bytes, "layer": layer}))
+"""
+
+
+def test_stacked_sweep_compiled_for_an_h100_copies_no_layer():
+  """Two Llama-7B layers, stacked, 8-bit GaLore with clipping and skipping, compiled by XLA's CUDA compiler for an
+  H100 on this CPU (bench/gpu_target.py): the sweep's temporaries are one layer's gradient and the update's
+  working set, under 2.85 layers' weights (1.06 GB here). Before the stacks were updated in place (a carried
+  "pending" copy of the layer, and the layer's weights sliced out again for the update) they were 3.2 (1.29 GB)."""
+  from bench import gpu_target
+
+  out = subprocess.run([sys.executable, "-c", H100_SWEEP], capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       env=gpu_target.environment())
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["temp"] < 2.85 * r["layer"], r
