@@ -163,10 +163,6 @@ class Layers:
       return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
     return tree[self.keys[i]]
 
-  def above(self, i):
-    """The layer above ``i`` (``i`` itself for the top layer)."""
-    return jnp.minimum(i + 1, self.n - 1) if self.stacked else min(i + 1, self.n - 1)
-
   def add(self, tree, i, delta):
     """``tree`` with ``delta`` added to layer ``i`` (stacked: added in place, so that XLA reads no separate copy
     of the old slice; a leaf whose ``delta`` has another dtype is rounded as ``optax.apply_updates`` rounds)."""
