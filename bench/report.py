@@ -299,6 +299,21 @@ def compile_7b_section() -> list[str]:
   return lines
 
 
+def config_memory_section() -> list[str]:
+  lines = []
+  for path, r in load("config_memory-*.json"):
+    rows = [[str(x["sequences"]), str(x.get("tokens_per_step", "")), gb(x.get("analytic_total_gb")),
+             gb(x.get("xla_argument_gb")), gb(x.get("xla_temp_gb")), gb(x.get("xla_peak_gb")) or x.get("error", "")]
+            for x in r["results"]]
+    target = f"compiled for {r['compiled_for']} (no GPU here)" if r.get("compiled_for") else f"on {r['backend']}"
+    lines += [f"**`{r['config']}`'s own train step {target}, per batch** (sequences per micro-batch; nothing "
+              "allocated)", ""]
+    lines += table(["sequences", "tokens per step", "analytic total", "XLA arguments", "XLA temporaries",
+                    "XLA peak"], rows)
+    lines += footer(path, r)
+  return lines
+
+
 def xla_peak_section() -> list[str]:
   lines = []
   for path, r in load("xla-peak-*.json"):
@@ -433,7 +448,7 @@ def data_pipeline_section() -> list[str]:
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
-          + xla_peak_section() + skip_nonfinite_section() + skip_time_section() + adam8bit_chunks_section()
+          + config_memory_section() + xla_peak_section() + skip_nonfinite_section() + skip_time_section() + adam8bit_chunks_section()
           + family_memory_section()
           + quantized_bases_section() + step_time_section() + data_pipeline_section())
 

@@ -12,9 +12,9 @@ import pytest
 
 from bench import common, compile_time, exact_refresh, memory, refresh, skip_nonfinite, speed, step_time, tiny_quality
 
-SCRIPTS = ["adam8bit_chunks", "compile_7b", "compile_time", "data_pipeline", "exact_refresh", "family_memory", "memory",
-           "quantized_bases", "refresh", "refresh_parts", "report", "sharding_bytes", "skip_nonfinite", "skip_time",
-           "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
+SCRIPTS = ["adam8bit_chunks", "compile_7b", "compile_time", "config_memory", "data_pipeline", "exact_refresh",
+           "family_memory", "memory", "quantized_bases", "refresh", "refresh_parts", "report", "sharding_bytes",
+           "skip_nonfinite", "skip_time", "speed", "step_time", "tiny_quality", "train_run", "xla_peak"]
 METAVAR = re.compile(r"[A-Z][A-Z_=]*|a,b|.*[<|].*")  # N, PATH, KEY=VALUE, a,b, float32|bfloat16, ...<backend>
 
 
@@ -97,6 +97,19 @@ def test_a_bad_entry_is_one_line_naming_it(capsys, module, argv, message):
   assert err.startswith(message) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/nope.py"], "error: --config 'configs/nope.py' is not a config file of this checkout"),
+    (["--config", "configs/tiny.py", "--compile_for", "v100"], "error: --compile_for 'v100': the GPU targets are "),
+])
+def test_config_memory_refuses_a_config_or_target_it_cannot_compile(capsys, argv, message):
+  from bench import config_memory
+
+  with pytest.raises(SystemExit, match="^2$"):
+    config_memory.parse(argv)
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1
+
+
 def test_compiling_for_a_gpu_without_its_plugin_says_how_to_install_it(capsys, monkeypatch, tmp_path):
   monkeypatch.setenv("GPU_AOT_PLUGIN", str(tmp_path))
   with pytest.raises(SystemExit, match="^2$"):
@@ -112,6 +125,8 @@ def test_compiling_for_a_gpu_without_its_plugin_says_how_to_install_it(capsys, m
     ("xla_peak", ["--layers", "2", "0"], "error: argument --layers: 0 is not within 1..32"),
     ("xla_peak", ["--top", "x"], "error: argument --top: invalid int value: 'x'"),
     ("data_pipeline", ["--megabytes", "0"], "error: argument --megabytes: must be at least 1, got 0"),
+    ("config_memory", ["--config", "configs/tiny.py", "--sequences", "0"],
+     "error: argument --sequences: must be at least 1, got 0"),
     ("data_pipeline", ["--vocab", "100"], "error: argument --vocab: must be at least 259, got 100"),
 ])
 def test_a_bad_number_is_refused_by_the_parser(capsys, name, argv, message):

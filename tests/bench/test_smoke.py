@@ -107,6 +107,22 @@ def test_memory_compiled_for_an_h100_is_the_gpu_buffer_assignment(tmp_path):
   assert 0 < row["live_at_peak_gb"] <= r["xla_peak_gb"]
 
 
+def test_config_memory_compiles_a_config_file_for_an_h100_at_each_batch(tmp_path):
+  """configs/tiny.py compiled for an H100 at 2 and 4 sequences: the arguments differ by the two more sequences'
+  five int32/fp32 batch arrays exactly, the temporaries grow with the batch."""
+  from bench import config_memory
+
+  record = config_memory.main(["--config", "configs/tiny.py", "--compile_for", "h100", "--sequences", "2", "4",
+                               "--out", str(tmp_path / "cm.json")])
+  two, four = record["results"]
+  assert "error" not in two and "error" not in four, record["results"]
+  assert (two["backend"], two["device"]) == ("gpu", "NVIDIA H100 80GB HBM3")
+  seq_len = two["tokens_per_step"] // 2
+  assert round((four["xla_argument_gb"] - two["xla_argument_gb"]) * 1e9) == 2 * seq_len * 5 * 4
+  assert four["xla_temp_gb"] > two["xla_temp_gb"] and four["tokens_per_step"] == 4 * seq_len
+  assert json.load(open(tmp_path / "cm.json")) == record
+
+
 def test_skipping_nonfinite_steps_by_a_select_adds_no_temporaries_at_7b_width(tmp_path):
   """bench.skip_nonfinite's figures, and the reason train.nonfinite="skip" selects inside the optimizer: at Llama-7B
   width (2 layers, GaLore with fp32 moments) the guarded step needs the unguarded step's temporaries (selected after
