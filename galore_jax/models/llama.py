@@ -289,7 +289,7 @@ def take_rows(table_VD: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def _take_rows_fwd(table_VD, ids):
-  return take_rows(table_VD, ids), (ids, jax.ShapeDtypeStruct(table_VD.shape, table_VD.dtype))
+  return take_rows(table_VD, ids), (ids, table_VD)  # the table for its shape: the parameter itself, no copy
 
 
 def _take_rows_bwd(residuals, dy):
@@ -469,7 +469,7 @@ class Llama(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     cfg = self.config = config
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                           embedding_init=_init(), rngs=rngs)
+                       embedding_init=_init(), rngs=rngs)
     if cfg.scan_layers:
       self.layers = _stacked_blocks(cfg, rngs)
     else:
