@@ -147,8 +147,11 @@ def in_subprocess(args, preset: str, variant: str) -> dict:
     return {"preset": preset, "variant": variant, "scan_layers": args.scan_layers,
             "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
   report = json.loads(lines[-1])
-  dumps = xla_peak.dump_rows(dump_folder(args, preset, variant), top=8) if args.xla_dump else []
-  if dumps:  # the train step's temporaries at their peak: what the largest of them are
+  try:  # the train step's temporaries at their peak, what the largest are; the variant's figures stand without
+    dumps = xla_peak.dump_rows(dump_folder(args, preset, variant), top=8) if args.xla_dump else []
+  except Exception as e:  # noqa: BLE001 (a dump another XLA version writes differently must not lose a device run)
+    return {**report, "xla_temp_peak_error": f"{type(e).__name__}: {e}"[:300]}
+  if dumps:
     step = max(dumps, key=lambda row: row["temp_at_peak_gb"])
     report.update(xla_temp_at_peak_gb=step["temp_at_peak_gb"], xla_temp_peak_groups=step["temp_peak_groups"])
   return report

@@ -448,8 +448,8 @@ def data_pipeline_section() -> list[str]:
 def sections() -> list[str]:
   return (speed_section() + train_section() + compile_section() + compile_7b_section() + refresh_section()
           + refresh_parts_section() + exact_refresh_section() + quality_section() + memory_section()
-          + config_memory_section() + xla_peak_section() + skip_nonfinite_section() + skip_time_section() + adam8bit_chunks_section()
-          + family_memory_section()
+          + config_memory_section() + xla_peak_section() + skip_nonfinite_section() + skip_time_section()
+          + adam8bit_chunks_section() + family_memory_section()
           + quantized_bases_section() + step_time_section() + data_pipeline_section())
 
 
