@@ -78,6 +78,14 @@ def _drop_closed_loop_noise() -> None:
   # The same failure can leave one of orbax's write coroutines never started; Python reports it at exit as
   # "sys:1: RuntimeWarning: coroutine '...write_fragment' was never awaited" (two lines, now and then).
   warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+  # A second read that failed as well is a task nobody awaits once the first failure ends the restore: asyncio
+  # logs it at exit as "Task exception was never retrieved" and its traceback (eight lines, now and then).
+  logging.getLogger("asyncio").addFilter(_UnretrievedTask())
+
+
+class _UnretrievedTask(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Task exception was never retrieved")
 
 
 def quiet_orbax_logging() -> None:
