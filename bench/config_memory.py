@@ -43,9 +43,9 @@ def measure(path: str, target: str | None, sequences: int | None) -> dict:
 
 
 def in_subprocess(args, sequences: int | None) -> dict:
-  batch = ["--one", str(sequences)] if sequences else ["--one", "0"]
   target = ["--compile_for", args.compile_for] if args.compile_for else []
-  out = subprocess.run([sys.executable, "-m", __spec__.name, "--config", args.config, *target, *batch],
+  out = subprocess.run([sys.executable, "-m", __spec__.name, "--config", args.config, *target,
+                        "--one", str(sequences or 0)],
                        cwd=common.ROOT, capture_output=True, text=True,
                        env=gpu_target.environment() if args.compile_for else None)
   lines = out.stdout.strip().splitlines()

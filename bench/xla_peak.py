@@ -78,7 +78,7 @@ def _union_bytes(regions: list[tuple[str, int, int]]) -> int:
   return total
 
 
-def temp_peak(buffer_assignment: str, live_range: str, hlo: str, top: int) -> tuple[float, list[dict]]:
+def temp_peak(buffer_assignment: str, live_range: str, top: int) -> tuple[float, list[dict]]:
   """Bytes of XLA's temporaries in use at their peak and their largest groups (fusion kind, shape).
 
   The live-range dump's own peak sums every value live then, so a value computed in place of another (a
@@ -97,14 +97,15 @@ def temp_peak(buffer_assignment: str, live_range: str, hlo: str, top: int) -> tu
   spans = [(name, int(offset), int(size), ranges[key(name)]) for name, size, offset, _ in values if key(name) in ranges]
   events = sorted({start for *_, (start, _) in spans})
   at = max(events, key=lambda t: _union_bytes(_occupied(spans, t)), default=0)
+  occupied = _occupied(spans, at)
   sizes, counts = collections.Counter(), collections.Counter()
-  for name, _, size in _occupied(spans, at):
+  for name, _, size in occupied:
     group = (re.sub(r"\.\d+$", "", name.split("{")[0]), own_shape[name])
     sizes[group] += size
     counts[group] += 1
   groups = [{"kind": kind, "shape": shape, "count": counts[kind, shape], "gb": size / 1e9}
             for (kind, shape), size in sizes.most_common(top)]
-  return _union_bytes(_occupied(spans, at)) / 1e9, groups
+  return _union_bytes(occupied) / 1e9, groups
 
 
 def dumped_peak(live_range_path: str, top: int) -> dict:
@@ -115,7 +116,7 @@ def dumped_peak(live_range_path: str, top: int) -> dict:
     path = live_range_path.replace("-live-range.txt", suffix)
     texts[key] = open(path).read() if os.path.exists(path) else ""
   live_gb, groups = peak_groups(texts["live"], texts["hlo"], top)
-  temp_gb, temp_groups = temp_peak(texts["assignment"], texts["live"], texts["hlo"], top)
+  temp_gb, temp_groups = temp_peak(texts["assignment"], texts["live"], top)
   return {"live_at_peak_gb": live_gb, "peak_groups": groups, "temp_at_peak_gb": temp_gb,
           "temp_peak_groups": temp_groups}
 
